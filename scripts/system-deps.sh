@@ -1,17 +1,18 @@
 #!/bin/sh
-# OpenBLAS (cmeel-openblas) links libgfortran5, which Debian/Ubuntu do not always ship.
+# MLX's Linux wheel links a slow reference BLAS; kvgrove loads the distro's OpenBLAS (built for
+# every CPU) in its place.
 # Install it when we can; kvgrove itself warns (and falls back to MLX's slow reference BLAS)
 # when it cannot load OpenBLAS.
 set -u
 [ "$(uname -s)" = Linux ] || exit 0
-if ldconfig -p 2>/dev/null | grep -q 'libgfortran.so.5'; then exit 0; fi
+if [ -e /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 ] || [ -e /usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0 ]; then exit 0; fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing libgfortran5 (needed by OpenBLAS)"
-    apt-get install -y -q libgfortran5 >/dev/null 2>&1 \
-        || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libgfortran5 >/dev/null 2>&1; } \
-        || echo "warning: could not install libgfortran5; kvgrove will use MLX's slow reference BLAS"
+    echo "installing libopenblas0-pthread (needed by OpenBLAS)"
+    apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1; } \
+        || echo "warning: could not install libopenblas0-pthread; kvgrove will use MLX's slow reference BLAS"
 else
-    echo "warning: libgfortran5 is missing; install it (e.g. 'sudo apt-get install libgfortran5')" \
+    echo "warning: libopenblas0-pthread is missing; install it (e.g. 'sudo apt-get install libopenblas0-pthread')" \
          "for fast CPU math"
 fi
 exit 0

@@ -1,0 +1,158 @@
+"""kvgrove's live caches: mlx-lm's cache protocol, plus snapshots for the prefix trie.
+
+mlx-lm's models call `update_and_fetch`, `offset`, `make_mask`, `state`, ... on whatever cache
+objects they are handed. kvgrove hands them these subclasses, which add what the prefix cache
+needs: whether a layer's state can be cut into token spans (`sliceable`), a copy of a span or of
+the whole state (`snapshot`), and rebuilding a live cache from stored pieces (`restore`).
+
+Snapshots are contiguous, evaluated copies: never views (a view keeps its parent buffer alive) and
+never the live buffers (KVCache writes in place, so a stored buffer would be corrupted by decode).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models import cache as mlx_cache
+
+Snapshot = tuple[mx.array, ...]
+
+
+def _copy(arrays: Sequence[mx.array]) -> Snapshot:
+    out = tuple(mx.contiguous(a) if a.size else mx.array(a) for a in arrays)
+    mx.eval(out)
+    return out
+
+
+class SpanKVCache(mlx_cache.KVCache):
+    """Plain attention KV (and MLA latents): any token span can be cut out and stitched back."""
+
+    sliceable = True
+
+    def snapshot(self, start: int, end: int) -> Snapshot:
+        """Keys and values for tokens [start, end), as fresh contiguous arrays."""
+        if not 0 <= start <= end <= self.offset:
+            raise ValueError(f"span [{start}, {end}) outside the cache's {self.offset} tokens")
+        return _copy((self.keys[..., start:end, :], self.values[..., start:end, :]))
+
+    def restore(self, spans: Sequence[Snapshot]) -> None:
+        """Replace the contents with the concatenation of `spans` (in token order)."""
+        if not spans:
+            self.keys = self.values = None
+            self.offset = 0
+            return
+        keys = mx.concatenate([s[0] for s in spans], axis=2) if len(spans) > 1 else spans[0][0]
+        values = mx.concatenate([s[1] for s in spans], axis=2) if len(spans) > 1 else spans[0][1]
+        # Fresh arrays: the cache writes in place, which must never touch the stored snapshot.
+        keys, values = mx.array(keys), mx.array(values)
+        mx.eval(keys, values)
+        self.keys, self.values, self.offset = keys, values, keys.shape[2]
+
+
+class _WholeState:
+    """Mixin for layers whose state cannot be cut by tokens: snapshot it whole, at span ends."""
+
+    sliceable = False
+
+    def snapshot(self, start: int, end: int) -> Snapshot:
+        if end != self.tokens_seen:
+            raise ValueError(
+                f"{type(self).__name__} can only be snapshotted at its end ({self.tokens_seen}), "
+                f"not at {end}"
+            )
+        return _copy([a for a in self._state_arrays() if a is not None])
+
+    @property
+    def tokens_seen(self) -> int:
+        return self._tokens_seen
+
+
+class RecurrentCache(_WholeState, mlx_cache.ArraysCache):
+    """Recurrent / SSM state (qwen3_next's gated delta, Mamba convolutions): whole state only."""
+
+    def __init__(self, size: int, left_padding: list[int] | None = None):
+        super().__init__(size, left_padding)
+        self._tokens_seen = 0
+
+    def _state_arrays(self) -> list[mx.array]:
+        return list(self.cache)
+
+    def restore(self, state: Snapshot, tokens_seen: int) -> None:
+        self.cache = [mx.array(a) for a in state]
+        self._tokens_seen = tokens_seen
+
+    def note_tokens(self, n: int) -> None:
+        self._tokens_seen += n
+
+
+class WindowKVCache(_WholeState, mlx_cache.RotatingKVCache):
+    """Sliding-window attention: the ring buffer is restored whole, at span ends."""
+
+    @property
+    def tokens_seen(self) -> int:
+        return int(self.offset)
+
+    def _state_arrays(self) -> list[mx.array]:
+        if self.keys is None:
+            return []
+        return [self.keys[..., : self._idx, :], self.values[..., : self._idx, :]]
+
+    def restore(self, state: Snapshot, tokens_seen: int) -> None:
+        keys, values = (mx.array(a) for a in state)
+        self.keys, self.values = keys, values
+        self.offset = tokens_seen
+        self._idx = keys.shape[2]
+
+
+_SWAP = {
+    mlx_cache.KVCache: SpanKVCache,
+    mlx_cache.ArraysCache: RecurrentCache,
+    mlx_cache.RotatingKVCache: WindowKVCache,
+}
+
+
+def _adopt(cache: Any) -> Any:
+    """Give a freshly made, empty mlx-lm cache kvgrove's class (same fields, more methods)."""
+    if isinstance(cache, mlx_cache.CacheList):
+        cache.caches = tuple(_adopt(c) for c in cache.caches)
+        return cache
+    ours = _SWAP.get(type(cache))
+    if ours is None:
+        return cache  # an exotic cache kind: usable for generation, not snapshotted
+    cache.__class__ = ours
+    if ours is RecurrentCache:
+        cache._tokens_seen = 0
+    return cache
+
+
+def make_cache(model: nn.Module) -> list[Any]:
+    """One live cache per layer, as the model wants them (mlx-lm's choice), in kvgrove's classes."""
+    return [_adopt(c) for c in mlx_cache.make_prompt_cache(model)]
+
+
+def note_tokens(cache: Sequence[Any], n: int) -> None:
+    """Tell whole-state caches that n more tokens went through (they keep no offset of their own)."""
+    for c in cache:
+        if isinstance(c, RecurrentCache):
+            c.note_tokens(n)
+
+
+def cache_tokens(cache: Sequence[Any]) -> int:
+    """How many tokens the cache holds (the first layer that knows)."""
+    for c in cache:
+        if isinstance(c, mlx_cache.KVCache | mlx_cache.RotatingKVCache):
+            return int(c.offset)
+        if isinstance(c, RecurrentCache):
+            return c.tokens_seen
+    return 0
+
+
+def cache_nbytes(cache: Sequence[Any]) -> int:
+    return sum(int(getattr(c, "nbytes", 0)) for c in cache)
+
+
+def fully_sliceable(cache: Sequence[Any]) -> bool:
+    return all(getattr(c, "sliceable", False) for c in cache)

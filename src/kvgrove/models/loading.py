@@ -1,0 +1,231 @@
+"""Load a model by short name or path: a GGUF file, a Hugging Face/MLX folder, or the default.
+
+Architectures, weight sanitizing and quantized layers come from mlx-lm unchanged. kvgrove adds the
+GGUF route (kvgrove.models.gguf), its own tokenizer (kvgrove.tokenize), and a dtype policy: on a
+CPU, quantized matmul is ~60x slower at prefill than float32 with OpenBLAS, so models are
+dequantized to float32 there when they fit; on a GPU they stay quantized.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.utils import dequantize_model, infer_quant_config
+from mlx_lm.utils import load_model as mlx_lm_load_model
+
+from kvgrove.models import bundled
+from kvgrove.models.gguf import read_gguf
+
+log = logging.getLogger(__name__)
+
+_CONTEXT_KEYS = ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length", "n_ctx")
+DEFAULT_CONTEXT_TOKENS = 4096
+
+
+@attrs.frozen
+class ModelInfo:
+    """What loading reports about a model (and what /api/show and /api/ps serve)."""
+
+    name: str
+    path: str
+    architecture: str
+    context_length: int
+    dtype: str
+    nbytes: int
+    parameters: int
+    quantization: str | None  # e.g. "Q4 (group 32)" when kept quantized
+    source_format: str  # "gguf" | "hf"
+    num_layers: int
+    fingerprint: str  # identifies weights + dtype: keys the on-disk KV cache
+    load_seconds: float
+
+
+@attrs.define
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any  # kvgrove.tokenize.Tokenizer
+    config: dict[str, Any]
+    info: ModelInfo
+
+
+def on_gpu() -> bool:
+    return mx.default_device() == mx.gpu
+
+
+def resolve(name: str | os.PathLike | None) -> tuple[str, Path]:
+    """A short name or path -> (display name, path). Pulls the bundled default if needed."""
+    if name is None or str(name) == "":
+        spec = bundled.DEFAULT
+        return spec.name, bundled.pull(spec)
+    path = Path(name).expanduser()
+    if path.exists():
+        return path.stem if path.is_file() else path.name, path
+    spec = bundled.lookup(str(name))
+    if spec is not None:
+        return spec.name, bundled.pull(spec)
+    known = ", ".join(sorted(bundled.BUNDLED))
+    raise FileNotFoundError(
+        f"model {str(name)!r} not found: give a GGUF file, a model folder, or one of: {known}"
+    )
+
+
+def _fingerprint(path: Path, dtype: str) -> str:
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + [
+        path / "config.json"
+    ]
+    h = hashlib.sha256(dtype.encode())
+    for f in files:
+        if f.exists():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]
+
+
+def _context_length(config: dict[str, Any]) -> int:
+    for source in (config, config.get("text_config") or {}):
+        for key in _CONTEXT_KEYS:
+            if isinstance(source.get(key), int) and source[key] > 0:
+                return source[key]
+    return DEFAULT_CONTEXT_TOKENS
+
+
+def _build_gguf(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    weights, config = read_gguf(path)
+    arch = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    model = arch.Model(arch.ModelArgs.from_dict(config))
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
+
+    def quantized_here(p: str, m: nn.Module) -> bool | dict:
+        if not hasattr(m, "to_quantized") or f"{p}.scales" not in weights:
+            return False
+        return infer_quant_config(p, m, weights)
+
+    nn.quantize(model, class_predicate=quantized_here)
+    model.eval()
+    model.load_weights(list(weights.items()), strict=True)
+    return model, config
+
+
+def _is_quantized(model: nn.Module) -> bool:
+    return any(
+        isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding) or "scales" in m
+        for _, m in model.named_modules()
+    )
+
+
+def _quantization_label(model: nn.Module) -> str | None:
+    seen = {
+        (m.bits, m.group_size)
+        for _, m in model.named_modules()
+        if hasattr(m, "bits") and hasattr(m, "group_size")
+    }
+    if not seen:
+        return None
+    return ", ".join(f"Q{b} (group {g})" for b, g in sorted(seen))
+
+
+def _nbytes(model: nn.Module) -> tuple[int, int]:
+    params = tree_flatten(model.parameters())
+    return sum(v.nbytes for _, v in params), sum(v.size for _, v in params)
+
+
+def _float_dtype(model: nn.Module) -> mx.Dtype:
+    for _, v in tree_flatten(model.parameters()):
+        if mx.issubdtype(v.dtype, mx.floating):
+            return v.dtype
+    return mx.float32
+
+
+def _dequantized_fits(model: nn.Module, fraction: float = 0.25) -> bool:
+    """Would float32 weights take under `fraction` of physical memory?"""
+    _, count = _nbytes(model)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return False
+    # Packed uint32 counts 32/bits weights per element; assume 4 bits, the worst case.
+    return count * 8 * 4 < total * fraction
+
+
+def load(
+    name: str | os.PathLike | None = None,
+    *,
+    dtype: str | None = None,
+    dequantize: bool | None = None,
+) -> LoadedModel:
+    """Load a model and its tokenizer.
+
+    dtype: "float32", "float16" or "bfloat16" for the unquantized weights (default: float32 on
+    CPU, the checkpoint's own dtype on GPU). dequantize: None = the policy above.
+    """
+    from kvgrove.tokenize import load_tokenizer, tokenizer_from_gguf
+
+    start = time.perf_counter()
+    display, path = resolve(name)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        model, config = _build_gguf(path)
+        tokenizer = tokenizer_from_gguf(config.pop("_gguf"))
+        source = "gguf"
+    elif path.is_dir() and (path / "config.json").exists():
+        model, config = mlx_lm_load_model(path)
+        tokenizer = load_tokenizer(path)
+        source = "hf"
+    else:
+        raise ValueError(f"{path} is neither a .gguf file nor a model folder with config.json")
+
+    quantized = _is_quantized(model)
+    if dequantize is None:
+        dequantize = quantized and not on_gpu() and _dequantized_fits(model)
+    if quantized and dequantize:
+        model = dequantize_model(model)
+        quantized = False
+    if dtype is None and not on_gpu():
+        dtype = "float32"
+    if dtype is not None:
+        model.set_dtype(getattr(mx, dtype))
+    mx.eval(model.parameters())
+
+    nbytes, count = _nbytes(model)
+    dtype_name = str(_float_dtype(model)).removeprefix("mlx.core.")
+    info = ModelInfo(
+        name=display,
+        path=str(path),
+        architecture=config.get("model_type", "unknown"),
+        context_length=_context_length(config),
+        dtype=dtype_name,
+        nbytes=nbytes,
+        parameters=count,
+        quantization=_quantization_label(model) if quantized else None,
+        source_format=source,
+        num_layers=len(getattr(model, "layers", [])),
+        fingerprint=_fingerprint(path, dtype_name),
+        load_seconds=time.perf_counter() - start,
+    )
+    log.info(
+        "loaded %s (%s, %s%s): %d layers, context %d tokens, %.1f MiB in %.2fs",
+        info.name,
+        info.architecture,
+        info.dtype,
+        f", {info.quantization}" if info.quantization else "",
+        info.num_layers,
+        info.context_length,
+        info.nbytes / 2**20,
+        info.load_seconds,
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, config=config, info=info)
+
+
+def describe(info: ModelInfo) -> str:
+    return json.dumps(attrs.asdict(info), indent=2)
