@@ -82,7 +82,7 @@ def _unpermute(x: mx.array, n_head: int) -> mx.array:
     """Inverse of llama.cpp's convert_hf_to_gguf `permute` (rows only, so it works on quantized
     weight, scales and biases alike)."""
     rows = x.shape[0]
-    return x.reshape(n_head, 2, rows // n_head // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+    return x.reshape(n_head, rows // n_head // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
 
 
 def hf_weights(weights: dict[str, mx.array], config: dict[str, Any]) -> dict[str, mx.array]:

@@ -81,9 +81,9 @@ def resolve(name: str | os.PathLike | None) -> tuple[str, Path]:
 
 
 def _fingerprint(path: Path, dtype: str) -> str:
-    files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + [
-        path / "config.json"
-    ]
+    files = (
+        [path] if path.is_file() else sorted(path.glob("*.safetensors")) + [path / "config.json"]
+    )
     h = hashlib.sha256(dtype.encode())
     for f in files:
         if f.exists():

@@ -1,0 +1,185 @@
+"""kvgrove's command line: `serve`, `run`, `pull`, `show`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+import kvgrove
+
+
+def _progress_bar(label: str):
+    from tqdm import tqdm
+
+    bar: dict[str, tqdm] = {}
+
+    def update(done: int, total: int) -> None:
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=total, unit="B", unit_scale=True, desc=label, leave=True)
+        bar["bar"].n = done
+        bar["bar"].refresh()
+        if done >= total:
+            bar["bar"].close()
+
+    return update
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (Ollama's defaults)")
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=40)
+    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repeat-penalty", type=float, default=1.0)
+    g.add_argument("--repeat-last-n", type=int, default=64)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=-1)
+    g.add_argument("--num-predict", type=int, default=512, help="max tokens to generate")
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from kvgrove.models import bundled
+
+    spec = bundled.lookup(args.model or "default")
+    if spec is None:
+        print(
+            f"unknown model {args.model!r}; bundled: {', '.join(bundled.BUNDLED)}", file=sys.stderr
+        )
+        return 2
+    if spec.path.exists():
+        print(f"{spec.name}: already in {spec.path}")
+        return 0
+    path = bundled.pull(spec, progress=_progress_bar(f"pulling {spec.name}"))
+    print(f"{spec.name}: {path}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from kvgrove.models.loading import describe, load
+
+    lm = load(args.model)
+    print(describe(lm.info))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from kvgrove.models.generate import Timings, generate
+    from kvgrove.models.loading import load
+    from kvgrove.sampling import SamplingParams
+
+    lm = load(args.model)
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty,
+        repeat_last_n=args.repeat_last_n,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.seed,
+    )
+    tok = lm.tokenizer
+    if args.raw:
+        prompt = tok.encode(args.prompt, add_special=True)
+    else:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        messages.append({"role": "user", "content": args.prompt})
+        prompt = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+    limit = lm.info.context_length
+    if len(prompt) >= limit:
+        print(
+            f"input length ({len(prompt)} tokens) exceeds the model's maximum context length "
+            f"({limit} tokens)",
+            file=sys.stderr,
+        )
+        return 2
+    max_tokens = min(args.num_predict if args.num_predict >= 0 else limit, limit - len(prompt))
+    timings = Timings()
+    detok = tok.detokenizer()
+    for step in generate(
+        lm.model,
+        prompt,
+        params,
+        max_tokens=max_tokens,
+        stop_ids=tok.eos_ids,
+        timings=timings,
+    ):
+        if step.token in tok.eos_ids:
+            break
+        sys.stdout.write(detok.add(step.token))
+        sys.stdout.flush()
+    sys.stdout.write(detok.flush() + "\n")
+    if args.verbose:
+        print(
+            f"prompt: {timings.prompt_tokens} tokens, {timings.prefill_tokens_per_second:.1f} tok/s; "
+            f"generated: {timings.generated_tokens} tokens, "
+            f"{timings.decode_tokens_per_second:.1f} tok/s",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kvgrove import config, serve
+
+    serve.main(config.settings_from_args(args))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvgrove", description=kvgrove.__doc__)
+    parser.add_argument("--version", action="version", version=f"kvgrove {kvgrove.__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="serve the Ollama and OpenAI HTTP APIs")
+    try:
+        from kvgrove import config
+
+        config.add_serve_arguments(p)
+    except (ImportError, AttributeError):  # the server is not installed in this build
+        p.add_argument("--model")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("run", help="chat once with a model, streaming the reply")
+    p.add_argument("prompt")
+    p.add_argument("--model", help="GGUF file, model folder, or short name (default: smollm2)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--raw", action="store_true", help="no chat template")
+    _add_sampling_flags(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("pull", help="download a bundled model into the cache")
+    p.add_argument("model", nargs="?", default=None)
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("show", help="load a model and print what it is")
+    p.add_argument("model", nargs="?", default=None)
+    p.set_defaults(func=cmd_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    start = time.perf_counter()
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        logging.getLogger(__name__).debug("done in %.2fs", time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
