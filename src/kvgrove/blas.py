@@ -30,7 +30,9 @@ def _candidates() -> list[Path]:
             found += [Path(p) for p in sorted(glob.glob(f"{sys_dir}/{sub}libopenblas.so.0"))]
     roots = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *sys.path}
     for root in sorted(r for r in roots if r):
-        found += [Path(p) for p in glob.glob(os.path.join(root, "cmeel.prefix/lib/libopenblas.so.0"))]
+        found += [
+            Path(p) for p in glob.glob(os.path.join(root, "cmeel.prefix/lib/libopenblas.so.0"))
+        ]
     return found
 
 

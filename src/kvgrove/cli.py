@@ -115,7 +115,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     sys.stdout.write(detok.flush() + "\n")
     if args.verbose:
         print(
-            f"prompt: {timings.prompt_tokens} tokens, {timings.prefill_tokens_per_second:.1f} tok/s; "
+            f"prompt: {timings.prompt_tokens} tokens, "
+            f"{timings.prefill_tokens_per_second:.1f} tok/s; "
             f"generated: {timings.generated_tokens} tokens, "
             f"{timings.decode_tokens_per_second:.1f} tok/s",
             file=sys.stderr,

@@ -134,7 +134,7 @@ def make_cache(model: nn.Module) -> list[Any]:
 
 
 def note_tokens(cache: Sequence[Any], n: int) -> None:
-    """Tell whole-state caches that n more tokens went through (they keep no offset of their own)."""
+    """Tell whole-state caches that n more tokens went through (they keep no offset)."""
     for c in cache:
         if isinstance(c, RecurrentCache):
             c.note_tokens(n)

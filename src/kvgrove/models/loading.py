@@ -82,7 +82,7 @@ def resolve(name: str | os.PathLike | None) -> tuple[str, Path]:
 
 def _fingerprint(path: Path, dtype: str) -> str:
     files = (
-        [path] if path.is_file() else sorted(path.glob("*.safetensors")) + [path / "config.json"]
+        [path] if path.is_file() else [*sorted(path.glob("*.safetensors")), path / "config.json"]
     )
     h = hashlib.sha256(dtype.encode())
     for f in files:
