@@ -10,6 +10,7 @@ never enter the source tree.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import io
@@ -31,6 +32,37 @@ LLAMA_CPP_PYTHON = (
     "sdist",
     "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
 )
+# A small multilingual corpus: CJK, emoji, combining marks, whitespace runs, code, RTL.
+CORPUS: list[str] = [
+    "Hello world",
+    " leading space and trailing space ",
+    "   three leading spaces",
+    "tabs\tand\n\nnewlines\r\n  indented",
+    "Unicode café naïve façade — “quotes” ‘single’ …",
+    "Combining marks: e\u0301 a\u0308 n\u0303 (decomposed) vs é ä ñ",
+    "中文测试：你好，世界！这是一个句子。",
+    "日本語のテキスト、カタカナとひらがな。",
+    "한국어 문장입니다.",
+    "Русский текст с ёлкой.",
+    "Ελληνικά κείμενα",
+    "עברית מימין לשמאל: שלום עולם",
+    "العربية من اليمين إلى اليسار: مرحبا بالعالم",
+    "हिन्दी पाठ देवनागरी में",
+    "ภาษาไทยไม่มีช่องว่าง",
+    "Emoji: 🦙🚀👩‍👩‍👧‍👦 🇫🇷 👍🏽 ❤️",
+    "def f(x):\n    return {'a': [1, 2, 3], \"b\": x ** 2}  # comment\n",
+    "for (int i = 0; i < n; ++i) { s += a[i]; }",
+    "numbers 1234567890 3.14159 -42 1e-10 0x1F",
+    "\u00a0non-breaking\u2009thin\u3000ideographic spaces",
+    "zero\u200bwidth\u200djoiner",
+    "mixed 中文 and English and 日本語 and emoji 🎉",
+    "a" * 50 + " " + "ab" * 20,
+    "                    many spaces                    ",
+    "\n\n\n\n",
+    "It's we're they've I'm you'll he'd DON'T",
+]
+
+
 MISTRAL_COMMON = (
     "mistral-common",
     "1.13.1",
@@ -149,3 +181,21 @@ def smollm2(smollm2_gguf_path: Path):
     from kvgrove.tokenize import read_gguf_metadata, tokenizer_from_gguf
 
     return tokenizer_from_gguf(read_gguf_metadata(smollm2_gguf_path))
+
+
+@pytest.fixture(scope="session")
+def corpus() -> list[str]:
+    return list(CORPUS)
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_tokenizer(llama_cpp_vocab_dir: Path):
+    """vocab name ('gpt-2', 'llama-spm', ...) -> Tokenizer, built once per session."""
+    from kvgrove.tokenize import read_gguf_metadata, tokenizer_from_gguf
+
+    @functools.cache
+    def get(vocab: str):
+        path = llama_cpp_vocab_dir / f"ggml-vocab-{vocab}.gguf"
+        return tokenizer_from_gguf(read_gguf_metadata(path))
+
+    return get

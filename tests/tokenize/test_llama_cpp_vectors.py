@@ -8,12 +8,9 @@ line of space-separated ids per input in the .out file. Every known mismatch is 
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import pytest
-
-from kvgrove.tokenize import Tokenizer, read_gguf_metadata, tokenizer_from_gguf
 
 SEPARATOR = "\n__ggml_vocab_test__\n"
 
@@ -50,11 +47,6 @@ def read_cases(folder: Path, vocab: str) -> list[tuple[str, list[int]]]:
     return [(s, [int(t) for t in o.split()]) for s, o in zip(inputs, outputs, strict=True)]
 
 
-@functools.cache
-def _tokenizer(path: Path) -> Tokenizer:
-    return tokenizer_from_gguf(read_gguf_metadata(path))
-
-
 def _params() -> list:
     params = []
     for vocab in VOCABS:
@@ -68,9 +60,11 @@ def _params() -> list:
 
 
 @pytest.mark.parametrize(("vocab", "index"), _params())
-def test_llama_cpp_vector(llama_cpp_vocab_dir: Path, vocab: str, index: int) -> None:
+def test_llama_cpp_vector(
+    llama_cpp_vocab_dir: Path, llama_cpp_tokenizer, vocab: str, index: int
+) -> None:
     cases = read_cases(llama_cpp_vocab_dir, vocab)
     assert len(cases) == N_CASES.get(vocab, 46), "the vector file changed: update N_CASES"
     text, expected = cases[index]
-    tok = _tokenizer(llama_cpp_vocab_dir / f"ggml-vocab-{vocab}.gguf")
+    tok = llama_cpp_tokenizer(vocab)
     assert tok.encode(text, add_special=False, parse_special=False) == expected, repr(text)

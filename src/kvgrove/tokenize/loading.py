@@ -87,7 +87,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         sp = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
         backend = SentencePieceBackend(sp)
         special = sorted(backend.control_ids)
-        raw = [i for i in range(sp.get_piece_size()) if sp.is_user_defined(i)]
+        # User-defined pieces decode like normal ones (sentencepiece matches them itself).
+        raw = []
         style = DecodeStyle.SENTENCEPIECE
         strip = _sp_adds_dummy_prefix(sp)
         byte_ids = [i for i in range(sp.get_piece_size()) if sp.is_byte(i)]
