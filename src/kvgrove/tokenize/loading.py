@@ -162,10 +162,10 @@ def _hf_decode_style(tok: tokenizers.Tokenizer) -> tuple[DecodeStyle, bool, list
         return DecodeStyle.BYTE_LEVEL, False, None
     metaspace = [d for d in steps if d.get("type") == "Metaspace"]
     replaces_underline = any(
-        d.get("type") == "Replace" and d.get("content") == " " and "\u2581" in json.dumps(d)
+        d.get("type") == "Replace" and (d.get("pattern") or {}).get("String") == "\u2581"
         for d in steps
     )
-    if metaspace or replaces_underline:
+    if metaspace or replaces_underline or "ByteFallback" in types:
         if metaspace:
             m = metaspace[0]
             strip = m.get("prepend_scheme", "always") != "never" and m.get("add_prefix_space", True)
