@@ -1,0 +1,170 @@
+"""The messages actors exchange: frozen attrs classes, one group per boundary.
+
+Channels that carry them are all bounded. Messages that need an answer carry their own reply
+send channel (capacity 1, owned by the asker).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from kvgrove.sampling import SamplingParams
+
+# -- request handler -> scheduler --------------------------------------------------------------
+
+
+@attrs.frozen
+class Submit:
+    """Run one generation. Replies (Token..., then Done or Failed) go to `reply`.
+
+    `max_tokens` None = until the context limit. `context_tokens` is the request's limit
+    (min of num_ctx and the model's maximum); the prompt is already checked to be shorter.
+    """
+
+    request_id: int
+    prompt_tokens: tuple[int, ...]
+    params: SamplingParams
+    max_tokens: int | None
+    context_tokens: int
+    stop_ids: frozenset[int]
+    reply: Any  # trio.MemorySendChannel[Token | Done | Failed]
+
+
+@attrs.frozen
+class Cancel:
+    """The handler is gone (client disconnected, stop string matched, error): drop the sequence."""
+
+    request_id: int
+    at_seconds: float  # time.monotonic() when the handler let go
+
+
+@attrs.frozen
+class Resume:
+    """The handler drained a full reply channel: a parked sequence may continue."""
+
+    request_id: int
+
+
+@attrs.frozen
+class SchedulerQuery:
+    reply: Any  # receives SchedulerStats
+
+
+# -- scheduler -> request handler --------------------------------------------------------------
+
+
+@attrs.frozen
+class Token:
+    token: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@attrs.frozen
+class Done:
+    """The sequence ended normally. Durations are the executor's own (prefill / decode)."""
+
+    reason: str  # "stop" | "length"
+    prompt_tokens: int
+    cached_tokens: int
+    generated_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    queued_seconds: float
+
+
+@attrs.frozen
+class Failed:
+    message: str
+
+
+# -- scheduler -> executor ---------------------------------------------------------------------
+
+
+@attrs.frozen
+class Start:
+    """What the executor needs the first time it sees a sequence."""
+
+    params: SamplingParams
+    prompt_tokens: tuple[int, ...]
+    context_tokens: int
+
+
+@attrs.frozen
+class StepItem:
+    """Feed `tokens` into the sequence's cache; when `sample`, draw a token after the last one."""
+
+    request_id: int
+    tokens: tuple[int, ...]
+    sample: bool
+    start: Start | None = None  # set on the sequence's first item
+
+
+@attrs.frozen
+class Step:
+    """One unit of executor work: items (a batch, later) and sequences to release first."""
+
+    items: tuple[StepItem, ...]
+    release: tuple[int, ...]
+    reply: Any  # receives StepResult
+
+
+@attrs.frozen
+class ItemResult:
+    request_id: int
+    token: int | None
+    logprob: float | None
+    top_logprobs: list[tuple[int, float]] | None
+    seconds: float
+    cache_bytes: int
+
+
+@attrs.frozen
+class StepResult:
+    results: tuple[ItemResult, ...]
+    error: str | None = None  # the step failed as a whole (e.g. out of memory)
+
+
+@attrs.frozen
+class ExecutorQuery:
+    reply: Any  # receives ExecutorStats
+
+
+# -- anyone -> accountant ----------------------------------------------------------------------
+
+
+@attrs.frozen
+class Charge:
+    """Set the bytes held by (category, owner); 0 removes the entry."""
+
+    category: str  # "weights" | "live" | "reserved" | "device" | "host" | "disk"
+    owner: str
+    nbytes: int
+
+
+@attrs.frozen
+class MemoryQuery:
+    reply: Any  # receives dict (the /api/memory body)
+
+
+# -- anyone -> pager ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Match:
+    """How many leading tokens of `tokens` are cached (the prefix-cache issue fills this in)."""
+
+    tokens: tuple[int, ...]
+    reply: Any  # receives Matched
+
+
+@attrs.frozen
+class Matched:
+    cached_tokens: int
+
+
+@attrs.frozen
+class TierQuery:
+    reply: Any  # receives dict tier -> bytes

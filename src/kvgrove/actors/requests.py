@@ -1,0 +1,181 @@
+"""One generation per HTTP request: submit to the scheduler, stream tokens back as text.
+
+`Generation.stream()` is the per-request actor. It owns its bounded reply channel and its
+detokenizer; it never blocks the scheduler (which sends with `send_nowait` and parks the
+sequence when this channel is full). However it ends (finished, stop string, client gone,
+error), its `finally` closes the reply channel and tells the scheduler without blocking.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import attrs
+import trio
+
+from kvgrove.actors.messages import Cancel, Done, Failed, Resume, Submit, Token
+from kvgrove.actors.metrics import Metrics
+from kvgrove.actors.stops import StopMatcher
+from kvgrove.sampling import SamplingParams
+
+_ids = itertools.count(1)
+
+
+def next_request_id() -> int:
+    return next(_ids)
+
+
+class GenerationError(Exception):
+    """The generation failed after it was admitted (reported as the stream's last message)."""
+
+
+@attrs.frozen
+class GenerationRequest:
+    prompt_tokens: tuple[int, ...]
+    params: SamplingParams
+    max_tokens: int | None  # None = until the context limit
+    context_tokens: int
+    stop: tuple[str, ...] = ()
+    api: str = "ollama"
+
+
+@attrs.frozen
+class TextChunk:
+    text: str
+    tokens: tuple[Token, ...]
+
+
+@attrs.frozen
+class Finished:
+    """The last event. Seconds are wall-clock on the server; counts are tokens."""
+
+    reason: str  # "stop" | "length"
+    prompt_tokens: int
+    cached_tokens: int
+    generated_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    total_seconds: float
+
+
+@attrs.define
+class Generation:
+    """One request's generation. Iterate `stream()` once."""
+
+    request: GenerationRequest
+    scheduler: trio.MemorySendChannel
+    tokenizer: Any
+    metrics: Metrics
+    reply_channel_items: int
+    request_id: int = attrs.field(factory=next_request_id)
+    arrived_at: float = attrs.field(factory=time.monotonic)
+
+    async def stream(self) -> AsyncIterator[TextChunk | Finished]:
+        req = self.request
+        send, recv = trio.open_memory_channel[object](self.reply_channel_items)
+        detok = self.tokenizer.detokenizer()
+        stops = StopMatcher(req.stop)
+        done_seen = False
+        generated = 0
+        first_at = last_at = None
+        outcome = "cancelled"
+        try:
+            submit = Submit(
+                request_id=self.request_id,
+                prompt_tokens=req.prompt_tokens,
+                params=req.params,
+                max_tokens=req.max_tokens,
+                context_tokens=req.context_tokens,
+                stop_ids=frozenset(self.tokenizer.eos_ids),
+                reply=send,
+            )
+            await self.scheduler.send(submit)
+            while True:
+                msg = await self._receive(recv)
+                now = time.monotonic()
+                match msg:
+                    case Token(token=token):
+                        generated += 1
+                        if first_at is None:
+                            first_at = now
+                            self.metrics.ttft.observe(now - self.arrived_at)
+                        else:
+                            self.metrics.inter_token.observe(now - last_at)
+                        last_at = now
+                        text, hit = stops.feed(detok.add(token))
+                        if text:
+                            yield TextChunk(text, (msg,))
+                        if hit:
+                            outcome = "ok"
+                            yield self._finish_early(generated, first_at, now)
+                            return
+                    case Done():
+                        done_seen = True
+                        text, hit = stops.feed(detok.flush())
+                        text += stops.flush()
+                        if text:
+                            yield TextChunk(text, ())
+                        outcome = "ok"
+                        self.metrics.inc("kvgrove_generated_tokens_total", msg.generated_tokens)
+                        yield self._finish(msg, "stop" if hit else msg.reason, now)
+                        return
+                    case Failed(message=message):
+                        done_seen = True
+                        outcome = "error"
+                        raise GenerationError(message)
+                    case _:
+                        raise AssertionError(f"request: unexpected message {msg!r}")
+        finally:
+            recv.close()
+            self.metrics.inc("kvgrove_requests_total", api=req.api, outcome=outcome)
+            if not done_seen:
+                # Not blocking: the scheduler also notices the closed reply channel.
+                with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+                    self.scheduler.send_nowait(Cancel(self.request_id, time.monotonic()))
+
+    async def _receive(self, recv: trio.MemoryReceiveChannel) -> object:
+        stats = recv.statistics()
+        was_full = stats.current_buffer_used >= stats.max_buffer_size
+        try:
+            msg = recv.receive_nowait()
+        except trio.WouldBlock:
+            msg = await recv.receive()
+        if was_full:
+            # Only a full channel can have parked the sequence; taking one item unparks it.
+            with contextlib.suppress(trio.WouldBlock):  # the scheduler polls parked ones too
+                self.scheduler.send_nowait(Resume(self.request_id))
+        return msg
+
+    def _finish(self, done: Done, reason: str, now: float) -> Finished:
+        self.metrics.inc(
+            "kvgrove_prompt_tokens_total", done.prompt_tokens - done.cached_tokens, kind="computed"
+        )
+        self.metrics.inc("kvgrove_prompt_tokens_total", done.cached_tokens, kind="reused")
+        return Finished(
+            reason=reason,
+            prompt_tokens=done.prompt_tokens,
+            cached_tokens=done.cached_tokens,
+            generated_tokens=done.generated_tokens,
+            prefill_seconds=done.prefill_seconds,
+            decode_seconds=done.decode_seconds,
+            total_seconds=now - self.arrived_at,
+        )
+
+    def _finish_early(self, generated: int, first_at: float, now: float) -> Finished:
+        # A stop string ended it before the scheduler's Done: time it from here.
+        n = len(self.request.prompt_tokens)
+        self.metrics.inc("kvgrove_prompt_tokens_total", n, kind="computed")
+        self.metrics.inc("kvgrove_generated_tokens_total", generated)
+        return Finished(
+            reason="stop",
+            prompt_tokens=n,
+            cached_tokens=0,
+            generated_tokens=generated,
+            prefill_seconds=first_at - self.arrived_at,
+            decode_seconds=now - first_at,
+            total_seconds=now - self.arrived_at,
+        )

@@ -1,0 +1,139 @@
+"""The scheduler actor: the trio shell around `SchedulerCore`.
+
+It owns every sequence. Its loop: take all pending messages without blocking, deliver queued
+tokens to reply channels with `send_nowait` (a full channel parks only that sequence), plan one
+step, hand it to the executor and wait for the result. Messages that arrive while a step runs
+(cancellations above all) take effect at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import trio
+
+from kvgrove.actors.messages import (
+    Cancel,
+    Done,
+    Failed,
+    Resume,
+    SchedulerQuery,
+    Step,
+    StepResult,
+    Submit,
+)
+from kvgrove.actors.plan import SchedulerCore, Sequence
+from kvgrove.config import Settings
+
+# While every sequence is parked the scheduler re-tries delivery at this interval, in case a
+# Resume was lost to a full inbox.
+PARKED_POLL_SECONDS = 0.05
+
+
+class Scheduler:
+    """Admission, round-robin planning and token routing. Other actors hold only `inbox`."""
+
+    def __init__(self, settings: Settings, *, executor: trio.MemorySendChannel) -> None:
+        self.inbox, self._inbox = trio.open_memory_channel[object](settings.scheduler_inbox_items)
+        self.core = SchedulerCore(
+            chunk_tokens=settings.prefill_chunk_tokens,
+            max_running=settings.max_running_sequences,
+        )
+        self._executor = executor
+        self._results_send, self._results = trio.open_memory_channel[StepResult](1)
+        # request id -> when its handler let go (for the cancellation tests), bounded.
+        self.cancel_log: collections.OrderedDict[int, float] = collections.OrderedDict()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled. Started by the supervisor after the executor."""
+        task_status.started()
+        with self._executor:
+            while True:
+                self._drain_inbox()
+                self._deliver_all()
+                self._drop_abandoned()
+                item = self.core.next_item()
+                release = self.core.take_release()
+                if item is None and not release:
+                    await self._wait_for_message()
+                    continue
+                items = (item,) if item is not None else ()
+                await self._executor.send(Step(items, release, self._results_send))
+                result = await self._results.receive()
+                self._on_step_result(items, result)
+
+    # -- messages -------------------------------------------------------------------------
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                msg = self._inbox.receive_nowait()
+            except trio.WouldBlock:
+                return
+            self._handle(msg)
+
+    async def _wait_for_message(self) -> None:
+        parked = any(s.parked for s in self.core.sequences())
+        with trio.move_on_after(PARKED_POLL_SECONDS if parked else math.inf):
+            self._handle(await self._inbox.receive())
+
+    def _handle(self, msg: object) -> None:
+        match msg:
+            case Submit():
+                self.core.admit(msg)
+            case Cancel(request_id=rid, at_seconds=at):
+                self.cancel_log[rid] = at
+                while len(self.cancel_log) > 4096:
+                    self.cancel_log.popitem(last=False)
+                self.core.remove(rid, cancelled=True)
+            case Resume(request_id=rid):
+                seq = self.core.get(rid)
+                if seq is not None:
+                    self._deliver(seq)
+            case SchedulerQuery(reply=reply):
+                reply.send_nowait(self.core.statistics())
+            case _:
+                raise AssertionError(f"scheduler: unexpected message {msg!r}")
+
+    # -- delivery -------------------------------------------------------------------------
+
+    def _deliver_all(self) -> None:
+        for seq in list(self.core.sequences()):
+            if seq.outbox:
+                self._deliver(seq)
+
+    def _deliver(self, seq: Sequence) -> None:
+        """Move the outbox into the reply channel until it is full (then the sequence parks)."""
+        reply = seq.submit.reply
+        while seq.outbox:
+            try:
+                reply.send_nowait(seq.outbox[0])
+            except trio.WouldBlock:
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.core.remove(seq.request_id, cancelled=True)
+                return
+            msg = seq.outbox.popleft()
+            if isinstance(msg, Done | Failed):
+                self.core.remove(seq.request_id, cancelled=False)
+                reply.close()
+
+    def _drop_abandoned(self) -> None:
+        # A handler that is gone closed its receive end: no need to wait for its Cancel.
+        for seq in list(self.core.sequences()):
+            if seq.submit.reply.statistics().open_receive_channels == 0:
+                self.core.remove(seq.request_id, cancelled=True)
+
+    def _on_step_result(self, items: tuple, result: StepResult) -> None:
+        if result.error is not None:
+            for seq in self.core.fail_all(result.error):
+                self._deliver(seq)
+            return
+        for item, item_result in zip(items, result.results, strict=True):
+            seq = self.core.on_result(item, item_result)
+            if seq is not None:
+                self._deliver(seq)
+
+    def statistics(self):
+        return self.core.statistics()

@@ -1,0 +1,120 @@
+"""Server settings: one frozen attrs class, from CLI flags over KVGROVE_* environment variables.
+
+Every size and time carries its unit in its name (`_tokens`, `_bytes`, `_seconds`, `_items`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+GiB = 2**30
+
+
+def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value <= 0:
+        raise ValueError(f"{attribute.name} must be positive, got {value}")
+
+
+def _non_negative(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value < 0:
+        raise ValueError(f"{attribute.name} must be >= 0, got {value}")
+
+
+@attrs.frozen
+class Settings:
+    """Everything `kvgrove serve` can be told. Defaults bind where Ollama does."""
+
+    host: str = "127.0.0.1"
+    port: int = attrs.field(default=11434, validator=_non_negative)  # 0 = any free port
+    model: str | None = None  # None = the bundled default
+    # Work per scheduler step: a long prompt is prefilled this many tokens at a time, so a
+    # cancellation or another request's decode step waits at most one chunk.
+    prefill_chunk_tokens: int = attrs.field(default=2048, validator=_positive)
+    # Context window for requests that give no num_ctx; always capped by the model's maximum.
+    default_context_tokens: int = attrs.field(default=4096, validator=_positive)
+    # Hard cap on any request's context (0 = the model's maximum).
+    max_context_tokens: int = attrs.field(default=0, validator=_non_negative)
+    max_running_sequences: int = attrs.field(default=32, validator=_positive)
+    # Channel capacities (items). The reply channel is per request: a client that stops
+    # reading fills only its own and parks only its own sequence.
+    scheduler_inbox_items: int = attrs.field(default=256, validator=_positive)
+    reply_channel_items: int = attrs.field(default=64, validator=_positive)
+    executor_inbox_items: int = attrs.field(default=1, validator=_positive)
+    accountant_inbox_items: int = attrs.field(default=256, validator=_positive)
+    pager_inbox_items: int = attrs.field(default=64, validator=_positive)
+    # On SIGINT/SIGTERM in-flight streams get this long to finish, then are cancelled.
+    shutdown_grace_seconds: float = attrs.field(default=5.0, validator=_non_negative)
+    # Byte budgets per tier (the prefix cache fills them; the accountant reports them).
+    device_budget_bytes: int = attrs.field(default=8 * GiB, validator=_non_negative)
+    host_budget_bytes: int = attrs.field(default=16 * GiB, validator=_non_negative)
+    disk_budget_bytes: int = attrs.field(default=64 * GiB, validator=_non_negative)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from KVGROVE_<FIELD> variables (e.g. KVGROVE_PORT), then `overrides`."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in attrs.fields(cls):
+            raw = environ.get(f"KVGROVE_{field.name.upper()}")
+            if raw is not None:
+                values[field.name] = _parse(field, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _parse(field: attrs.Attribute, raw: str) -> Any:
+    kind = type(field.default)
+    try:
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"KVGROVE_{field.name.upper()}: not a number: {raw!r}") from None
+    return raw or None if field.name == "model" else raw
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+_HELP = {
+    "host": "address to bind (default 127.0.0.1)",
+    "port": "port to bind (default 11434; 0 = any free port)",
+    "model": "model name, GGUF file or model folder (default: the bundled model)",
+    "prefill_chunk_tokens": "prompt tokens per prefill step",
+    "default_context_tokens": "context window when a request gives no num_ctx",
+    "max_context_tokens": "cap on any request's context (0 = the model's maximum)",
+    "max_running_sequences": "sequences decoded concurrently; more requests wait",
+    "shutdown_grace_seconds": "how long in-flight streams may finish on shutdown",
+    "device_budget_bytes": "byte budget of the accelerator tier",
+    "host_budget_bytes": "byte budget of the host-memory tier",
+    "disk_budget_bytes": "byte budget of the disk tier",
+}
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `kvgrove serve`'s flags; each defaults to its KVGROVE_* variable, then the default."""
+    for field in attrs.fields(Settings):
+        if field.name not in _HELP:
+            continue
+        kind = type(field.default) if field.default is not None else str
+        parser.add_argument(
+            _flag(field.name),
+            dest=field.name,
+            type=kind,
+            default=None,
+            metavar=field.name.upper().split("_")[-1] if kind is not str else None,
+            help=f"{_HELP[field.name]} [env KVGROVE_{field.name.upper()}]",
+        )
+
+
+def settings_from_args(namespace: argparse.Namespace) -> Settings:
+    """Settings from parsed flags (None = not given) over the environment."""
+    given = {f.name: getattr(namespace, f.name, None) for f in attrs.fields(Settings)}
+    return Settings.from_env(**given)

@@ -1,0 +1,52 @@
+"""The quart-trio application: the three route groups and the error shapes."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from quart import request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from kvgrove.actors.runtime import Runtime
+from kvgrove.http import ollama, openai, ops
+from kvgrove.http.common import BadRequest, NotReady
+
+log = logging.getLogger(__name__)
+
+
+def _error(message: str, status: int, param: str | None = None) -> tuple[dict[str, Any], int]:
+    if request.path.startswith("/v1/"):
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return openai.error_body(message, param=param, kind=kind), status
+    return {"error": message}, status
+
+
+def create_app(runtime: Runtime) -> QuartTrio:
+    app = QuartTrio("kvgrove")
+    app.config["KVGROVE_RUNTIME"] = runtime
+    app.config["RESPONSE_TIMEOUT"] = None  # streams last as long as generation does
+    app.config["BODY_TIMEOUT"] = 60
+    app.config["MAX_CONTENT_LENGTH"] = 64 * 2**20
+    for bp in (ollama.bp, openai.bp, ops.bp):
+        app.register_blueprint(bp)
+
+    @app.errorhandler(BadRequest)
+    async def bad_request(e: BadRequest) -> Any:
+        return _error(e.message, e.status, e.param)
+
+    @app.errorhandler(NotReady)
+    async def not_ready(e: NotReady) -> Any:
+        return _error(str(e), 503)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(e: HTTPException) -> Any:
+        return _error(e.description or e.name, e.code or 500)
+
+    @app.errorhandler(Exception)
+    async def internal(e: Exception) -> Any:
+        log.exception("unhandled error")
+        return _error(f"internal error: {e}", 500)
+
+    return app

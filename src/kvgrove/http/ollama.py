@@ -1,0 +1,286 @@
+"""Ollama's API: /api/generate, /api/chat (NDJSON streams), /api/tags, /api/show, /api/ps, ..."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from typing import Any
+
+from quart import Blueprint, Response, current_app
+
+import kvgrove
+from kvgrove.actors.requests import Finished, GenerationError, GenerationRequest, TextChunk
+from kvgrove.actors.runtime import Runtime
+from kvgrove.http.common import (
+    BadRequest,
+    check_messages,
+    check_model,
+    check_prompt_length,
+    context_tokens,
+    get_bool,
+    get_dict,
+    get_int,
+    get_number,
+    get_stop,
+    get_str,
+    read_json,
+    render_chat,
+    require_ready,
+)
+from kvgrove.sampling import SamplingParams
+
+bp = Blueprint("ollama", __name__)
+
+_FLOAT_OPTIONS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "repeat_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
+_INT_OPTIONS = ("top_k", "repeat_last_n", "seed")
+NS = 1_000_000_000
+
+
+def runtime() -> Runtime:
+    return current_app.config["KVGROVE_RUNTIME"]
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def parse_options(body: dict) -> tuple[SamplingParams, int | None, int | None, tuple[str, ...]]:
+    """Ollama's `options` -> (sampling params, max tokens or None, num_ctx or None, stop)."""
+    options = get_dict(body, "options")
+    kwargs: dict[str, Any] = {}
+    for name in _FLOAT_OPTIONS:
+        value = get_number(options, name, label=f"options.{name}")
+        if value is not None:
+            kwargs[name] = value
+    for name in _INT_OPTIONS:
+        value = get_int(options, name, label=f"options.{name}")
+        if value is not None:
+            kwargs[name] = value
+    try:
+        params = SamplingParams(**kwargs)
+    except ValueError as e:
+        raise BadRequest(f"options.{e}", param="options") from None
+    num_predict = get_int(options, "num_predict", -1, label="options.num_predict")
+    if num_predict < -2:
+        raise BadRequest(
+            f"options.num_predict must be >= -2, got {num_predict}", param="options.num_predict"
+        )
+    num_ctx = get_int(options, "num_ctx", label="options.num_ctx")
+    if num_ctx is not None and num_ctx <= 0:
+        raise BadRequest(f"options.num_ctx must be > 0, got {num_ctx}", param="options.num_ctx")
+    stop = get_stop(options, "stop", label="options.stop")
+    return params, (None if num_predict < 0 else num_predict), num_ctx, stop
+
+
+def final_fields(done: Finished) -> dict[str, Any]:
+    return {
+        "done": True,
+        "done_reason": done.reason,
+        "total_duration": int(done.total_seconds * NS),
+        "load_duration": 0,
+        "prompt_eval_count": done.prompt_tokens,
+        "prompt_eval_duration": int(done.prefill_seconds * NS),
+        "eval_count": done.generated_tokens,
+        "eval_duration": int(done.decode_seconds * NS),
+    }
+
+
+async def _respond(
+    rt: Runtime,
+    model: str,
+    request: GenerationRequest,
+    stream: bool,
+    piece: Callable[[str], dict[str, Any]],
+) -> Any:
+    gen = rt.generation(request)
+    headers = {"X-Request-Id": str(gen.request_id)}
+
+    if not stream:
+        texts: list[str] = []
+        final: Finished | None = None
+        async with aclosing(gen.stream()) as events:
+            try:
+                async for ev in events:
+                    if isinstance(ev, TextChunk):
+                        texts.append(ev.text)
+                    else:
+                        final = ev
+            except GenerationError as e:
+                return {"error": str(e)}, 500, headers
+        assert final is not None
+        body = {"model": model, "created_at": now_iso(), **piece("".join(texts))}
+        return {**body, **final_fields(final)}, 200, headers
+
+    async def lines() -> AsyncIterator[bytes]:
+        async with aclosing(gen.stream()) as events:
+            try:
+                async for ev in events:
+                    if isinstance(ev, TextChunk):
+                        msg = {"model": model, "created_at": now_iso(), **piece(ev.text)}
+                        msg["done"] = False
+                    else:
+                        msg = {"model": model, "created_at": now_iso(), **piece("")}
+                        msg.update(final_fields(ev))
+                    yield (json.dumps(msg) + "\n").encode()
+            except GenerationError as e:
+                yield (json.dumps({"error": str(e)}) + "\n").encode()
+
+    response = Response(lines(), mimetype="application/x-ndjson", headers=headers)
+    response.timeout = None
+    return response
+
+
+def _load_only(model: str, extra: dict[str, Any]) -> dict[str, Any]:
+    return {"model": model, "created_at": now_iso(), **extra, "done": True, "done_reason": "load"}
+
+
+@bp.post("/api/generate")
+async def generate() -> Any:
+    rt = runtime()
+    body = await read_json()
+    require_ready(rt)
+    model = check_model(rt, body)
+    prompt = get_str(body, "prompt", "")
+    system = get_str(body, "system")
+    raw = get_bool(body, "raw", False)
+    stream = get_bool(body, "stream", True)
+    params, max_tokens, num_ctx, stop = parse_options(body)
+    if prompt == "" and not system:
+        return _load_only(model, {"response": ""})
+    tok = rt.loaded.tokenizer
+    if raw:
+        ids = tok.encode(prompt, add_special=True)
+    else:
+        messages = ([{"role": "system", "content": system}] if system else []) + (
+            [{"role": "user", "content": prompt}] if prompt else []
+        )
+        ids = tok.encode(render_chat(rt, messages))
+    limit = context_tokens(rt, num_ctx)
+    check_prompt_length(len(ids), limit)
+    request = GenerationRequest(tuple(ids), params, max_tokens, limit, stop, api="ollama")
+    return await _respond(rt, model, request, stream, lambda text: {"response": text})
+
+
+@bp.post("/api/chat")
+async def chat() -> Any:
+    rt = runtime()
+    body = await read_json()
+    require_ready(rt)
+    model = check_model(rt, body)
+    messages = check_messages(body.get("messages") or [])
+    stream = get_bool(body, "stream", True)
+    params, max_tokens, num_ctx, stop = parse_options(body)
+    if not messages:
+        return _load_only(model, {"message": {"role": "assistant", "content": ""}})
+    tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise BadRequest("tools must be a list", param="tools")
+    ids = rt.loaded.tokenizer.encode(render_chat(rt, messages, tools))
+    limit = context_tokens(rt, num_ctx)
+    check_prompt_length(len(ids), limit)
+    request = GenerationRequest(tuple(ids), params, max_tokens, limit, stop, api="ollama")
+    return await _respond(
+        rt,
+        model,
+        request,
+        stream,
+        lambda text: {"message": {"role": "assistant", "content": text}},
+    )
+
+
+def _details(rt: Runtime) -> dict[str, Any]:
+    info = rt.loaded.info
+    return {
+        "parent_model": "",
+        "format": info.source_format,
+        "family": info.architecture,
+        "families": [info.architecture],
+        "parameter_size": _param_size(info.parameters),
+        "quantization_level": info.quantization or info.dtype.upper(),
+    }
+
+
+def _param_size(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
+def _model_entry(rt: Runtime) -> dict[str, Any]:
+    info = rt.loaded.info
+    modified = datetime.datetime.fromtimestamp(rt.started_at, datetime.UTC)
+    return {
+        "name": f"{info.name}:latest",
+        "model": f"{info.name}:latest",
+        "modified_at": modified.isoformat().replace("+00:00", "Z"),
+        "size": info.nbytes,
+        "digest": info.fingerprint,
+        "details": _details(rt),
+    }
+
+
+@bp.get("/api/tags")
+async def tags() -> Any:
+    rt = runtime()
+    require_ready(rt)
+    return {"models": [_model_entry(rt)]}
+
+
+@bp.post("/api/show")
+async def show() -> Any:
+    rt = runtime()
+    body = await read_json()
+    require_ready(rt)
+    if "name" in body and "model" not in body:
+        body = {**body, "model": body["name"]}
+    check_model(rt, body)
+    info = rt.loaded.info
+    return {
+        "modelfile": f"FROM {info.path}\n",
+        "parameters": "",
+        "template": rt.loaded.tokenizer.chat_template or "",
+        "details": _details(rt),
+        "model_info": {
+            "general.architecture": info.architecture,
+            "general.parameter_count": info.parameters,
+            f"{info.architecture}.context_length": info.context_length,
+            f"{info.architecture}.block_count": info.num_layers,
+        },
+        "capabilities": ["completion"],
+        "modified_at": _model_entry(rt)["modified_at"],
+    }
+
+
+@bp.get("/api/ps")
+async def ps() -> Any:
+    rt = runtime()
+    require_ready(rt)
+    entry = _model_entry(rt)
+    expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=3650)
+    return {
+        "models": [
+            {
+                **entry,
+                "expires_at": expires.isoformat().replace("+00:00", "Z"),
+                "size_vram": rt.loaded.info.nbytes,
+                "context_length": context_tokens(rt, None),
+            }
+        ]
+    }
+
+
+@bp.get("/api/version")
+async def version() -> Any:
+    return {"version": kvgrove.__version__}
+
+
+@bp.route("/", methods=["GET", "HEAD"])
+async def root() -> Any:
+    return Response("Ollama is running", mimetype="text/plain")

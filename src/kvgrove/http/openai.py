@@ -1,0 +1,216 @@
+"""OpenAI's API: /v1/chat/completions, /v1/completions (SSE with `data: [DONE]`), /v1/models."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from typing import Any
+
+from quart import Blueprint, Response
+
+from kvgrove.actors.requests import Finished, GenerationError, GenerationRequest, TextChunk
+from kvgrove.actors.runtime import Runtime
+from kvgrove.http.common import (
+    BadRequest,
+    check_messages,
+    check_model,
+    check_prompt_length,
+    context_tokens,
+    get_bool,
+    get_dict,
+    get_int,
+    get_number,
+    get_stop,
+    read_json,
+    render_chat,
+    require_ready,
+)
+from kvgrove.http.ollama import runtime
+from kvgrove.sampling import SamplingParams
+
+bp = Blueprint("openai", __name__)
+
+
+def error_body(message: str, *, param: str | None = None, kind: str = "invalid_request_error"):
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def parse_sampling(body: dict) -> tuple[SamplingParams, int | None, tuple[str, ...]]:
+    kwargs: dict[str, Any] = {}
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+        value = get_number(body, name)
+        if value is not None:
+            kwargs[name] = value
+    seed = get_int(body, "seed")
+    if seed is not None:
+        kwargs["seed"] = seed
+    if kwargs.get("temperature", 1.0) > 2:
+        raise BadRequest("temperature must be in [0, 2]", param="temperature")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -2 <= kwargs.get(name, 0.0) <= 2:
+            raise BadRequest(f"{name} must be in [-2, 2]", param=name)
+    try:
+        params = SamplingParams(**kwargs)
+    except ValueError as e:
+        raise BadRequest(str(e), param=str(e).split()[0]) from None
+    max_tokens = get_int(body, "max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = get_int(body, "max_tokens")
+    if max_tokens is not None and max_tokens < 1:
+        raise BadRequest(f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
+    n = get_int(body, "n", 1)
+    if n != 1:
+        raise BadRequest("only n=1 is supported", param="n")
+    stop = get_stop(body, "stop")
+    if len(stop) > 4:
+        raise BadRequest("stop may hold at most 4 strings", param="stop")
+    return params, max_tokens, stop
+
+
+def usage(done: Finished) -> dict[str, Any]:
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.generated_tokens,
+        "total_tokens": done.prompt_tokens + done.generated_tokens,
+        "prompt_tokens_details": {"cached_tokens": done.cached_tokens},
+    }
+
+
+def _sse(obj: Any) -> bytes:
+    return f"data: {json.dumps(obj)}\n\n".encode()
+
+
+async def _respond(
+    rt: Runtime,
+    body: dict,
+    model: str,
+    request: GenerationRequest,
+    *,
+    chat: bool,
+) -> Any:
+    stream = get_bool(body, "stream", False)
+    include_usage = get_bool(
+        get_dict(body, "stream_options"), "include_usage", False, label="stream_options"
+    )
+    gen = rt.generation(request)
+    prefix = "chatcmpl" if chat else "cmpl"
+    ident = f"{prefix}-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    obj = "chat.completion" if chat else "text_completion"
+    headers = {"X-Request-Id": str(gen.request_id)}
+
+    def choice(text: str | None, finish: str | None, *, delta: bool) -> dict[str, Any]:
+        if not chat:
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        key = "delta" if delta else "message"
+        content = {} if text is None else {"role": "assistant", "content": text}
+        return {"index": 0, key: content, "logprobs": None, "finish_reason": finish}
+
+    def envelope(choices: list, **extra: Any) -> dict[str, Any]:
+        kind = obj + ".chunk" if (stream and chat) else obj
+        return {
+            "id": ident,
+            "object": kind,
+            "created": created,
+            "model": model,
+            "system_fingerprint": f"kvgrove-{rt.loaded.info.fingerprint}",
+            "choices": choices,
+            **extra,
+        }
+
+    if not stream:
+        texts: list[str] = []
+        final: Finished | None = None
+        async with aclosing(gen.stream()) as events:
+            try:
+                async for ev in events:
+                    if isinstance(ev, TextChunk):
+                        texts.append(ev.text)
+                    else:
+                        final = ev
+            except GenerationError as e:
+                return error_body(str(e), kind="server_error"), 500, headers
+        assert final is not None
+        text = "".join(texts)
+        return envelope([choice(text, final.reason, delta=False)], usage=usage(final)), headers
+
+    async def events_out() -> AsyncIterator[bytes]:
+        async with aclosing(gen.stream()) as events:
+            try:
+                async for ev in events:
+                    if isinstance(ev, TextChunk):
+                        yield _sse(envelope([choice(ev.text, None, delta=True)]))
+                    else:
+                        last = choice(None if chat else "", ev.reason, delta=True)
+                        yield _sse(envelope([last]))
+                        if include_usage:
+                            yield _sse(envelope([], usage=usage(ev)))
+            except GenerationError as e:
+                yield _sse(error_body(str(e), kind="server_error"))
+        yield b"data: [DONE]\n\n"
+
+    response = Response(events_out(), mimetype="text/event-stream", headers=headers)
+    response.timeout = None
+    return response
+
+
+def _prepare(
+    rt: Runtime, body: dict, render: Callable[[], str], *, add_special: bool
+) -> tuple[str, GenerationRequest]:
+    model = check_model(rt, body)
+    params, max_tokens, stop = parse_sampling(body)
+    ids = rt.loaded.tokenizer.encode(render(), add_special=add_special)
+    limit = context_tokens(rt, None)
+    check_prompt_length(len(ids), limit)
+    return model, GenerationRequest(tuple(ids), params, max_tokens, limit, stop, api="openai")
+
+
+@bp.post("/v1/chat/completions")
+async def chat_completions() -> Any:
+    rt = runtime()
+    body = await read_json()
+    require_ready(rt)
+    if "messages" not in body:
+        raise BadRequest("messages is required", param="messages")
+    messages = check_messages(body["messages"])
+    if not messages:
+        raise BadRequest("messages must not be empty", param="messages")
+    tools = body.get("tools")
+    model, request = _prepare(rt, body, lambda: render_chat(rt, messages, tools), add_special=False)
+    return await _respond(rt, body, model, request, chat=True)
+
+
+@bp.post("/v1/completions")
+async def completions() -> Any:
+    rt = runtime()
+    body = await read_json()
+    require_ready(rt)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise BadRequest("prompt must be a string", param="prompt")
+    model, request = _prepare(rt, body, lambda: prompt, add_special=True)
+    return await _respond(rt, body, model, request, chat=False)
+
+
+@bp.get("/v1/models")
+async def models() -> Any:
+    rt = runtime()
+    require_ready(rt)
+    info = rt.loaded.info
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": name,
+                "object": "model",
+                "created": int(rt.started_at),
+                "owned_by": "kvgrove",
+            }
+            for name in (info.name,)
+        ],
+    }

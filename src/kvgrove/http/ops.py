@@ -1,0 +1,51 @@
+"""Operations: /health, /api/memory, /api/cache, /metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quart import Blueprint, Response
+
+from kvgrove.actors.messages import MemoryQuery, TierQuery
+from kvgrove.http.common import require_ready
+from kvgrove.http.ollama import runtime
+
+bp = Blueprint("ops", __name__)
+
+
+@bp.get("/health")
+async def health() -> Any:
+    rt = runtime()
+    if rt.ready:
+        return {"status": "ok"}
+    return {"status": rt.state}, 503
+
+
+@bp.get("/api/memory")
+async def memory() -> Any:
+    rt = runtime()
+    require_ready(rt)
+    return await rt.ask(rt.accountant_inbox, MemoryQuery)
+
+
+@bp.get("/api/cache")
+async def cache() -> Any:
+    rt = runtime()
+    require_ready(rt)
+    return {"tiers_bytes": await rt.ask(rt.pager_inbox, TierQuery), "entries": 0}
+
+
+@bp.get("/metrics")
+async def metrics() -> Any:
+    rt = runtime()
+    gauges: dict[str, Any] = {}
+    if rt.ready:
+        mem = await rt.ask(rt.accountant_inbox, MemoryQuery)
+        tiers = {
+            "weights": mem["weights_bytes"],
+            "live": mem["live_cache_bytes"],
+            **mem["cached_kv_bytes"],
+        }
+        gauges["kvgrove_memory_bytes"] = ("Bytes held, by tier.", tiers)
+    text = rt.metrics.render(gauges)
+    return Response(text, mimetype="text/plain; version=0.0.4")

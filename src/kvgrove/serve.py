@@ -1,0 +1,148 @@
+"""The composition root: opens the channels, starts the actors in order, serves HTTP, shuts down.
+
+Lifetimes nest: the HTTP server starts first (so /health can say 503 while the model loads),
+then the accountant, the pager, the executor (which loads the model on its MLX thread) and the
+scheduler, each with `nursery.start`, so each is running before the next needs it. On
+SIGINT/SIGTERM (or `shutdown`), hypercorn stops accepting, gives in-flight streams
+`shutdown_grace_seconds` to finish, then cancels them; the actors are cancelled last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import attrs
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from kvgrove.actors.accountant import Accountant
+from kvgrove.actors.executor import Executor
+from kvgrove.actors.pager import Pager
+from kvgrove.actors.runtime import Runtime
+from kvgrove.actors.scheduler import Scheduler
+from kvgrove.config import Settings, add_serve_arguments, settings_from_args
+from kvgrove.http.app import create_app
+
+log = logging.getLogger(__name__)
+
+
+@attrs.define
+class Server:
+    """What `serve` hands its starter: where it listens and how to reach its parts."""
+
+    runtime: Runtime
+    binds: list[str]
+    ready: trio.Event
+    shutdown: trio.Event
+
+    @property
+    def url(self) -> str:
+        return self.binds[0]
+
+
+def _hypercorn_config(settings: Settings) -> HypercornConfig:
+    config = HypercornConfig()
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    config.bind = [f"{host}:{settings.port}"]
+    config.graceful_timeout = settings.shutdown_grace_seconds
+    config.accesslog = None
+    config.keep_alive_timeout = 30
+    return config
+
+
+async def _watch_signals(shutdown: trio.Event, cancel: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if shutdown.is_set():
+                log.warning("second %s: stopping now", signal.Signals(signum).name)
+                cancel.cancel()
+                return
+            log.info("%s: shutting down gracefully", signal.Signals(signum).name)
+            shutdown.set()
+
+
+async def serve(
+    settings: Settings,
+    *,
+    shutdown: trio.Event | None = None,
+    handle_signals: bool = True,
+    loader: Callable[[str | None], Any] | None = None,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the server until `shutdown` is set (or a signal arrives); report a `Server` once bound.
+
+    `loader` replaces `kvgrove.models.loading.load` (tests use it to hold the load open).
+    """
+    runtime = Runtime(settings)
+    shutdown = shutdown or trio.Event()
+    ready = trio.Event()
+    http_done = trio.Event()
+    app = create_app(runtime)
+
+    async def run_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
+        try:
+            await hypercorn_serve(
+                app,
+                _hypercorn_config(settings),
+                shutdown_trigger=shutdown.wait,
+                task_status=task_status,
+            )
+        finally:
+            http_done.set()
+
+    async def mark_stopping() -> None:
+        await shutdown.wait()
+        runtime.state = "stopping"
+
+    async with trio.open_nursery() as nursery:
+        if handle_signals:
+            nursery.start_soon(_watch_signals, shutdown, nursery.cancel_scope)
+        nursery.start_soon(mark_stopping)
+        binds = await nursery.start(run_http)
+        log.info("listening on %s (loading the model)", ", ".join(binds))
+        task_status.started(Server(runtime, binds, ready, shutdown))
+
+        async with trio.open_nursery() as actors:
+            accountant = Accountant(settings)
+            await actors.start(accountant.run)
+            pager = Pager(settings)
+            await actors.start(pager.run)
+            executor = Executor(settings, accountant=accountant.inbox.clone(), loader=loader)
+            loaded = await actors.start(executor.run)
+            scheduler = Scheduler(settings, executor=executor.inbox.clone())
+            await actors.start(scheduler.run)
+            runtime.loaded = loaded
+            runtime.scheduler_inbox = scheduler.inbox
+            runtime.accountant_inbox = accountant.inbox
+            runtime.pager_inbox = pager.inbox
+            runtime.executor_inbox = executor.inbox
+            runtime.actors.update(
+                accountant=accountant, pager=pager, executor=executor, scheduler=scheduler
+            )
+            if not shutdown.is_set():
+                runtime.state = "ready"
+            ready.set()
+            log.info("ready: %s", loaded.info.name)
+            await http_done.wait()
+            actors.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
+
+
+def main(settings: Settings) -> None:
+    """Serve until SIGINT/SIGTERM."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    trio.run(partial(serve, settings))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m kvgrove.serve")
+    add_serve_arguments(parser)
+    main(settings_from_args(parser.parse_args()))
