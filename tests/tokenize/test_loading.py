@@ -62,3 +62,45 @@ def test_missing_files(tmp_path: Path) -> None:
         load_tokenizer(tmp_path)
     with pytest.raises(FileNotFoundError):
         load_tokenizer(tmp_path / "absent")
+
+
+def test_metaspace_tokenizer_json(llama_cpp_tokenizer, tmp_path: Path) -> None:
+    """Newer SentencePiece conversions use a Metaspace pre-tokenizer and decoder."""
+    import tokenizers
+    from tokenizers import decoders, pre_tokenizers
+
+    spm = llama_cpp_tokenizer("llama-spm")
+    hf = tokenizers.Tokenizer.from_str(spm.backend.tok.to_str())
+    hf.normalizer = None
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    hf.decoder = decoders.Metaspace(prepend_scheme="first", split=False)
+    folder = tmp_path / "metaspace"
+    folder.mkdir()
+    hf.save(str(folder / "tokenizer.json"))
+    tok = load_tokenizer(folder)
+    assert tok.style is DecodeStyle.SENTENCEPIECE and tok.strip_leading_space
+    ids = tok.encode("Hello world")
+    assert ids == spm.encode("Hello world") and tok.decode(ids) == "Hello world"
+
+
+def test_opaque_decoder_streams(tmp_path: Path) -> None:
+    """A WordPiece vocabulary decodes through the library; streaming re-decodes."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "[SEP]": 1, "hello": 2, "world": 3, "##s": 4, "!": 5}
+    hf = tokenizers.Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    hf.decoder = decoders.WordPiece()
+    hf.add_special_tokens(["[SEP]"])
+    folder = tmp_path / "wordpiece"
+    folder.mkdir()
+    hf.save(str(folder / "tokenizer.json"))
+    (folder / "config.json").write_text(json.dumps({"eos_token_id": 1}))
+    tok = load_tokenizer(folder)
+    assert tok.style is DecodeStyle.OPAQUE and tok.eos_ids == {1}
+    ids = tok.encode("hello worlds![SEP]")
+    assert ids == [2, 3, 4, 5, 1]
+    detok = tok.detokenizer(skip_special=True)
+    streamed = "".join(detok.add(i) for i in ids) + detok.flush()
+    assert streamed == tok.decode(ids, skip_special=True) == "hello worlds!"
