@@ -1,0 +1,109 @@
+"""The actors through their channels, on a tiny random-weight model (real loader, real MLX)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import trio
+
+from kvgrove.actors.accountant import Accountant
+from kvgrove.actors.executor import Executor
+from kvgrove.actors.messages import Cancel, Done, MemoryQuery, Resume, Submit, Token
+from kvgrove.actors.scheduler import Scheduler
+from kvgrove.config import Settings
+from kvgrove.models.loading import load
+from kvgrove.sampling import SamplingParams
+from tiny_models import write_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    return str(write_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "llama"))
+
+
+async def start_actors(nursery, settings):
+    accountant = Accountant(settings)
+    await nursery.start(accountant.run)
+    executor = Executor(settings, accountant=accountant.inbox.clone(), loader=load)
+    await nursery.start(executor.run)
+    scheduler = Scheduler(settings, executor=executor.inbox.clone())
+    await nursery.start(scheduler.run)
+    return accountant, executor, scheduler
+
+
+def make_submit(rid, reply, *, n_prompt=20, max_tokens=6):
+    return Submit(
+        request_id=rid,
+        prompt_tokens=tuple(range(10, 10 + n_prompt)),
+        params=SamplingParams(temperature=0),
+        max_tokens=max_tokens,
+        context_tokens=400,
+        stop_ids=frozenset(),
+        reply=reply,
+    )
+
+
+async def ask(inbox, make):
+    send, recv = trio.open_memory_channel(1)
+    await inbox.send(make(send))
+    return await recv.receive()
+
+
+async def collect(recv) -> list:
+    out = []
+    async for msg in recv:
+        out.append(msg)
+        if isinstance(msg, Done):
+            break
+    return out
+
+
+async def test_slow_reader_parks_only_its_own_sequence(tiny_llama):
+    settings = Settings(model=tiny_llama, prefill_chunk_tokens=8)
+    async with trio.open_nursery() as nursery:
+        accountant, _executor, scheduler = await start_actors(nursery, settings)
+        slow_send, slow_recv = trio.open_memory_channel(1)
+        fast_send, fast_recv = trio.open_memory_channel(64)
+        await scheduler.inbox.send(make_submit(1, slow_send, max_tokens=10))
+        await scheduler.inbox.send(make_submit(2, fast_send, max_tokens=10))
+        fast = await collect(fast_recv)
+        assert [type(m) for m in fast] == [Token] * 10 + [Done]
+        assert scheduler.statistics().parked == 1  # the slow one waits, holding one token
+        # Draining the slow reader (with Resume, as the request actor does) finishes it.
+        slow = []
+        while not slow or not isinstance(slow[-1], Done):
+            slow.append(await slow_recv.receive())
+            scheduler.inbox.send_nowait(Resume(1))
+        assert [m.token for m in slow[:-1]] == [m.token for m in fast[:-1]]  # same prompt
+        await trio.sleep(0.05)
+        memory = await ask(accountant.inbox, MemoryQuery)
+        assert memory["live_cache_bytes"] == 0
+        accountant.ledger.check_integrity()
+        nursery.cancel_scope.cancel()
+
+
+async def test_cancel_mid_prefill_stops_within_one_chunk(tiny_llama):
+    settings = Settings(model=tiny_llama, prefill_chunk_tokens=4)
+    async with trio.open_nursery() as nursery:
+        accountant, executor, scheduler = await start_actors(nursery, settings)
+        send, recv = trio.open_memory_channel(8)
+        other_send, other_recv = trio.open_memory_channel(64)
+        await scheduler.inbox.send(make_submit(1, send, n_prompt=300, max_tokens=5))
+        await scheduler.inbox.send(make_submit(2, other_send, n_prompt=12, max_tokens=5))
+        while not any(rid == 1 for rid, _, _ in executor.step_log):
+            await trio.sleep(0.001)
+        cancelled_at = time.monotonic()
+        recv.close()
+        await scheduler.inbox.send(Cancel(1, cancelled_at))
+        other = await collect(other_recv)
+        assert isinstance(other[-1], Done) and other[-1].generated_tokens == 5
+        late = [s for rid, s, _ in executor.step_log if rid == 1 and s > cancelled_at]
+        assert len(late) <= 1
+        steps_for_1 = sum(1 for rid, _, _ in executor.step_log if rid == 1)
+        assert steps_for_1 < 300 // 4
+        await trio.sleep(0.05)
+        assert executor.statistics().live_sequences == 0
+        memory = await ask(accountant.inbox, MemoryQuery)
+        assert memory["live_cache_bytes"] == 0 and memory["weights_bytes"] > 0
+        nursery.cancel_scope.cancel()

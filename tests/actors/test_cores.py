@@ -1,0 +1,165 @@
+"""The sync cores: scheduler planning, stop strings, the byte ledger, settings."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from kvgrove.actors.ledger import Budgets, Ledger
+from kvgrove.actors.messages import Done, ItemResult, Submit, Token
+from kvgrove.actors.plan import SchedulerCore
+from kvgrove.actors.stops import StopMatcher
+from kvgrove.config import Settings, add_serve_arguments, settings_from_args
+from kvgrove.sampling import SamplingParams
+
+EOS = 0
+
+
+def submit(rid: int, n_prompt: int, *, max_tokens: int | None = 4, context: int = 100) -> Submit:
+    return Submit(
+        request_id=rid,
+        prompt_tokens=tuple(range(1, n_prompt + 1)),
+        params=SamplingParams(temperature=0),
+        max_tokens=max_tokens,
+        context_tokens=context,
+        stop_ids=frozenset({EOS}),
+        reply=None,
+    )
+
+
+def result(item, token=None) -> ItemResult:
+    return ItemResult(item.request_id, token, None, None, 0.01, 1000)
+
+
+def test_long_prompt_is_prefilled_in_chunks_then_sampled():
+    core = SchedulerCore(chunk_tokens=4, max_running=2)
+    core.admit(submit(1, 10))
+    sizes = []
+    while True:
+        item = core.next_item()
+        sizes.append((len(item.tokens), item.sample, item.start is not None))
+        seq = core.on_result(item, result(item, 7 if item.sample else None))
+        if item.sample:
+            break
+    assert sizes == [(4, False, True), (4, False, False), (2, True, False)]
+    assert list(seq.outbox) == [Token(7)]
+    assert seq.fed == 10
+
+
+def test_round_robin_interleaves_prefill_chunks_and_decode():
+    core = SchedulerCore(chunk_tokens=4, max_running=4)
+    core.admit(submit(1, 2))
+    core.admit(submit(2, 12))
+    order = []
+    for _ in range(6):
+        item = core.next_item()
+        order.append(item.request_id)
+        seq = core.on_result(item, result(item, 5 if item.sample else None))
+        seq.outbox.clear()  # delivered
+    assert order == [1, 2, 1, 2, 1, 2]
+
+
+def test_stop_token_ends_without_emitting_it():
+    core = SchedulerCore(chunk_tokens=8, max_running=1)
+    core.admit(submit(1, 3))
+    item = core.next_item()
+    seq = core.on_result(item, result(item, EOS))
+    (done,) = seq.outbox
+    assert isinstance(done, Done) and done.reason == "stop" and done.generated_tokens == 0
+
+
+def test_max_tokens_and_context_limit_end_with_length():
+    core = SchedulerCore(chunk_tokens=8, max_running=2)
+    core.admit(submit(1, 3, max_tokens=2))
+    core.admit(submit(2, 3, max_tokens=None, context=5))
+    delivered: dict[int, list] = {1: [], 2: []}
+    while (item := core.next_item()) is not None:
+        seq = core.on_result(item, result(item, 9))
+        delivered[item.request_id] += seq.outbox
+        seq.outbox.clear()
+    for rid in (1, 2):
+        msgs = delivered[rid]
+        assert msgs[:2] == [Token(9), Token(9)]
+        assert isinstance(msgs[2], Done) and msgs[2].reason == "length"
+        assert len(msgs) == 3
+
+
+def test_parked_sequence_is_not_planned_and_others_go_on():
+    core = SchedulerCore(chunk_tokens=8, max_running=2)
+    core.admit(submit(1, 2, max_tokens=None))
+    core.admit(submit(2, 2, max_tokens=None))
+    item = core.next_item()
+    core.on_result(item, result(item, 9))  # seq 1 now holds an undelivered token: parked
+    assert core.get(1).parked
+    assert [core.next_item().request_id for _ in range(2)] == [2, 2]
+    assert core.statistics().parked == 1
+
+
+def test_cancel_releases_started_sequences_and_admits_waiting():
+    core = SchedulerCore(chunk_tokens=8, max_running=1)
+    core.admit(submit(1, 2))
+    core.admit(submit(2, 2))
+    assert core.next_item().request_id == 1
+    core.remove(1, cancelled=True)
+    assert core.take_release() == (1,)
+    assert core.next_item().request_id == 2
+    core.remove(2, cancelled=True)
+    assert core.take_release() == (2,)
+    assert core.statistics().cancelled == 2 and core.idle
+
+
+def test_max_tokens_zero_is_done_at_once():
+    core = SchedulerCore(chunk_tokens=8, max_running=1)
+    seq = core.admit(submit(1, 2, max_tokens=0))
+    assert seq.finished and seq.outbox[0].reason == "length"
+    assert core.next_item() is None
+
+
+@pytest.mark.parametrize(
+    "pieces, stops, expected",
+    [
+        (["Hello", " wor", "ld"], ["world"], ("Hello ", True)),
+        (["ab", "c", "de"], ["cd"], ("ab", True)),
+        (["a", "b"], ["bc"], ("ab", False)),  # a held prefix is released at the end
+        (["x<", "|e", "nd|>y"], ["<|end|>"], ("x", True)),
+        (["plain text"], [], ("plain text", False)),
+    ],
+)
+def test_stop_strings_never_emit_the_stop_even_split_across_tokens(pieces, stops, expected):
+    matcher = StopMatcher(stops)
+    out, hit = "", False
+    for p in pieces:
+        text, hit = matcher.feed(p)
+        out += text
+        if hit:
+            break
+    out += matcher.flush()
+    assert (out, hit) == expected
+
+
+def test_ledger_sets_totals_and_integrity():
+    ledger = Ledger(Budgets(device_bytes=100, host_bytes=10, disk_bytes=10))
+    ledger.set("weights", "model", 60)
+    ledger.set("live", "1", 30)
+    ledger.set("live", "2", 30)
+    assert ledger.device_bytes == 120 and ledger.over_budget() == {"device": 20}
+    ledger.set("live", "1", 0)
+    ledger.set("live", "2", 0)
+    ledger.check_integrity()
+    snap = ledger.snapshot()
+    assert snap["live_cache_bytes"] == 0 and snap["live_sequences"] == 0
+    with pytest.raises(ValueError, match="category"):
+        ledger.set("nowhere", "x", 1)
+
+
+def test_settings_from_flags_over_env(monkeypatch):
+    monkeypatch.setenv("KVGROVE_PORT", "9999")
+    monkeypatch.setenv("KVGROVE_PREFILL_CHUNK_TOKENS", "128")
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    settings = settings_from_args(parser.parse_args(["--port", "1234", "--model", "smollm2"]))
+    assert settings.port == 1234 and settings.prefill_chunk_tokens == 128
+    assert settings.model == "smollm2" and settings.host == "127.0.0.1"
+    with pytest.raises(ValueError, match="prefill_chunk_tokens"):
+        Settings(prefill_chunk_tokens=0)
