@@ -37,14 +37,14 @@ def run_mlx_lm(lm, wrapper, prompt, gen_tokens) -> tuple[float, float]:
     from mlx_lm.sample_utils import make_sampler
 
     last = None
-    for last in stream_generate(
+    for response in stream_generate(
         lm.model,
         wrapper,
         mx.array(prompt),
         max_tokens=gen_tokens,
         sampler=make_sampler(temp=0.0),
     ):
-        pass
+        last = response
     assert last is not None and last.generation_tokens == gen_tokens
     return last.prompt_tps, last.generation_tps
 

@@ -73,7 +73,7 @@ def test_unknown_model_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         loading.load("no-such-model")
     (tmp_path / "x.bin").write_bytes(b"nope")
-    with pytest.raises(ValueError, match="neither a .gguf file"):
+    with pytest.raises(ValueError, match=r"neither a \.gguf file"):
         loading.load(tmp_path / "x.bin")
 
 
