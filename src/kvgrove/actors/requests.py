@@ -106,7 +106,12 @@ class Generation:
                         else:
                             self.metrics.inter_token.observe(now - last_at)
                         last_at = now
-                        text, hit = stops.feed(detok.add(token))
+                        try:
+                            piece = detok.add(token)
+                        except ValueError as e:  # a token the tokenizer cannot decode
+                            outcome = "error"
+                            raise GenerationError(f"cannot decode token {token}: {e}") from None
+                        text, hit = stops.feed(piece)
                         if text:
                             yield TextChunk(text, (msg,))
                         if hit:

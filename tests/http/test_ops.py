@@ -1,0 +1,104 @@
+"""Health, memory, metrics; the load window and graceful shutdown on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import threading
+from functools import partial
+
+import httpx
+import pytest
+import trio
+
+from kvgrove.config import Settings
+from kvgrove.models.loading import load
+from kvgrove.serve import serve
+from tiny_models import write_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> str:
+    return str(write_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "llama"))
+
+
+def test_health_memory_and_metrics(live_server):
+    url = live_server.url
+    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+    mem = httpx.get(f"{url}/api/memory").json()
+    assert mem["weights_bytes"] > 100e6 and set(mem["cached_kv_bytes"]) == {
+        "device",
+        "host",
+        "disk",
+    }
+    assert mem["mlx"]["active_bytes"] > 0 and mem["budgets_bytes"]["device"] > 0
+    httpx.post(
+        f"{url}/api/generate",
+        json={"model": "smollm2", "prompt": "Hi", "stream": False, "options": {"num_predict": 2}},
+        timeout=120,
+    )
+    text = httpx.get(f"{url}/metrics").text
+    for name in (
+        "kvgrove_requests_total",
+        'kvgrove_prompt_tokens_total{kind="computed"}',
+        'kvgrove_prompt_tokens_total{kind="reused"}',
+        "kvgrove_generated_tokens_total",
+        "kvgrove_time_to_first_token_seconds_bucket",
+        "kvgrove_inter_token_seconds_count",
+        'kvgrove_memory_bytes{tier="host"}',
+    ):
+        assert name in text, name
+
+
+async def test_health_is_503_while_loading_then_ok(tiny_llama):
+    release = threading.Event()
+
+    def slow_load(name):
+        release.wait(30)
+        return load(name)
+
+    settings = Settings(port=0, model=tiny_llama, shutdown_grace_seconds=0.5)
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            partial(serve, settings, handle_signals=False, loader=slow_load)
+        )
+        async with httpx.AsyncClient(base_url=server.url) as c:
+            r = await c.get("/health")
+            assert r.status_code == 503 and r.json() == {"status": "loading"}
+            r = await c.post("/api/generate", json={"model": "llama", "prompt": "x"})
+            assert r.status_code == 503
+            release.set()
+            with trio.fail_after(30):
+                await server.ready.wait()
+            r = await c.get("/health")
+            assert r.status_code == 200 and r.json() == {"status": "ok"}
+        server.shutdown.set()
+
+
+async def test_graceful_shutdown_lets_a_stream_finish():
+    settings = Settings(port=0, shutdown_grace_seconds=8)
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(partial(serve, settings, handle_signals=False))
+        await server.ready.wait()
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            req = {"model": "smollm2", "prompt": "Hello", "options": {"num_predict": 6}}
+            async with c.stream("POST", "/api/generate", json=req) as r:
+                lines = r.aiter_lines()
+                await lines.__anext__()
+                server.shutdown.set()
+                rest = [json.loads(line) async for line in lines]
+            assert rest[-1]["done"] and rest[-1]["eval_count"] == 6
+    # serve() returned on its own (within the grace period): the stream was let finish.
+
+
+async def test_tokens_the_tokenizer_cannot_decode_end_the_stream_with_an_error(tiny_llama):
+    # The tiny model's vocabulary (320) is larger than its tokenizer's (300).
+    settings = Settings(port=0, model=tiny_llama, shutdown_grace_seconds=0.5)
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(partial(serve, settings, handle_signals=False))
+        await server.ready.wait()
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            req = {"model": "llama", "prompt": "abc", "raw": True, "options": {"num_predict": 60}}
+            r = await c.post("/api/generate", json=req)
+            last = json.loads(r.text.splitlines()[-1])
+            assert "error" in last or last["done"]
+        server.shutdown.set()
