@@ -1,5 +1,11 @@
 """The executor actor: owns the model, the live caches and the one OS thread that runs MLX.
 
+A step decodes every decoding sequence in one batched forward pass over a persistent
+`RunningBatch` (rows join and leave only when membership changes), and runs the step's prefill
+chunks one sequence at a time while that batch computes (`mx.async_eval`). A sequence's live
+cache is created in `_open_sequence` and given up in `_close_sequence`; in between it is either
+its own per-sequence cache (prefill, or out of the batch) or a row of the batch.
+
 MLX streams belong to the thread that made them, and trio's thread cache does not promise the
 same thread twice, so every MLX call (loading, each step) goes to one dedicated thread through
 `MLXThread.call`. The trio side only passes messages; the caches and samplers are touched on the
@@ -81,12 +87,23 @@ class ExecutorStats:
     items: int
     live_sequences: int
     tokens_computed: int
+    weights_bytes: int = 0
+    batch_rows: int = 0  # rows in the running batch now
+    max_batch_rows: int = 0  # the most rows one batched forward pass has decoded
+    batched: bool = True  # False: the model's caches cannot batch; rows decode one by one
 
 
 @attrs.define
 class _Live:
-    cache: list[Any]
+    """A sequence the executor knows: its sampler and, unless it is a batch row, its cache."""
+
     sampler: Any
+    cache: list[Any] | None = None  # None while a row of the batch, or after preemption
+    in_batch: bool = False
+
+    @property
+    def has_cache(self) -> bool:
+        return self.in_batch or self.cache is not None
 
 
 class Executor:
@@ -109,13 +126,17 @@ class Executor:
         self._loader = loader
         self._thread = MLXThread()
         self.loaded: Any = None  # kvgrove.models.loading.LoadedModel once started
-        self._live: dict[int, _Live] = {}  # touched on the MLX thread only
+        # Touched on the MLX thread only:
+        self._live: dict[int, _Live] = {}
+        self._batch: Any = None  # kvgrove.models.batching.RunningBatch
+        self._batched = True
         self.step_log: collections.deque[tuple[int, float, float]] = collections.deque(
             maxlen=100_000
         )
         self._steps = 0
         self._items = 0
         self._tokens = 0
+        self._max_batch_rows = 0
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         """Load the model on the MLX thread, report it through task_status, then serve steps."""
@@ -131,17 +152,27 @@ class Executor:
             self._thread.stop()
 
     def _load(self) -> Any:
-        if self._loader is not None:
-            return self._loader(self.settings.model)
-        from kvgrove.models.loading import load
+        from kvgrove.models.batching import RunningBatch, unbatchable_reason
+        from kvgrove.models.caches import make_cache
 
-        return load(self.settings.model)
+        if self._loader is not None:
+            loaded = self._loader(self.settings.model)
+        else:
+            from kvgrove.models.loading import load
+
+            loaded = load(self.settings.model)
+        self._batch = RunningBatch()
+        reason = unbatchable_reason(make_cache(loaded.model))
+        if reason is not None:
+            self._batched = False
+            log.warning("batching off, sequences decode one at a time: %s", reason)
+        return loaded
 
     async def _handle(self, msg: object) -> None:
         match msg:
             case Step():
                 result = await self._thread.call(self._run_step, msg)
-                for rid in msg.release:
+                for rid in (*msg.release, *msg.preempt):
                     await self._accountant.send(Charge("live", str(rid), 0))
                 for r in result.results:
                     await self._accountant.send(Charge("live", str(r.request_id), r.cache_bytes))
@@ -153,57 +184,198 @@ class Executor:
 
     # -- on the MLX thread ----------------------------------------------------------------
 
+    def _open_sequence(self, item: StepItem) -> _Live:
+        """Create the sequence's live state: a sampler (first time) and an empty cache.
+
+        Called for a sequence's first item, and again when a preempted sequence resumes (its
+        sampler is kept). The prefix cache restores a cached prefix here instead.
+        """
+        from kvgrove.models.caches import make_cache
+        from kvgrove.sampling import SequenceSampler
+
+        live = self._live.get(item.request_id)
+        if live is None:
+            s = item.start
+            assert s is not None, f"request {item.request_id}: first item without a start"
+            sampler = SequenceSampler(s.params, s.prompt_tokens, context_limit=s.context_tokens)
+            live = self._live[item.request_id] = _Live(sampler)
+        assert not live.has_cache
+        live.cache = make_cache(self.loaded.model)
+        return live
+
+    def _close_sequence(self, request_id: int) -> list[Any] | None:
+        """Give up the sequence's cache (it has left the batch); returns it, None if none.
+
+        Called when a sequence is released (finished, cancelled) or preempted. The prefix cache
+        snapshots the cache into its trie here.
+        """
+        live = self._live.get(request_id)
+        if live is None:
+            return None
+        assert not live.in_batch
+        cache, live.cache = live.cache, None
+        return cache
+
+    def _detach(self, ids: list[int]) -> None:
+        """Rows leave the batch (one copy however many), each back to its own cache."""
+        for rid, cache in self._batch.leave(ids).items():
+            live = self._live[rid]
+            live.cache, live.in_batch = cache, False
+
+    def _attach(self, ids: list[int]) -> None:
+        """Sequences with their own caches join the batch (one merge, one extend)."""
+        rows = []
+        for rid in ids:
+            live = self._live[rid]
+            rows.append((rid, live.cache))
+            live.cache, live.in_batch = None, True
+        self._batch.join(rows)
+
+    def _drop(self, request_id: int) -> None:
+        """Forget a sequence whose state may be broken (its step failed)."""
+        live = self._live.pop(request_id, None)
+        if live is not None and live.in_batch:
+            # The batch ran with it: the whole batch state is suspect, so it goes too.
+            for rid in self._batch.ids:
+                self._live.pop(rid, None)
+            self._batch.__init__()
+
+    def _is_decode(self, item: StepItem) -> bool:
+        live = self._live.get(item.request_id)
+        return (
+            item.start is None
+            and item.sample
+            and len(item.tokens) == 1
+            and live is not None
+            and live.has_cache
+        )
+
     def _run_step(self, step: Step) -> StepResult:
         import mlx.core as mx
 
-        for rid in step.release:
-            self._live.pop(rid, None)
+        self._steps += 1
+        decode = [it for it in step.items if self._is_decode(it)] if self._batched else []
+        decode_ids = {it.request_id for it in decode}
+        others = [it for it in step.items if it.request_id not in decode_ids]
+        leaving = {*step.release, *step.preempt}
+        try:
+            # Rows leave the batch when released, preempted, or not decoding now (parked).
+            self._detach(
+                [rid for rid in self._batch.ids if rid not in decode_ids or rid in leaving]
+            )
+            for rid in step.preempt:
+                self._close_sequence(rid)
+            for rid in step.release:
+                self._close_sequence(rid)
+                self._live.pop(rid, None)
+        except Exception as e:  # the batch copy failed: every row in it is lost
+            log.exception("releasing sequences failed")
+            for rid in list(self._batch.ids) + list(leaving):
+                self._drop(rid)
+            return StepResult((), error=f"generation failed: {e}")
         if step.release and not self._live:
             mx.clear_cache()
-        self._steps += 1
-        results = []
-        try:
-            for item in step.items:
-                results.append(self._run_item(item))
-        except Exception as e:  # the whole step fails; the scheduler ends its sequences
-            log.exception("step failed")
-            for item in step.items:
-                self._live.pop(item.request_id, None)
-            return StepResult((), error=f"generation failed: {e}")
-        return StepResult(tuple(results))
 
-    def _run_item(self, item: StepItem) -> ItemResult:
+        results: dict[int, ItemResult] = {}
+        batch = self._launch_decode(decode, results)
+        # The prefill chunks' graphs are built while the batch computes.
+        for item in others:
+            results[item.request_id] = self._run_item(item)
+        if batch is not None:
+            self._finish_decode(*batch, results)
+        return StepResult(tuple(results[it.request_id] for it in step.items))
+
+    def _launch_decode(self, decode: list[StepItem], results: dict) -> tuple | None:
         import mlx.core as mx
 
-        from kvgrove.models.caches import cache_nbytes, make_cache
+        from kvgrove.sampling import build_sample
+
+        if not decode:
+            return None
+        start = time.monotonic()
+        try:
+            self._attach([it.request_id for it in decode if not self._live[it.request_id].in_batch])
+            token_of = {it.request_id: it.tokens[0] for it in decode}
+            ids = list(self._batch.ids)
+            logits = self._batch.forward(self.loaded.model, [token_of[rid] for rid in ids])
+            pending = build_sample(logits, [self._live[rid].sampler for rid in ids])
+            mx.async_eval(*pending.arrays())
+        except Exception as e:
+            self._fail_decode(decode, e, start, results)
+            return None
+        return decode, ids, pending, start
+
+    def _finish_decode(self, decode, ids, pending, start, results: dict) -> None:
+        try:
+            sampled = pending.result()
+        except Exception as e:
+            self._fail_decode(decode, e, start, results)
+            return
+        end = time.monotonic()
+        share = self._batch.nbytes // max(1, len(ids))
+        self._max_batch_rows = max(self._max_batch_rows, len(ids))
+        for row, rid in enumerate(ids):
+            choice = sampled.row(row)
+            self._live[rid].sampler.accept(choice.token)
+            results[rid] = ItemResult(
+                rid, choice.token, choice.logprob, choice.top_logprobs, end - start, share
+            )
+            self.step_log.append((rid, start, end))
+        self._items += len(ids)
+        self._tokens += len(ids)
+
+    def _fail_decode(self, decode, error: Exception, start: float, results: dict) -> None:
+        log.exception("batched decode failed")
+        end = time.monotonic()
+        for it in decode:
+            self._drop(it.request_id)
+        for it in decode:
+            rid = it.request_id
+            results[rid] = ItemResult(rid, None, None, None, end - start, 0, str_error(error))
+            self.step_log.append((rid, start, end))
+
+    def _run_item(self, item: StepItem) -> ItemResult:
+        """One sequence alone: a prefill chunk (sampling after it when asked), or a decode."""
+        import mlx.core as mx
+
+        from kvgrove.models.caches import cache_nbytes
         from kvgrove.models.generate import forward, prefill_chunks
-        from kvgrove.sampling import SequenceSampler, sample_batch
+        from kvgrove.sampling import sample_batch
 
         start = time.monotonic()
-        model = self.loaded.model
-        if item.start is not None:
-            s = item.start
-            sampler = SequenceSampler(s.params, s.prompt_tokens, context_limit=s.context_tokens)
-            self._live[item.request_id] = _Live(make_cache(model), sampler)
-        live = self._live[item.request_id]
-        tokens = item.tokens
-        feed = tokens[:-1] if item.sample else tokens
-        if feed:
-            for _ in prefill_chunks(model, live.cache, feed, chunk_tokens=len(feed)):
-                pass
-        token = logprob = top = None
-        if item.sample:
-            logits = forward(model, live.cache, mx.array(tokens[-1:], dtype=mx.uint32)[None])
-            choice = sample_batch(logits, [live.sampler]).row(0)
-            live.sampler.accept(choice.token)
-            token, logprob, top = choice.token, choice.logprob, choice.top_logprobs
+        rid = item.request_id
+        try:
+            live = self._live.get(rid)
+            if live is None or not live.has_cache:
+                live = self._open_sequence(item)
+            if live.in_batch:  # batching is off, or it decodes alone: it leaves the batch
+                self._detach([rid])
+            tokens = item.tokens
+            feed = tokens[:-1] if item.sample else tokens
+            if feed:
+                for _ in prefill_chunks(
+                    self.loaded.model, live.cache, feed, chunk_tokens=len(feed)
+                ):
+                    pass
+            token = logprob = top = None
+            if item.sample:
+                last = mx.array(tokens[-1:], dtype=mx.uint32)[None]
+                logits = forward(self.loaded.model, live.cache, last)
+                choice = sample_batch(logits, [live.sampler]).row(0)
+                live.sampler.accept(choice.token)
+                token, logprob, top = choice.token, choice.logprob, choice.top_logprobs
+            nbytes = cache_nbytes(live.cache)
+            error = None
+        except Exception as e:  # only this sequence fails
+            log.exception("step item for request %d failed", rid)
+            self._drop(rid)
+            token = logprob = top = None
+            nbytes, error = 0, str_error(e)
         end = time.monotonic()
         self._items += 1
-        self._tokens += len(tokens)
-        self.step_log.append((item.request_id, start, end))
-        return ItemResult(
-            item.request_id, token, logprob, top, end - start, cache_nbytes(live.cache)
-        )
+        self._tokens += len(item.tokens)
+        self.step_log.append((rid, start, end))
+        return ItemResult(rid, token, logprob, top, end - start, nbytes, error)
 
     def statistics(self) -> ExecutorStats:
         return ExecutorStats(
@@ -211,4 +383,12 @@ class Executor:
             items=self._items,
             live_sequences=len(self._live),
             tokens_computed=self._tokens,
+            weights_bytes=self.loaded.info.nbytes if self.loaded is not None else 0,
+            batch_rows=len(self._batch) if self._batch is not None else 0,
+            max_batch_rows=self._max_batch_rows,
+            batched=self._batched,
         )
+
+
+def str_error(error: Exception) -> str:
+    return f"generation failed: {error}"

@@ -30,6 +30,7 @@ class Submit:
     context_tokens: int
     stop_ids: frozenset[int]
     reply: Any  # trio.MemorySendChannel[Token | Done | Failed]
+    namespace: str = ""  # prefix-cache namespace (per API key / cache_salt); "" = shared
 
 
 @attrs.frozen
@@ -104,11 +105,18 @@ class StepItem:
 
 @attrs.frozen
 class Step:
-    """One unit of executor work: items (a batch, later) and sequences to release first."""
+    """One unit of executor work: sequences to release or preempt first, then the items.
+
+    Items with one token, `sample` set and a cache already in the executor decode together in
+    one batched forward pass; the others (prefill chunks) run one by one in the same step.
+    `preempt` drops a sequence's cache but keeps its sampler: it resumes by re-feeding its
+    tokens (a later item with no `start`).
+    """
 
     items: tuple[StepItem, ...]
     release: tuple[int, ...]
     reply: Any  # receives StepResult
+    preempt: tuple[int, ...] = ()
 
 
 @attrs.frozen
@@ -119,6 +127,7 @@ class ItemResult:
     top_logprobs: list[tuple[int, float]] | None
     seconds: float
     cache_bytes: int
+    error: str | None = None  # this item failed; its sequence ends with this message
 
 
 @attrs.frozen

@@ -1,12 +1,21 @@
 """The scheduler's sync core: admission, the step plan, stop and length checks. No trio here.
 
-Sequences run round-robin, one unit of work per step: a prefill chunk of at most
-`chunk_tokens`, or one decode token. So a long prefill never holds back another request by more
-than one chunk, and a cancelled sequence is dropped at the next step boundary. The step is a
-tuple of items so continuous batching can later put many sequences in one step.
+Each step (`plan_step`) decodes every running sequence that has its prompt in the executor's
+cache, all in one batched forward pass, and spends at most `chunk_tokens` prompt tokens on
+prefill: the next chunk of sequences whose prefill is under way first, then new ones. So a long
+new prompt delays the running streams by at most one chunk per step, and a cancelled sequence is
+dropped at the next step boundary.
+
+Admission: at most `max_running` sequences run (the batch); the rest wait. Among the waiting,
+the one with the longest cached prefix goes first, aged by `aging_tokens_per_step` per step
+waited so nothing starves (`priority`). A sequence only starts its prefill while the live
+caches fit `kv_budget_bytes`; when they outgrow it, the newest sequence is preempted: its cache
+is dropped (the prefix cache will keep it as a snapshot) and it later resumes by re-feeding its
+prompt and the tokens generated so far, with its sampler (penalty history, random stream) kept.
 
 A sequence whose outbox is not empty is *parked*: its reply channel was full (a slow reader)
 and it is not planned until the outbox drains. Outboxes hold at most the messages of one step.
+`next_item` (one item per step, round-robin) is the unbatched planner, kept for comparison.
 """
 
 from __future__ import annotations
@@ -34,16 +43,26 @@ class Sequence:
 
     submit: Submit
     cached_tokens: int = 0
-    fed: int = 0  # prompt and generated tokens now in the executor's cache
+    fed: int = 0  # tokens of `history` now in the executor's cache
     generated: int = 0
     last_token: int | None = None
-    started: bool = False  # the executor holds a cache for it
+    started: bool = False  # the executor knows it (holds its sampler)
+    has_cache: bool = False  # the executor holds a cache for it
     finished: bool = False
+    history: list[int] = attrs.field(factory=list)  # the prompt, then each token generated
     outbox: collections.deque = attrs.field(factory=collections.deque)
     submitted_at: float = attrs.field(factory=time.monotonic)
+    submitted_step: int = 0
+    order: int = 0  # admission order: the newest is preempted first
     first_step_at: float | None = None
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    cache_bytes: int = 0
+    preemptions: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        if not self.history:
+            self.history = list(self.submit.prompt_tokens)
 
     @property
     def request_id(self) -> int:
@@ -60,6 +79,16 @@ class Sequence:
     @property
     def runnable(self) -> bool:
         return not self.finished and not self.outbox
+
+    @property
+    def pending(self) -> int:
+        """Tokens of the history not yet in the executor's cache (the last one is to sample)."""
+        return len(self.history) - self.fed
+
+    @property
+    def decoding(self) -> bool:
+        """Its next item is one decode token (it then joins the batched forward pass)."""
+        return self.has_cache and self.pending == 1
 
     def done(self, reason: str) -> Done:
         self.finished = True
@@ -83,38 +112,76 @@ class SchedulerStats:
     steps_planned: int
     cancelled: int
     completed: int
+    preempted: int = 0
+    max_decode_rows: int = 0  # the most sequences decoded in one step so far
+
+
+# Aging: each step waited counts as this many cached tokens, so a request with nothing cached
+# overtakes one with a 1,024-token cached prefix after 64 steps at most.
+DEFAULT_AGING_TOKENS_PER_STEP = 16
 
 
 class SchedulerCore:
     """Owns the sequences; decides what the executor does next."""
 
-    def __init__(self, *, chunk_tokens: int, max_running: int) -> None:
-        assert chunk_tokens > 0 and max_running > 0
+    def __init__(
+        self,
+        *,
+        chunk_tokens: int,
+        max_running: int,
+        kv_budget_bytes: int | None = None,
+        aging_tokens_per_step: int = DEFAULT_AGING_TOKENS_PER_STEP,
+    ) -> None:
+        assert chunk_tokens > 0 and max_running > 0 and aging_tokens_per_step >= 0
         self.chunk_tokens = chunk_tokens
         self.max_running = max_running
-        self._waiting: collections.deque[Sequence] = collections.deque()
+        self.kv_budget_bytes = kv_budget_bytes  # None = unbounded
+        self.aging_tokens_per_step = aging_tokens_per_step
+        self._waiting: list[Sequence] = []
         self._running: dict[int, Sequence] = {}  # insertion order = round-robin order
         self._cursor = 0
         self._release: list[int] = []
+        self._preempt: list[int] = []
+        self._admitted = 0
+        self._bytes_per_token = 0.0  # the largest seen: estimates a new sequence's cache
         self.steps_planned = 0
         self.cancelled = 0
         self.completed = 0
+        self.preempted = 0
+        self.max_decode_rows = 0
 
     # -- admission and removal ------------------------------------------------------------
 
     def admit(self, submit: Submit, *, cached_tokens: int = 0) -> Sequence:
         assert submit.prompt_tokens, "empty prompts are rejected before the scheduler"
         assert 0 <= cached_tokens < len(submit.prompt_tokens)
-        seq = Sequence(submit, cached_tokens=cached_tokens, fed=cached_tokens)
+        seq = Sequence(
+            submit,
+            cached_tokens=cached_tokens,
+            fed=cached_tokens,
+            submitted_step=self.steps_planned,
+        )
         if submit.max_tokens == 0:
             seq.outbox.append(seq.done("length"))
         self._waiting.append(seq)
         self._fill()
         return seq
 
+    def priority(self, seq: Sequence) -> int:
+        """Cache-aware order with aging: cached prefix tokens plus credit for steps waited."""
+        waited = self.steps_planned - seq.submitted_step
+        return seq.cached_tokens + self.aging_tokens_per_step * waited
+
+    def _best_waiting(self) -> Sequence:
+        # max() keeps the first of equals: ties go to the earliest arrival.
+        return max(self._waiting, key=self.priority)
+
     def _fill(self) -> None:
         while self._waiting and len(self._running) < self.max_running:
-            seq = self._waiting.popleft()
+            seq = self._best_waiting()
+            self._waiting.remove(seq)
+            self._admitted += 1
+            seq.order = self._admitted
             self._running[seq.request_id] = seq
 
     def get(self, request_id: int) -> Sequence | None:
@@ -133,6 +200,8 @@ class SchedulerCore:
             self._waiting.remove(seq)
         if seq.started:
             self._release.append(request_id)
+            if request_id in self._preempt:
+                self._preempt.remove(request_id)
         if cancelled:
             self.cancelled += 1
         else:
@@ -150,9 +219,68 @@ class SchedulerCore:
         out, self._release = tuple(self._release), []
         return out
 
+    def take_preempt(self) -> tuple[int, ...]:
+        out, self._preempt = tuple(self._preempt), []
+        return out
+
     @property
     def idle(self) -> bool:
         return not any(s.runnable for s in self._running.values())
+
+    @property
+    def live_bytes(self) -> int:
+        return sum(s.cache_bytes for s in self._running.values() if s.has_cache)
+
+    def plan_step(self) -> tuple[StepItem, ...]:
+        """This step's items: every decoding sequence, then prefill chunks up to `chunk_tokens`."""
+        self._preempt_over_budget()
+        runnable = [s for s in self._running.values() if s.runnable]
+        items = [self._item_for(s, 1) for s in runnable if s.decoding]
+        self.max_decode_rows = max(self.max_decode_rows, len(items))
+        # Prefills under way first (in admission order), then new ones by priority.
+        prefilling = [s for s in runnable if not s.decoding]
+        prefilling.sort(key=lambda s: (not s.has_cache, -self.priority(s), s.order))
+        budget = self.chunk_tokens
+        for seq in prefilling:
+            if budget <= 0:
+                break
+            if not seq.has_cache and not self._fits(seq, running=bool(items)):
+                break
+            item = self._item_for(seq, budget)
+            budget -= len(item.tokens)
+            items.append(item)
+        if items:
+            self.steps_planned += 1
+        return tuple(items)
+
+    def _fits(self, seq: Sequence, *, running: bool) -> bool:
+        """Whether seq's cache can be built now without outgrowing the budget."""
+        if self.kv_budget_bytes is None:
+            return True
+        holders = [s for s in self._running.values() if s.has_cache]
+        if not holders and not running:
+            return True  # alone it always runs: one sequence over budget is not refused
+        estimate = self._bytes_per_token * len(seq.history)
+        return self.live_bytes + estimate <= self.kv_budget_bytes
+
+    def _preempt_over_budget(self) -> None:
+        if self.kv_budget_bytes is None:
+            return
+        while self.live_bytes > self.kv_budget_bytes:
+            holders = [s for s in self._running.values() if s.has_cache and not s.finished]
+            if len(holders) <= 1:
+                return
+            self.preempt(max(holders, key=lambda s: s.order))
+
+    def preempt(self, seq: Sequence) -> None:
+        """Drop seq's cache; it resumes later by re-feeding its history (sampler kept)."""
+        assert seq.has_cache
+        seq.has_cache = False
+        seq.fed = 0
+        seq.cache_bytes = 0
+        seq.preemptions += 1
+        self.preempted += 1
+        self._preempt.append(seq.request_id)
 
     def next_item(self) -> StepItem | None:
         """The next unit of work, round-robin over runnable sequences; None when none can run."""
@@ -162,42 +290,46 @@ class SchedulerCore:
             if seq.runnable:
                 self._cursor = (self._cursor + i + 1) % len(order)
                 self.steps_planned += 1
-                return self._item_for(seq)
+                return self._item_for(seq, self.chunk_tokens)
         return None
 
-    def _item_for(self, seq: Sequence) -> StepItem:
+    def _item_for(self, seq: Sequence, budget: int) -> StepItem:
         start = None
         if not seq.started:
             seq.started = True
             seq.first_step_at = time.monotonic()
             sub = seq.submit
             start = Start(sub.params, sub.prompt_tokens, sub.context_tokens)
-        prompt = seq.prompt
-        if seq.fed < len(prompt):
-            remaining = len(prompt) - seq.fed
-            if remaining <= self.chunk_tokens:
-                tokens, sample = prompt[seq.fed :], True
-            else:
-                # Stop one short of the end so the last prompt token is fed with sampling.
-                n = min(self.chunk_tokens, remaining - 1)
-                tokens, sample = prompt[seq.fed : seq.fed + n], False
+        seq.has_cache = True
+        remaining = seq.pending
+        assert remaining >= 1
+        if remaining <= budget:
+            tokens, sample = tuple(seq.history[seq.fed :]), True
         else:
-            assert seq.last_token is not None
-            tokens, sample = (seq.last_token,), True
+            # Stop one short of the end so the last token is fed with sampling.
+            n = min(budget, remaining - 1)
+            tokens, sample = tuple(seq.history[seq.fed : seq.fed + n]), False
         return StepItem(seq.request_id, tokens, sample, start)
 
     # -- results --------------------------------------------------------------------------
 
     def on_result(self, item: StepItem, result: ItemResult) -> Sequence | None:
-        """Account a finished item; queue Token / Done in the sequence's outbox."""
+        """Account a finished item; queue Token / Done / Failed in the sequence's outbox."""
         seq = self._running.get(result.request_id)
-        if seq is None or seq.finished:
-            return None  # cancelled while the step ran
+        if seq is None or seq.finished or not seq.has_cache:
+            return None  # cancelled or preempted while the step ran
+        if result.error is not None:
+            seq.finished = True
+            seq.outbox.append(Failed(result.error))
+            return seq
         seq.fed += len(item.tokens)
+        seq.cache_bytes = result.cache_bytes
+        if seq.fed:
+            self._bytes_per_token = max(self._bytes_per_token, result.cache_bytes / seq.fed)
         if result.token is None:
             seq.prefill_seconds += result.seconds
             return seq
-        if seq.generated == 0 and seq.last_token is None:
+        if seq.generated == 0:
             seq.prefill_seconds += result.seconds
         else:
             seq.decode_seconds += result.seconds
@@ -207,6 +339,7 @@ class SchedulerCore:
             return seq
         seq.generated += 1
         seq.last_token = result.token
+        seq.history.append(result.token)
         seq.outbox.append(Token(result.token, result.logprob, result.top_logprobs))
         out_of_budget = sub.max_tokens is not None and seq.generated >= sub.max_tokens
         out_of_context = len(seq.prompt) + seq.generated >= sub.context_tokens
@@ -214,8 +347,19 @@ class SchedulerCore:
             seq.outbox.append(seq.done("length"))
         return seq
 
+    def fail_items(self, items: tuple[StepItem, ...], message: str) -> list[Sequence]:
+        """A step failed as a whole: the sequences in it end with `message`, no others."""
+        out = []
+        for item in items:
+            seq = self._running.get(item.request_id)
+            if seq is not None and not seq.finished:
+                seq.finished = True
+                seq.outbox.append(Failed(message))
+                out.append(seq)
+        return out
+
     def fail_all(self, message: str) -> list[Sequence]:
-        """A step failed as a whole: every running sequence ends with `message`."""
+        """Every running sequence ends with `message`."""
         out = []
         for seq in list(self._running.values()):
             if not seq.finished:
@@ -233,4 +377,6 @@ class SchedulerCore:
             steps_planned=self.steps_planned,
             cancelled=self.cancelled,
             completed=self.completed,
+            preempted=self.preempted,
+            max_decode_rows=self.max_decode_rows,
         )

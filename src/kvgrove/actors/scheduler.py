@@ -2,8 +2,9 @@
 
 It owns every sequence. Its loop: take all pending messages without blocking, deliver queued
 tokens to reply channels with `send_nowait` (a full channel parks only that sequence), plan one
-step, hand it to the executor and wait for the result. Messages that arrive while a step runs
-(cancellations above all) take effect at the next step boundary.
+step (every decoding sequence in one batch, plus prefill chunks), hand it to the executor and
+wait for the result. Messages that arrive while a step runs (cancellations above all) take
+effect at the next step boundary.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import math
 
 import trio
 
+from kvgrove.actors.executor import ExecutorStats
 from kvgrove.actors.messages import (
     Cancel,
     Done,
+    ExecutorQuery,
     Failed,
     Resume,
     SchedulerQuery,
@@ -32,34 +35,53 @@ PARKED_POLL_SECONDS = 0.05
 
 
 class Scheduler:
-    """Admission, round-robin planning and token routing. Other actors hold only `inbox`."""
+    """Admission, batched step planning and token routing. Other actors hold only `inbox`.
 
-    def __init__(self, settings: Settings, *, executor: trio.MemorySendChannel) -> None:
+    `kv_budget_bytes` bounds the live caches; None = the device budget less the weights (asked
+    of the executor when the scheduler starts).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        executor: trio.MemorySendChannel,
+        kv_budget_bytes: int | None = None,
+    ) -> None:
+        self._settings = settings
         self.inbox, self._inbox = trio.open_memory_channel[object](settings.scheduler_inbox_items)
         self.core = SchedulerCore(
             chunk_tokens=settings.prefill_chunk_tokens,
             max_running=settings.max_running_sequences,
+            kv_budget_bytes=kv_budget_bytes,
         )
         self._executor = executor
+        self._kv_budget_bytes = kv_budget_bytes
         self._results_send, self._results = trio.open_memory_channel[StepResult](1)
         # request id -> when its handler let go (for the cancellation tests), bounded.
         self.cancel_log: collections.OrderedDict[int, float] = collections.OrderedDict()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled. Started by the supervisor after the executor."""
-        task_status.started()
         with self._executor:
+            if self._kv_budget_bytes is None:
+                send, recv = trio.open_memory_channel[ExecutorStats](1)
+                await self._executor.send(ExecutorQuery(send))
+                weights = (await recv.receive()).weights_bytes
+                self._kv_budget_bytes = max(0, self._settings.device_budget_bytes - weights)
+            self.core.kv_budget_bytes = self._kv_budget_bytes
+            task_status.started()
             while True:
                 self._drain_inbox()
                 self._deliver_all()
                 self._drop_abandoned()
-                item = self.core.next_item()
+                items = self.core.plan_step()
                 release = self.core.take_release()
-                if item is None and not release:
+                preempt = self.core.take_preempt()
+                if not items and not release and not preempt:
                     await self._wait_for_message()
                     continue
-                items = (item,) if item is not None else ()
-                await self._executor.send(Step(items, release, self._results_send))
+                await self._executor.send(Step(items, release, self._results_send, preempt))
                 result = await self._results.receive()
                 self._on_step_result(items, result)
 
@@ -127,7 +149,7 @@ class Scheduler:
 
     def _on_step_result(self, items: tuple, result: StepResult) -> None:
         if result.error is not None:
-            for seq in self.core.fail_all(result.error):
+            for seq in self.core.fail_items(items, result.error):
                 self._deliver(seq)
             return
         for item, item_result in zip(items, result.results, strict=True):

@@ -1,0 +1,229 @@
+"""Continuous batching through the actors' channels, on tiny random-weight models (real MLX)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import trio
+from mlx_lm.models import cache as mlx_cache
+
+from kvgrove.actors.accountant import Accountant
+from kvgrove.actors.executor import Executor
+from kvgrove.actors.messages import Done, Failed, MemoryQuery, Submit, Token
+from kvgrove.actors.scheduler import Scheduler
+from kvgrove.config import Settings
+from kvgrove.models.generate import generate
+from kvgrove.models.loading import load
+from kvgrove.sampling import SamplingParams
+from tiny_models import write_tiny_model
+
+GREEDY = SamplingParams(temperature=0)
+MARKED = 311  # a prompt holding this token makes the faulty model's forward raise
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folders = {}
+
+    def get(arch: str) -> str:
+        if arch not in folders:
+            folder = tmp_path_factory.mktemp("tiny") / arch
+            folders[arch] = str(write_tiny_model(folder, arch))
+        return folders[arch]
+
+    return get
+
+
+class FaultyModel:
+    """A real model whose forward raises on a marked token, or on the next batched decode."""
+
+    def __init__(self, inner, *, window: int | None = None) -> None:
+        self.inner = inner
+        self.window = window
+        self.fail_next_decode = False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, inputs, cache=None):
+        if MARKED in inputs.tolist()[0]:
+            raise RuntimeError("marked token")
+        if self.fail_next_decode and inputs.shape[0] > 1:
+            self.fail_next_decode = False
+            raise RuntimeError("decode fault")
+        return self.inner(inputs, cache=cache)
+
+    def make_cache(self):
+        if self.window is None:
+            return mlx_cache.make_prompt_cache(self.inner)
+        # Sliding-window layers: kvgrove has no batched form for them.
+        return [mlx_cache.RotatingKVCache(max_size=self.window) for _ in self.inner.layers]
+
+
+def wrapping_loader(**kwargs):
+    def loader(name):
+        loaded = load(name)
+        loaded.model = FaultyModel(loaded.model, **kwargs)
+        return loaded
+
+    return loader
+
+
+async def start_actors(nursery, settings, *, loader=load, kv_budget_bytes=None):
+    accountant = Accountant(settings)
+    await nursery.start(accountant.run)
+    executor = Executor(settings, accountant=accountant.inbox.clone(), loader=loader)
+    await nursery.start(executor.run)
+    scheduler = Scheduler(
+        settings, executor=executor.inbox.clone(), kv_budget_bytes=kv_budget_bytes
+    )
+    await nursery.start(scheduler.run)
+    return accountant, executor, scheduler
+
+
+def prompts_of_lengths(*lengths):
+    return [tuple((7 * i + 3 * n) % 250 + 5 for i in range(n)) for n in lengths]
+
+
+async def run_request(scheduler, rid, prompt, max_tokens, *, params=GREEDY):
+    send, recv = trio.open_memory_channel(64)
+    await scheduler.inbox.send(
+        Submit(rid, tuple(prompt), params, max_tokens, 400, frozenset(), send)
+    )
+    out = []
+    async for msg in recv:
+        out.append(msg)
+        if isinstance(msg, Done | Failed):
+            break
+    return out
+
+
+async def run_all(scheduler, prompts, max_tokens, *, first_id=1):
+    results = {}
+
+    async def one(i, prompt):
+        results[i] = await run_request(scheduler, first_id + i, prompt, max_tokens)
+
+    async with trio.open_nursery() as nursery:
+        for i, prompt in enumerate(prompts):
+            nursery.start_soon(one, i, prompt)
+    return [results[i] for i in range(len(prompts))]
+
+
+def tokens(msgs):
+    return [m.token for m in msgs if isinstance(m, Token)]
+
+
+def solo(folder, prompts, n):
+    model = load(folder).model
+    return [[s.token for s in generate(model, p, GREEDY, max_tokens=n)] for p in prompts]
+
+
+async def idle_memory(accountant):
+    await trio.sleep(0.05)
+    send, recv = trio.open_memory_channel(1)
+    await accountant.inbox.send(MemoryQuery(send))
+    memory = await recv.receive()
+    accountant.ledger.check_integrity()
+    return memory
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_next"])
+async def test_concurrent_requests_decode_in_one_batch_with_solo_tokens(tiny, arch):
+    folder = tiny(arch)
+    prompts = prompts_of_lengths(5, 40, 17, 90, 3, 26)
+    expected = solo(folder, prompts, 10)
+    settings = Settings(model=folder, prefill_chunk_tokens=32)
+    async with trio.open_nursery() as nursery:
+        accountant, executor, scheduler = await start_actors(nursery, settings)
+        results = await run_all(scheduler, prompts, 10)
+        assert [tokens(r) for r in results] == expected
+        assert all(isinstance(r[-1], Done) and r[-1].reason == "length" for r in results)
+        memory = await idle_memory(accountant)
+        assert memory["live_cache_bytes"] == 0
+        stats = executor.statistics()
+        assert stats.batched and stats.max_batch_rows >= 4
+        assert stats.live_sequences == 0 and stats.batch_rows == 0
+        assert scheduler.statistics().max_decode_rows >= 4
+        nursery.cancel_scope.cancel()
+
+
+async def test_batching_off_decodes_one_row_at_a_time_with_the_same_tokens(tiny):
+    folder = tiny("llama")
+    prompts = prompts_of_lengths(6, 20, 11)
+    expected = solo(folder, prompts, 8)
+    settings = Settings(model=folder, max_running_sequences=1)
+    async with trio.open_nursery() as nursery:
+        _, executor, scheduler = await start_actors(nursery, settings)
+        results = await run_all(scheduler, prompts, 8)
+        assert [tokens(r) for r in results] == expected
+        assert executor.statistics().max_batch_rows == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_unbatchable_caches_fall_back_to_one_at_a_time_with_a_logged_reason(tiny, caplog):
+    folder = tiny("llama")
+    prompts = prompts_of_lengths(6, 20, 11)
+    model = FaultyModel(load(folder).model, window=256)
+    expected = [[s.token for s in generate(model, p, GREEDY, max_tokens=8)] for p in prompts]
+    settings = Settings(model=folder)
+    caplog.set_level(logging.WARNING, logger="kvgrove.actors.executor")
+    async with trio.open_nursery() as nursery:
+        _, executor, scheduler = await start_actors(
+            nursery, settings, loader=wrapping_loader(window=256)
+        )
+        assert "batching off" in caplog.text and "WindowKVCache" in caplog.text
+        results = await run_all(scheduler, prompts, 8)
+        assert [tokens(r) for r in results] == expected
+        stats = executor.statistics()
+        assert not stats.batched and stats.max_batch_rows == 0
+        assert scheduler.statistics().max_decode_rows == 3  # planned together, run one by one
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_failing_step_fails_only_its_requests_and_serving_goes_on(tiny):
+    folder = tiny("llama")
+    good = prompts_of_lengths(8, 30, 14)
+    bad = (5, 6, MARKED, 8)
+    expected = solo(folder, good, 12)
+    settings = Settings(model=folder)
+    async with trio.open_nursery() as nursery:
+        accountant, executor, scheduler = await start_actors(
+            nursery, settings, loader=wrapping_loader()
+        )
+        # A prefill that raises, while the others decode in a batch: only it fails.
+        results = await run_all(scheduler, [*good, bad], 12)
+        assert [tokens(r) for r in results[:3]] == expected
+        assert results[3] == [Failed("generation failed: marked token")]
+        # A batched decode that raises fails the rows in that step, and nothing else.
+        executor.loaded.model.fail_next_decode = True
+        results = await run_all(scheduler, good, 12, first_id=10)
+        assert all(isinstance(r[-1], Failed) for r in results)
+        assert all(r[-1].message == "generation failed: decode fault" for r in results)
+        # The server keeps serving.
+        results = await run_all(scheduler, good, 12, first_id=20)
+        assert [tokens(r) for r in results] == expected
+        memory = await idle_memory(accountant)
+        assert memory["live_cache_bytes"] == 0
+        assert executor.statistics().live_sequences == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_memory_pressure_preempts_the_newest_and_it_resumes_with_solo_tokens(tiny):
+    folder = tiny("llama")
+    prompts = prompts_of_lengths(30, 30, 30, 30)
+    expected = solo(folder, prompts, 16)
+    settings = Settings(model=folder)
+    # Room for about two of them: tiny llama holds 2 layers x 2 x 2 heads x 16 x 4 bytes per
+    # token (512), in 256-token buffers, batched or not.
+    async with trio.open_nursery() as nursery:
+        accountant, _executor, scheduler = await start_actors(
+            nursery, settings, kv_budget_bytes=300_000
+        )
+        results = await run_all(scheduler, prompts, 16)
+        assert [tokens(r) for r in results] == expected
+        assert scheduler.statistics().preempted >= 1
+        memory = await idle_memory(accountant)
+        assert memory["live_cache_bytes"] == 0
+        nursery.cancel_scope.cancel()
