@@ -13,6 +13,7 @@ from typing import Any
 import attrs
 
 GiB = 2**30
+MiB = 2**20
 
 
 def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -53,6 +54,20 @@ class Settings:
     device_budget_bytes: int = attrs.field(default=8 * GiB, validator=_non_negative)
     host_budget_bytes: int = attrs.field(default=16 * GiB, validator=_non_negative)
     disk_budget_bytes: int = attrs.field(default=64 * GiB, validator=_non_negative)
+    # Access: bearer keys accepted on every route but /health, / and /openapi.json. Empty =
+    # open (then bind only to loopback; `serve` warns otherwise). Each key also selects its
+    # own prefix-cache namespace.
+    api_keys: tuple[str, ...] = attrs.field(default=(), converter=tuple, repr=False)
+    # Generation requests (/api/generate, /api/chat, /v1/*completions) at once; beyond it they
+    # queue, and beyond the queue they get 429 with Retry-After.
+    max_concurrent_requests: int = attrs.field(default=64, validator=_positive)
+    max_queued_requests: int = attrs.field(default=256, validator=_non_negative)
+    retry_after_seconds: int = attrs.field(default=1, validator=_positive)
+    # Request bodies over this get 413.
+    max_body_bytes: int = attrs.field(default=16 * MiB, validator=_positive)
+    # Cap on num_predict / max_tokens: larger explicit values get 400 naming the field; a
+    # request that asks for "until the context limit" stops here with done_reason "length".
+    max_predict_tokens: int = attrs.field(default=32768, validator=_positive)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -69,6 +84,8 @@ class Settings:
 
 def _parse(field: attrs.Attribute, raw: str) -> Any:
     kind = type(field.default)
+    if kind is tuple:  # KVGROVE_API_KEYS: several keys, separated by commas or whitespace
+        return tuple(k for k in raw.replace(",", " ").split() if k)
     try:
         if kind is int:
             return int(raw)
@@ -95,11 +112,25 @@ _HELP = {
     "device_budget_bytes": "byte budget of the accelerator tier",
     "host_budget_bytes": "byte budget of the host-memory tier",
     "disk_budget_bytes": "byte budget of the disk tier",
+    "max_concurrent_requests": "generation requests served at once; more queue",
+    "max_queued_requests": "generation requests that may queue; more get 429",
+    "retry_after_seconds": "Retry-After sent with 429",
+    "max_body_bytes": "largest request body; larger get 413",
+    "max_predict_tokens": "largest num_predict / max_tokens; also caps 'until the limit'",
 }
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Add `kvgrove serve`'s flags; each defaults to its KVGROVE_* variable, then the default."""
+    parser.add_argument(
+        "--api-key",
+        dest="api_keys",
+        action="append",
+        default=None,
+        metavar="KEY",
+        help="accept this bearer key (repeatable; none = no authentication) "
+        "[env KVGROVE_API_KEYS, comma-separated]",
+    )
     for field in attrs.fields(Settings):
         if field.name not in _HELP:
             continue

@@ -10,9 +10,12 @@ SIGINT/SIGTERM (or `shutdown`), hypercorn stops accepting, gives in-flight strea
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ipaddress
 import logging
 import signal
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -56,6 +59,28 @@ def _hypercorn_config(settings: Settings) -> HypercornConfig:
     return config
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere
+
+
+def warn_if_exposed(settings: Settings) -> bool:
+    """Log a warning when the server listens beyond loopback with no API keys; True if so."""
+    if settings.api_keys or is_loopback(settings.host):
+        return False
+    log.warning(
+        "listening on %s with no API keys: anyone who can reach this address can use the "
+        "server and time its prefix cache; pass --api-key (or KVGROVE_API_KEYS) or bind "
+        "127.0.0.1",
+        settings.host,
+    )
+    return True
+
+
 async def _watch_signals(shutdown: trio.Event, cancel: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
@@ -79,6 +104,7 @@ async def serve(
 
     `loader` replaces `kvgrove.models.loading.load` (tests use it to hold the load open).
     """
+    warn_if_exposed(settings)
     runtime = Runtime(settings)
     shutdown = shutdown or trio.Event()
     ready = trio.Event()
@@ -132,6 +158,62 @@ async def serve(
             await http_done.wait()
             actors.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
+
+
+@attrs.define
+class Background:
+    """A server running in a thread of its own (see `background`)."""
+
+    server: Server
+    token: trio.lowlevel.TrioToken
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.server.runtime
+
+    def on_server(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the server's trio thread (actor state is read only there); from a thread."""
+        return trio.from_thread.run_sync(fn, trio_token=self.token)
+
+
+@contextlib.contextmanager
+def background(settings: Settings, *, ready_seconds: float = 300) -> Iterator[Background]:
+    """Serve in a thread (its own trio run) for the duration of the block, ready on entry;
+    shut down gracefully on exit. For tests, benchmarks and embedding."""
+    box: dict[str, Any] = {}
+    ready = threading.Event()
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(partial(serve, settings, handle_signals=False))
+            box["bg"] = Background(server, trio.lowlevel.current_trio_token())
+            await server.ready.wait()
+            ready.set()
+
+    def thread_main() -> None:
+        try:
+            trio.run(run)
+        except BaseException as e:  # surfaced to the caller below
+            box["error"] = e
+            ready.set()
+
+    thread = threading.Thread(target=thread_main, name="kvgrove-server", daemon=True)
+    thread.start()
+    if not ready.wait(ready_seconds):
+        raise TimeoutError("the server did not become ready")
+    if "error" in box:
+        raise box["error"]
+    bg: Background = box["bg"]
+    try:
+        yield bg
+    finally:
+        with contextlib.suppress(trio.RunFinishedError):
+            bg.token.run_sync_soon(bg.server.shutdown.set)
+        thread.join(settings.shutdown_grace_seconds + 30)
 
 
 def main(settings: Settings) -> None:

@@ -41,6 +41,7 @@ class GenerationRequest:
     context_tokens: int
     stop: tuple[str, ...] = ()
     api: str = "ollama"
+    namespace: str = ""  # prefix-cache namespace: cached prompts are shared only within one
 
 
 @attrs.frozen
@@ -92,6 +93,7 @@ class Generation:
                 context_tokens=req.context_tokens,
                 stop_ids=frozenset(self.tokenizer.eos_ids),
                 reply=send,
+                namespace=req.namespace,
             )
             await self.scheduler.send(submit)
             while True:

@@ -7,11 +7,12 @@ from typing import Any
 
 from quart import request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from kvgrove.actors.runtime import Runtime
-from kvgrove.http import ollama, openai, ops
+from kvgrove.http import ollama, openai, openapi, ops
 from kvgrove.http.common import BadRequest, NotReady
+from kvgrove.http.guard import Guard
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +25,19 @@ def _error(message: str, status: int, param: str | None = None) -> tuple[dict[st
 
 
 def create_app(runtime: Runtime) -> QuartTrio:
+    """The app, wrapped in the `Guard` (keys, admission); the gate's statistics are published
+    as runtime.actors["gate"]."""
+    settings = runtime.settings
     app = QuartTrio("kvgrove")
     app.config["KVGROVE_RUNTIME"] = runtime
     app.config["RESPONSE_TIMEOUT"] = None  # streams last as long as generation does
     app.config["BODY_TIMEOUT"] = 60
-    app.config["MAX_CONTENT_LENGTH"] = 64 * 2**20
-    for bp in (ollama.bp, openai.bp, ops.bp):
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    for bp in (ollama.bp, openai.bp, ops.bp, openapi.bp):
         app.register_blueprint(bp)
+    guard = Guard(app.asgi_app, settings)
+    app.asgi_app = guard  # type: ignore[method-assign]
+    runtime.actors["gate"] = guard.gate
 
     @app.errorhandler(BadRequest)
     async def bad_request(e: BadRequest) -> Any:
@@ -39,6 +46,13 @@ def create_app(runtime: Runtime) -> QuartTrio:
     @app.errorhandler(NotReady)
     async def not_ready(e: NotReady) -> Any:
         return _error(str(e), 503)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    async def too_large(e: RequestEntityTooLarge) -> Any:
+        # The rest of the body is still on its way: close the connection after answering, or
+        # the next request on it can hang behind the unread bytes (found by the fuzz tests).
+        body, status = _error(f"the request body exceeds {settings.max_body_bytes} bytes", 413)
+        return body, status, {"Connection": "close"}
 
     @app.errorhandler(HTTPException)
     async def http_error(e: HTTPException) -> Any:

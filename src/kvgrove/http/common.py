@@ -6,6 +6,7 @@ into HTTP 400 in their API's error shape before any byte of the response is sent
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from quart import request
 
 from kvgrove.actors.runtime import Runtime
+from kvgrove.http.guard import KEY_ID_SCOPE
 
 
 class BadRequest(Exception):
@@ -30,21 +32,63 @@ class NotReady(Exception):
 MISSING: Any = object()
 
 
+MAX_JSON_DEPTH = 64
+INT64 = 2**63
+
+
 async def read_json() -> dict[str, Any]:
-    raw = await request.get_data(as_text=True)
-    if not raw.strip():
+    """The body as a JSON object. Anything else is a 400 that says what is wrong with it:
+    not UTF-8, not JSON, numbers past the parser's limits, nesting deeper than MAX_JSON_DEPTH,
+    strings holding lone surrogates (which no tokenizer can encode). Bodies over the size
+    limit never get here: Quart answers 413."""
+    raw = await request.get_data()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"the body is not valid UTF-8: {e}") from None
+    if not text.strip():
         return {}
     try:
-        body = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise BadRequest(f"invalid JSON body: {e}") from None
+        body = json.loads(text)
+    except RecursionError:
+        raise BadRequest(f"invalid JSON body: nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as e:  # JSONDecodeError, and integers past the digit limit
+        raise BadRequest(f"invalid JSON body: {_clip(str(e))}") from None
     if not isinstance(body, dict):
         raise BadRequest("the JSON body must be an object")
+    _check_tree(body)
     return body
 
 
+def _check_tree(body: Any) -> None:
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise BadRequest(f"invalid JSON body: nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                _check_text(k)
+                stack.append((v, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+        elif isinstance(value, str):
+            _check_text(value)
+
+
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("invalid JSON body: a string holds a lone surrogate escape") from None
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _type_error(name: str, what: str, value: Any) -> BadRequest:
-    return BadRequest(f"{name} must be {what}, got {json.dumps(value)}", param=name)
+    return BadRequest(f"{name} must be {what}, got {_clip(json.dumps(value))}", param=name)
 
 
 def get_str(body: dict, name: str, default: Any = None, *, label: str | None = None) -> Any:
@@ -73,6 +117,8 @@ def get_int(body: dict, name: str, default: Any = None, *, label: str | None = N
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise _type_error(label or name, "an integer", value)
+    if not -INT64 <= value < INT64:
+        raise _type_error(label or name, "a 64-bit integer", value)
     return value
 
 
@@ -103,6 +149,29 @@ def get_stop(body: dict, name: str, *, label: str | None = None) -> tuple[str, .
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return tuple(value)
     raise _type_error(label or name, "a string or a list of strings", value)
+
+
+def cache_namespace(body: dict) -> str:
+    """The prefix-cache namespace of this request: its API key's identity (when keys are on)
+    combined with the body's `cache_salt`. "" (shared) when there is neither. Requests share
+    cached prompts only within one namespace, so one tenant cannot time another's."""
+    kid = request.scope.get(KEY_ID_SCOPE, "")
+    salt = get_str(body, "cache_salt", "")
+    if not kid and not salt:
+        return ""
+    digest = hashlib.sha256(b"kvgrove-ns\0" + kid.encode() + b"\0" + salt.encode())
+    return digest.hexdigest()[:32]
+
+
+def predict_limit(runtime: Runtime, value: int | None, name: str) -> int:
+    """The tokens to generate at most: `value` (None = until the context limit), which must not
+    exceed the server's max_predict_tokens (400 naming the field); None becomes that cap."""
+    cap = runtime.settings.max_predict_tokens
+    if value is None:
+        return cap
+    if value > cap:
+        raise BadRequest(f"{name} must be <= {cap}, got {value}", param=name)
+    return value
 
 
 def require_ready(runtime: Runtime) -> None:

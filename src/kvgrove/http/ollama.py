@@ -15,6 +15,7 @@ from kvgrove.actors.requests import Finished, GenerationError, GenerationRequest
 from kvgrove.actors.runtime import Runtime
 from kvgrove.http.common import (
     BadRequest,
+    cache_namespace,
     check_messages,
     check_model,
     check_prompt_length,
@@ -25,6 +26,7 @@ from kvgrove.http.common import (
     get_number,
     get_stop,
     get_str,
+    predict_limit,
     read_json,
     render_chat,
     require_ready,
@@ -88,6 +90,7 @@ def final_fields(done: Finished) -> dict[str, Any]:
         "total_duration": int(done.total_seconds * NS),
         "load_duration": 0,
         "prompt_eval_count": done.prompt_tokens,
+        "prompt_cache_count": done.cached_tokens,  # kvgrove: prompt tokens reused from the cache
         "prompt_eval_duration": int(done.prefill_seconds * NS),
         "eval_count": done.generated_tokens,
         "eval_duration": int(done.decode_seconds * NS),
@@ -166,7 +169,15 @@ async def generate() -> Any:
         ids = tok.encode(render_chat(rt, messages))
     limit = context_tokens(rt, num_ctx)
     check_prompt_length(len(ids), limit)
-    request = GenerationRequest(tuple(ids), params, max_tokens, limit, stop, api="ollama")
+    request = GenerationRequest(
+        tuple(ids),
+        params,
+        predict_limit(rt, max_tokens, "options.num_predict"),
+        limit,
+        stop,
+        api="ollama",
+        namespace=cache_namespace(body),
+    )
     return await _respond(rt, model, request, stream, lambda text: {"response": text})
 
 
@@ -187,7 +198,15 @@ async def chat() -> Any:
     ids = rt.loaded.tokenizer.encode(render_chat(rt, messages, tools))
     limit = context_tokens(rt, num_ctx)
     check_prompt_length(len(ids), limit)
-    request = GenerationRequest(tuple(ids), params, max_tokens, limit, stop, api="ollama")
+    request = GenerationRequest(
+        tuple(ids),
+        params,
+        predict_limit(rt, max_tokens, "options.num_predict"),
+        limit,
+        stop,
+        api="ollama",
+        namespace=cache_namespace(body),
+    )
     return await _respond(
         rt,
         model,

@@ -15,6 +15,7 @@ from kvgrove.actors.requests import Finished, GenerationError, GenerationRequest
 from kvgrove.actors.runtime import Runtime
 from kvgrove.http.common import (
     BadRequest,
+    cache_namespace,
     check_messages,
     check_model,
     check_prompt_length,
@@ -24,6 +25,7 @@ from kvgrove.http.common import (
     get_int,
     get_number,
     get_stop,
+    predict_limit,
     read_json,
     render_chat,
     require_ready,
@@ -38,7 +40,7 @@ def error_body(message: str, *, param: str | None = None, kind: str = "invalid_r
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
-def parse_sampling(body: dict) -> tuple[SamplingParams, int | None, tuple[str, ...]]:
+def parse_sampling(rt: Runtime, body: dict) -> tuple[SamplingParams, int, tuple[str, ...]]:
     kwargs: dict[str, Any] = {}
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         value = get_number(body, name)
@@ -56,11 +58,13 @@ def parse_sampling(body: dict) -> tuple[SamplingParams, int | None, tuple[str, .
         params = SamplingParams(**kwargs)
     except ValueError as e:
         raise BadRequest(str(e), param=str(e).split()[0]) from None
-    max_tokens = get_int(body, "max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = get_int(body, "max_tokens")
+    field = (
+        "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    )
+    max_tokens = get_int(body, field)
     if max_tokens is not None and max_tokens < 1:
-        raise BadRequest(f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
+        raise BadRequest(f"{field} must be >= 1, got {max_tokens}", param=field)
+    max_tokens = predict_limit(rt, max_tokens, field)
     n = get_int(body, "n", 1)
     if n != 1:
         raise BadRequest("only n=1 is supported", param="n")
@@ -161,11 +165,20 @@ def _prepare(
     rt: Runtime, body: dict, render: Callable[[], str], *, add_special: bool
 ) -> tuple[str, GenerationRequest]:
     model = check_model(rt, body)
-    params, max_tokens, stop = parse_sampling(body)
+    params, max_tokens, stop = parse_sampling(rt, body)
     ids = rt.loaded.tokenizer.encode(render(), add_special=add_special)
     limit = context_tokens(rt, None)
     check_prompt_length(len(ids), limit)
-    return model, GenerationRequest(tuple(ids), params, max_tokens, limit, stop, api="openai")
+    request = GenerationRequest(
+        tuple(ids),
+        params,
+        max_tokens,
+        limit,
+        stop,
+        api="openai",
+        namespace=cache_namespace(body),
+    )
+    return model, request
 
 
 @bp.post("/v1/chat/completions")
