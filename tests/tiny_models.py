@@ -11,7 +11,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.utils import quantize_model
 
-VOCAB = 320  # 256 byte tokens + merges + specials, padded
+VOCAB = 320  # 256 byte tokens + merges + specials, padded with <extra_i> to exactly this
 
 CONFIGS: dict[str, dict] = {
     "llama": {
@@ -108,6 +108,10 @@ def _write_tokenizer(folder: Path) -> None:
     )
     corpus = ["The capital of France is Paris.", "hello world " * 4, "def f(x): return x"] * 20
     tok.train_from_iterator(corpus, trainer)
+    # Pad to the model's vocabulary, so every id the model can emit decodes.
+    missing = VOCAB - tok.get_vocab_size()
+    tok.add_tokens([f"<extra_{i}>" for i in range(missing)])
+    assert tok.get_vocab_size() == VOCAB
     tok.save(str(folder / "tokenizer.json"))
     template = (
         "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
@@ -126,10 +130,22 @@ def _write_tokenizer(folder: Path) -> None:
     )
 
 
-def write_tiny_model(folder: Path, arch: str, *, quantized: bool = False, seed: int = 0) -> Path:
-    """Write a random-weight `arch` model (optionally 4-bit) as a Hugging Face folder."""
+def write_tiny_model(
+    folder: Path,
+    arch: str,
+    *,
+    quantized: bool = False,
+    seed: int = 0,
+    vocab_size: int | None = None,
+) -> Path:
+    """Write a random-weight `arch` model (optionally 4-bit) as a Hugging Face folder.
+
+    `vocab_size` larger than the tokenizer's (320) makes a model that can emit ids the tokenizer
+    cannot decode (for error-path tests)."""
     folder.mkdir(parents=True, exist_ok=True)
     config = dict(CONFIGS[arch])
+    if vocab_size is not None:
+        config["vocab_size"] = vocab_size
     module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     mx.random.seed(seed)
     model = module.Model(module.ModelArgs.from_dict(config))

@@ -29,3 +29,11 @@ def assets_dir() -> Path:
     path = cache_dir() / "assets"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def kv_dir() -> Path:
+    """The prefix cache's disk tier: $KVGROVE_KV_DIR, else <cache dir>/kv."""
+    explicit = os.environ.get("KVGROVE_KV_DIR")
+    path = Path(explicit) if explicit else cache_dir() / "kv"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -24,7 +24,7 @@ def test_chat_completion_not_streaming(client):
     assert choice.finish_reason in ("stop", "length")
     assert r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 5
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
-    assert r.usage.prompt_tokens_details.cached_tokens == 0
+    assert 0 <= r.usage.prompt_tokens_details.cached_tokens < r.usage.prompt_tokens
 
 
 def test_chat_completion_streaming_with_usage_matches(client):

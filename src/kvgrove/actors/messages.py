@@ -91,6 +91,8 @@ class Start:
     params: SamplingParams
     prompt_tokens: tuple[int, ...]
     context_tokens: int
+    namespace: str = ""  # the prefix-cache namespace its KV is stored under
+    cached_tokens: int = 0  # the pager locked this many prompt tokens: restore them first
 
 
 @attrs.frozen
@@ -163,15 +165,45 @@ class MemoryQuery:
 
 @attrs.frozen
 class Match:
-    """How many leading tokens of `tokens` are cached (the prefix-cache issue fills this in)."""
+    """Find and lock the longest restorable cached prefix of `tokens` for `request_id`.
 
+    The lock holds until the executor stores the sequence's KV (or `Release`); `reply` (the
+    scheduler's inbox) receives `Matched`.
+    """
+
+    request_id: int
+    namespace: str
     tokens: tuple[int, ...]
     reply: Any  # receives Matched
 
 
 @attrs.frozen
 class Matched:
+    request_id: int
     cached_tokens: int
+
+
+@attrs.frozen
+class Release:
+    """Unlock whatever prefix `request_id` holds (it ended before the executor saw it)."""
+
+    request_id: int
+
+
+@attrs.frozen
+class UsePrefixCache:
+    """pager -> executor, once at start: the prefix cache it restores from and stores into (the
+    object is touched on the MLX thread only, by whichever actor holds the turn there)."""
+
+    cache: Any  # kvgrove.memory.prefix_cache.PrefixCache
+
+
+@attrs.frozen
+class CacheQuery:
+    """/api/cache: the trie's summary; with `check`, run check_integrity() first."""
+
+    reply: Any  # receives dict
+    check: bool = False
 
 
 @attrs.frozen

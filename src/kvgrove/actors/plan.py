@@ -299,7 +299,13 @@ class SchedulerCore:
             seq.started = True
             seq.first_step_at = time.monotonic()
             sub = seq.submit
-            start = Start(sub.params, sub.prompt_tokens, sub.context_tokens)
+            start = Start(
+                sub.params,
+                sub.prompt_tokens,
+                sub.context_tokens,
+                namespace=sub.namespace,
+                cached_tokens=seq.fed,
+            )
         seq.has_cache = True
         remaining = seq.pending
         assert remaining >= 1

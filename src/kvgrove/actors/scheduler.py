@@ -20,6 +20,9 @@ from kvgrove.actors.messages import (
     Done,
     ExecutorQuery,
     Failed,
+    Match,
+    Matched,
+    Release,
     Resume,
     SchedulerQuery,
     Step,
@@ -46,6 +49,7 @@ class Scheduler:
         settings: Settings,
         *,
         executor: trio.MemorySendChannel,
+        pager: trio.MemorySendChannel | None = None,
         kv_budget_bytes: int | None = None,
     ) -> None:
         self._settings = settings
@@ -56,6 +60,11 @@ class Scheduler:
             kv_budget_bytes=kv_budget_bytes,
         )
         self._executor = executor
+        self._pager = pager
+        # Submitted requests waiting for the pager's Matched before admission.
+        self._matching: dict[int, Submit] = {}
+        # Releases the pager's full inbox refused; retried every loop.
+        self._releases: list[int] = []
         self._kv_budget_bytes = kv_budget_bytes
         self._results_send, self._results = trio.open_memory_channel[StepResult](1)
         # request id -> when its handler let go (for the cancellation tests), bounded.
@@ -73,6 +82,7 @@ class Scheduler:
             task_status.started()
             while True:
                 self._drain_inbox()
+                self._send_releases()
                 self._deliver_all()
                 self._drop_abandoned()
                 items = self.core.plan_step()
@@ -96,19 +106,26 @@ class Scheduler:
             self._handle(msg)
 
     async def _wait_for_message(self) -> None:
-        parked = any(s.parked for s in self.core.sequences())
+        parked = bool(self._releases) or any(s.parked for s in self.core.sequences())
         with trio.move_on_after(PARKED_POLL_SECONDS if parked else math.inf):
             self._handle(await self._inbox.receive())
 
     def _handle(self, msg: object) -> None:
         match msg:
             case Submit():
-                self.core.admit(msg)
+                self._submit(msg)
+            case Matched(request_id=rid, cached_tokens=cached):
+                submit = self._matching.pop(rid, None)
+                gone = submit is None or submit.reply.statistics().open_receive_channels == 0
+                if gone:  # cancelled while the pager looked
+                    self._release(rid)
+                else:
+                    self.core.admit(submit, cached_tokens=cached)
             case Cancel(request_id=rid, at_seconds=at):
                 self.cancel_log[rid] = at
                 while len(self.cancel_log) > 4096:
                     self.cancel_log.popitem(last=False)
-                self.core.remove(rid, cancelled=True)
+                self._remove(rid, cancelled=True)
             case Resume(request_id=rid):
                 seq = self.core.get(rid)
                 if seq is not None:
@@ -117,6 +134,40 @@ class Scheduler:
                 reply.send_nowait(self.core.statistics())
             case _:
                 raise AssertionError(f"scheduler: unexpected message {msg!r}")
+
+    def _submit(self, submit: Submit) -> None:
+        """Ask the pager how much of the prompt is cached (it locks that much), then admit."""
+        if self._pager is None or len(submit.prompt_tokens) < 2:
+            self.core.admit(submit)
+            return
+        match = Match(submit.request_id, submit.namespace, submit.prompt_tokens, self.inbox)
+        try:
+            self._pager.send_nowait(match)
+        except trio.WouldBlock:  # the pager is swamped: compute this prompt in full
+            self.core.admit(submit)
+            return
+        self._matching[submit.request_id] = submit
+
+    def _remove(self, request_id: int, *, cancelled: bool) -> None:
+        if self._matching.pop(request_id, None) is not None:
+            self._release(request_id)  # the pager unlocks after its Match (FIFO)
+            return
+        seq = self.core.remove(request_id, cancelled=cancelled)
+        if seq is not None and not seq.started:
+            self._release(request_id)  # the executor never saw it: unlock its prefix here
+
+    def _release(self, request_id: int) -> None:
+        if self._pager is not None:
+            self._releases.append(request_id)
+            self._send_releases()
+
+    def _send_releases(self) -> None:
+        while self._releases:
+            try:
+                self._pager.send_nowait(Release(self._releases[0]))
+            except trio.WouldBlock:
+                return
+            self._releases.pop(0)
 
     # -- delivery -------------------------------------------------------------------------
 
@@ -134,18 +185,18 @@ class Scheduler:
             except trio.WouldBlock:
                 return
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self.core.remove(seq.request_id, cancelled=True)
+                self._remove(seq.request_id, cancelled=True)
                 return
             msg = seq.outbox.popleft()
             if isinstance(msg, Done | Failed):
-                self.core.remove(seq.request_id, cancelled=False)
+                self._remove(seq.request_id, cancelled=False)
                 reply.close()
 
     def _drop_abandoned(self) -> None:
         # A handler that is gone closed its receive end: no need to wait for its Cancel.
         for seq in list(self.core.sequences()):
             if seq.submit.reply.statistics().open_receive_channels == 0:
-                self.core.remove(seq.request_id, cancelled=True)
+                self._remove(seq.request_id, cancelled=True)
 
     def _on_step_result(self, items: tuple, result: StepResult) -> None:
         if result.error is not None:

@@ -144,12 +144,13 @@ class Tiers:
         cache_dir: Path | None = None,
         ledger: Any = None,
         fsync: bool = True,
+        clock: Any = None,
     ) -> None:
         self.kinds = kinds
         self.budgets = budgets
         self.fingerprint = fingerprint
         self.namespace = namespace
-        self.trie = Trie(self, name=f"prefix:{fingerprint}:{namespace}", ledger=ledger)
+        self.trie = Trie(self, name=f"prefix:{fingerprint}:{namespace}", ledger=ledger, clock=clock)
         self.disk: DiskStore | None = None
         if cache_dir is not None and budgets.disk_bytes > 0:
             self.disk = DiskStore(Path(cache_dir) / fingerprint / namespace, fsync=fsync)
@@ -238,7 +239,9 @@ class Tiers:
         """Stitch the hit's path into a fresh live cache; returns the seconds it took."""
         if hit.usable_tokens == 0:
             return 0.0
-        pieces = [n.payload for n in self.trie.path(hit.node)]
+        # A split since the match (another sequence stored a diverging continuation) leaves the
+        # hit's node holding only the tokens after the cut: pieces past the usable end drop off.
+        pieces = [n.payload for n in self.trie.path(hit.node) if n.start < hit.usable_tokens]
         seconds = snapshots.restore(cache, pieces, hit.usable_tokens)
         self.stats["restore_seconds"] += seconds
         return seconds

@@ -146,8 +146,17 @@ class SizeInfo(NamedTuple):
 class Trie:
     """The prefix trie. `ledger` (optional) gets one aggregate entry per tier, owner `name`."""
 
-    def __init__(self, ops: PayloadOps, *, name: str = "prefix", ledger: Any = None) -> None:
+    def __init__(
+        self,
+        ops: PayloadOps,
+        *,
+        name: str = "prefix",
+        ledger: Any = None,
+        clock: Callable[[], int] | None = None,
+    ) -> None:
+        """`clock` (optional) stamps last use; several tries sharing one are LRU-comparable."""
         self.ops = ops
+        self._clock = clock
         self.name = name
         self.ledger = ledger
         self._ids = itertools.count(1)
@@ -433,7 +442,7 @@ class Trie:
     # -- internals -------------------------------------------------------------------------
 
     def _touch(self, path: Sequence[Node]) -> None:
-        self._tick += 1
+        self._tick = self._clock() if self._clock is not None else self._tick + 1
         for node in path:
             node.last_use = self._tick
 

@@ -1,0 +1,221 @@
+"""The prefix cache through the actors (pager + scheduler + executor) on tiny random models.
+
+Greedy tokens must be identical with the cache off, on, and after the cached KV went through the
+host tier and the disk tier, for plain attention (llama), hybrid recurrent (qwen3_next) and MLA
+(glm4_moe_lite) models; every byte must be accounted for and the trie consistent afterwards.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from kvgrove.actors.accountant import Accountant
+from kvgrove.actors.executor import Executor
+from kvgrove.actors.messages import (
+    CacheQuery,
+    Done,
+    ExecutorQuery,
+    Failed,
+    MemoryQuery,
+    Submit,
+    Token,
+)
+from kvgrove.actors.pager import Pager
+from kvgrove.actors.scheduler import Scheduler
+from kvgrove.config import Settings
+from kvgrove.models.generate import generate
+from kvgrove.models.loading import load
+from kvgrove.sampling import SamplingParams
+from tiny_models import write_tiny_model
+
+GREEDY = SamplingParams(temperature=0)
+ARCHS = ["llama", "qwen3_next", "glm4_moe_lite"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folders = {}
+
+    def get(arch: str) -> str:
+        if arch not in folders:
+            folders[arch] = str(write_tiny_model(tmp_path_factory.mktemp("tiny") / arch, arch))
+        return folders[arch]
+
+    return get
+
+
+async def start(nursery, settings):
+    accountant = Accountant(settings)
+    await nursery.start(accountant.run)
+    executor = Executor(settings, accountant=accountant.inbox.clone())
+    loaded = await nursery.start(executor.run)
+    pager = Pager(
+        settings,
+        mlx=executor.mlx,
+        loaded=loaded,
+        executor=executor.inbox.clone(),
+        accountant=accountant.inbox.clone(),
+    )
+    await nursery.start(pager.run)
+    scheduler = Scheduler(settings, executor=executor.inbox.clone(), pager=pager.inbox.clone())
+    await nursery.start(scheduler.run)
+    return accountant, executor, pager, scheduler
+
+
+async def ask(inbox, make):
+    send, recv = trio.open_memory_channel(1)
+    await inbox.send(make(send))
+    return await recv.receive()
+
+
+async def run(scheduler, rid, prompt, n, *, namespace=""):
+    send, recv = trio.open_memory_channel(64)
+    submit = Submit(rid, tuple(prompt), GREEDY, n, 400, frozenset(), send, namespace=namespace)
+    await scheduler.inbox.send(submit)
+    out = []
+    async for msg in recv:
+        out.append(msg)
+        if isinstance(msg, Done | Failed):
+            break
+    assert isinstance(out[-1], Done), out[-1]
+    return [m.token for m in out if isinstance(m, Token)], out[-1]
+
+
+def conversation(seed: int) -> list[tuple[int, ...]]:
+    """Three user turns; each prompt extends the previous one (as a chat's turns do)."""
+    system = tuple((11 * i + seed) % 240 + 10 for i in range(37))
+    return [
+        tuple((5 * i + 13 * t + seed) % 240 + 10 for i in range(9 + 4 * t)) for t in range(3)
+    ], system
+
+
+async def multi_turn(scheduler, system, turns, n, rid0, namespace=""):
+    """Run a conversation: each turn's prompt = the history so far + the new user tokens."""
+    history = list(system)
+    outputs, cached = [], []
+    for t, user in enumerate(turns):
+        history += user
+        out, done = await run(scheduler, rid0 + t, history, n, namespace=namespace)
+        outputs.append(out)
+        cached.append(done.cached_tokens)
+        history += out
+    return outputs, cached
+
+
+def reference(folder, system, turns, n):
+    model = load(folder).model
+    history, outputs = list(system), []
+    for user in turns:
+        history += user
+        out = [s.token for s in generate(model, history, GREEDY, max_tokens=n)]
+        outputs.append(out)
+        history += out
+    return outputs
+
+
+async def check_clean(accountant, pager, executor):
+    # Let the scheduler send the last release step, then wait for the executor to finish it
+    # (it answers queries in order, after the step's charges are sent).
+    await trio.sleep(0.05)
+    await ask(executor.inbox, ExecutorQuery)
+    summary = await ask(pager.inbox, lambda r: CacheQuery(r, check=True))
+    memory = await ask(accountant.inbox, MemoryQuery)
+    accountant.ledger.check_integrity()
+    assert memory["live_cache_bytes"] == 0
+    assert summary["locked_requests"] == 0
+    assert memory["cached_kv_bytes"] == summary["bytes"]
+    assert executor.statistics().live_sequences == 0
+    return summary, memory
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+async def test_multi_turn_outputs_identical_with_cache_on_off_and_paged(tiny, arch, tmp_path):
+    folder = tiny(arch)
+    turns, system = conversation(3)
+    expected = reference(folder, system, turns, 6)
+    for name, extra in [
+        ("off", {"prefix_cache": False}),
+        ("device", {}),
+        ("host", {"device_cache_bytes": 1}),
+        ("disk", {"device_cache_bytes": 1, "host_budget_bytes": 1}),
+    ]:
+        settings = Settings(
+            model=folder, prefill_chunk_tokens=16, kv_cache_dir=str(tmp_path / name), **extra
+        )
+        async with trio.open_nursery() as nursery:
+            accountant, executor, pager, scheduler = await start(nursery, settings)
+            outputs, cached = await multi_turn(scheduler, system, turns, 6, 1)
+            assert outputs == expected, name
+            if name == "off":
+                assert cached == [0, 0, 0]
+            else:
+                # Each later turn reuses at least the previous turn's prompt.
+                assert cached[1] >= len(system) + len(turns[0]), (name, cached)
+                assert cached[2] >= len(system) + len(turns[0]) + 6 + len(turns[1]), (name, cached)
+                summary, _ = await check_clean(accountant, pager, executor)
+                tier = {"device": "device", "host": "host", "disk": "disk"}[name]
+                assert summary["bytes"][tier] > 0, summary
+                if name != "device":
+                    assert summary["bytes"]["device"] <= 1
+                    assert summary["moved_bytes"], summary
+            nursery.cancel_scope.cancel()
+
+
+async def test_namespaces_never_share_cached_prefixes(tiny, tmp_path):
+    folder = tiny("llama")
+    prompt = tuple(range(20, 80))
+    settings = Settings(model=folder, kv_cache_dir=str(tmp_path))
+    async with trio.open_nursery() as nursery:
+        accountant, executor, pager, scheduler = await start(nursery, settings)
+        first, done = await run(scheduler, 1, prompt, 4, namespace="tenant-a")
+        assert done.cached_tokens == 0
+        again, done = await run(scheduler, 2, prompt, 4, namespace="tenant-a")
+        assert done.cached_tokens == len(prompt) - 1 and again == first
+        other, done = await run(scheduler, 3, prompt, 4, namespace="tenant-b")
+        assert done.cached_tokens == 0 and other == first
+        summary, _ = await check_clean(accountant, pager, executor)
+        assert summary["namespaces"] == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_cache_survives_a_restart_on_the_same_directory(tiny, tmp_path):
+    folder = tiny("qwen3_next")
+    prompt = tuple((3 * i) % 240 + 10 for i in range(70))
+    settings = Settings(model=folder, prefill_chunk_tokens=32, kv_cache_dir=str(tmp_path))
+    async with trio.open_nursery() as nursery:
+        _, _, _, scheduler = await start(nursery, settings)
+        first, done = await run(scheduler, 1, prompt, 5)
+        assert done.cached_tokens == 0
+        nursery.cancel_scope.cancel()  # the executor writes the cache to disk on its way out
+    assert list(tmp_path.rglob("*.safetensors"))
+    async with trio.open_nursery() as nursery:
+        accountant, executor, pager, scheduler = await start(nursery, settings)
+        again, done = await run(scheduler, 1, prompt, 5)
+        assert again == first
+        assert done.cached_tokens >= 64  # the last snapshot boundary at or before 69 tokens
+        summary, _ = await check_clean(accountant, pager, executor)
+        assert summary["recovered_nodes"] >= 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_cancelled_requests_unlock_and_keep_what_they_computed(tiny, tmp_path):
+    folder = tiny("llama")
+    prompt = tuple((7 * i) % 240 + 10 for i in range(150))
+    settings = Settings(model=folder, prefill_chunk_tokens=16, kv_cache_dir=str(tmp_path))
+    async with trio.open_nursery() as nursery:
+        accountant, executor, pager, scheduler = await start(nursery, settings)
+        _, done = await run(scheduler, 1, prompt[:40], 2)
+        # A request that matches the cached prefix, then goes away mid-prefill.
+        send, recv = trio.open_memory_channel(64)
+        await scheduler.inbox.send(Submit(2, prompt, GREEDY, 50, 400, frozenset(), send))
+        with trio.move_on_after(0.2):
+            async for _ in recv:
+                pass
+        recv.close()
+        await trio.sleep(0.3)
+        await check_clean(accountant, pager, executor)
+        _, done = await run(scheduler, 3, prompt, 2)
+        assert done.cached_tokens >= 39
+        await check_clean(accountant, pager, executor)
+        nursery.cancel_scope.cancel()
