@@ -47,9 +47,9 @@ class FaultyModel:
         return getattr(self.inner, name)
 
     def __call__(self, inputs, cache=None):
-        if MARKED in inputs.tolist()[0]:
+        if any(MARKED in row for row in inputs.tolist()):
             raise RuntimeError("marked token")
-        if self.fail_next_decode and inputs.shape[0] > 1:
+        if self.fail_next_decode and inputs.shape[0] > 1 and inputs.shape[1] == 1:
             self.fail_next_decode = False
             raise RuntimeError("decode fault")
         return self.inner(inputs, cache=cache)
