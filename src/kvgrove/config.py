@@ -68,6 +68,16 @@ class Settings:
     # Cap on num_predict / max_tokens: larger explicit values get 400 naming the field; a
     # request that asks for "until the context limit" stops here with done_reason "length".
     max_predict_tokens: int = attrs.field(default=32768, validator=_positive)
+    # The prefix cache: on by default. Its device tier gets `device_cache_bytes` (0 = half of
+    # what the device budget leaves after the weights); host and disk tiers get their budgets.
+    prefix_cache: bool = True
+    device_cache_bytes: int = attrs.field(default=0, validator=_non_negative)
+    kv_cache_dir: str | None = None  # None = <kvgrove cache dir>/kv
+
+    def prefix_device_budget_bytes(self, weights_bytes: int) -> int:
+        if self.device_cache_bytes:
+            return self.device_cache_bytes
+        return max(0, self.device_budget_bytes - weights_bytes) // 2
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -84,6 +94,12 @@ class Settings:
 
 def _parse(field: attrs.Attribute, raw: str) -> Any:
     kind = type(field.default)
+    if kind is bool:
+        if raw.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.strip().lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"KVGROVE_{field.name.upper()}: not a boolean: {raw!r}")
     if kind is tuple:  # KVGROVE_API_KEYS: several keys, separated by commas or whitespace
         return tuple(k for k in raw.replace(",", " ").split() if k)
     try:
@@ -93,7 +109,7 @@ def _parse(field: attrs.Attribute, raw: str) -> Any:
             return float(raw)
     except ValueError:
         raise ValueError(f"KVGROVE_{field.name.upper()}: not a number: {raw!r}") from None
-    return raw or None if field.name == "model" else raw
+    return raw or None if field.name in ("model", "kv_cache_dir") else raw
 
 
 def _flag(name: str) -> str:
@@ -117,6 +133,8 @@ _HELP = {
     "retry_after_seconds": "Retry-After sent with 429",
     "max_body_bytes": "largest request body; larger get 413",
     "max_predict_tokens": "largest num_predict / max_tokens; also caps 'until the limit'",
+    "device_cache_bytes": "device-tier budget of the prefix cache (0 = half what weights leave)",
+    "kv_cache_dir": "folder of the prefix cache's disk tier (default ~/.cache/kvgrove/kv)",
 }
 
 
@@ -130,6 +148,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY",
         help="accept this bearer key (repeatable; none = no authentication) "
         "[env KVGROVE_API_KEYS, comma-separated]",
+    )
+    parser.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_const",
+        const=False,
+        default=None,
+        help="recompute every prompt in full [env KVGROVE_PREFIX_CACHE=0]",
     )
     for field in attrs.fields(Settings):
         if field.name not in _HELP:

@@ -137,11 +137,19 @@ async def serve(
         async with trio.open_nursery() as actors:
             accountant = Accountant(settings)
             await actors.start(accountant.run)
-            pager = Pager(settings)
-            await actors.start(pager.run)
             executor = Executor(settings, accountant=accountant.inbox.clone(), loader=loader)
             loaded = await actors.start(executor.run)
-            scheduler = Scheduler(settings, executor=executor.inbox.clone())
+            pager = Pager(
+                settings,
+                mlx=executor.mlx,
+                loaded=loaded,
+                executor=executor.inbox.clone(),
+                accountant=accountant.inbox.clone(),
+            )
+            await actors.start(pager.run)
+            scheduler = Scheduler(
+                settings, executor=executor.inbox.clone(), pager=pager.inbox.clone()
+            )
             await actors.start(scheduler.run)
             runtime.loaded = loaded
             runtime.scheduler_inbox = scheduler.inbox

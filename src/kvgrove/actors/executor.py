@@ -33,6 +33,7 @@ from kvgrove.actors.messages import (
     Step,
     StepItem,
     StepResult,
+    UsePrefixCache,
 )
 from kvgrove.config import Settings
 
@@ -100,6 +101,8 @@ class _Live:
     sampler: Any
     cache: list[Any] | None = None  # None while a row of the batch, or after preemption
     in_batch: bool = False
+    namespace: str = ""  # where the prefix cache stores its KV
+    prompt_tokens: int = 0
 
     @property
     def has_cache(self) -> bool:
@@ -130,6 +133,9 @@ class Executor:
         self._live: dict[int, _Live] = {}
         self._batch: Any = None  # kvgrove.models.batching.RunningBatch
         self._batched = True
+        # The pager's prefix cache, lent for restores and stores on this thread (or None).
+        self._prefix: Any = None
+        self.prefix_errors = 0
         self.step_log: collections.deque[tuple[int, float, float]] = collections.deque(
             maxlen=100_000
         )
@@ -149,7 +155,19 @@ class Executor:
                 async for msg in self._inbox:
                     await self._handle(msg)
         finally:
+            if self._prefix is not None:
+                # Graceful or not, leave the prefix cache on disk for the next start.
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self._thread.call(self._flush_prefix)
+                    except Exception:
+                        log.exception("writing the prefix cache to disk failed")
             self._thread.stop()
+
+    @property
+    def mlx(self) -> MLXThread:
+        """The one MLX thread: the pager runs its cache work here too."""
+        return self._thread
 
     def _load(self) -> Any:
         from kvgrove.models.batching import RunningBatch, unbatchable_reason
@@ -176,7 +194,13 @@ class Executor:
                     await self._accountant.send(Charge("live", str(rid), 0))
                 for r in result.results:
                     await self._accountant.send(Charge("live", str(r.request_id), r.cache_bytes))
+                if self._prefix is not None:
+                    tiers = await self._thread.call(self._prefix.tier_bytes)
+                    for tier, nbytes in tiers.items():
+                        await self._accountant.send(Charge(tier, "prefix", nbytes))
                 msg.reply.send_nowait(result)
+            case UsePrefixCache(cache=cache):
+                self._prefix = cache
             case ExecutorQuery(reply=reply):
                 reply.send_nowait(self.statistics())
             case _:
@@ -194,13 +218,24 @@ class Executor:
         from kvgrove.sampling import SequenceSampler
 
         live = self._live.get(item.request_id)
-        if live is None:
+        first = live is None
+        if first:
             s = item.start
             assert s is not None, f"request {item.request_id}: first item without a start"
             sampler = SequenceSampler(s.params, s.prompt_tokens, context_limit=s.context_tokens)
-            live = self._live[item.request_id] = _Live(sampler)
+            live = self._live[item.request_id] = _Live(
+                sampler, namespace=s.namespace, prompt_tokens=len(s.prompt_tokens)
+            )
         assert not live.has_cache
         live.cache = make_cache(self.loaded.model)
+        if first and item.start.cached_tokens:
+            # The pager locked this prefix at admission: stitch it in instead of computing it.
+            restored = self._prefix.restore(item.request_id, live.cache)
+            if restored != item.start.cached_tokens:
+                raise RuntimeError(
+                    f"restored {restored} cached tokens where {item.start.cached_tokens} were "
+                    "promised"
+                )
         return live
 
     def _close_sequence(self, request_id: int) -> list[Any] | None:
@@ -211,10 +246,44 @@ class Executor:
         """
         live = self._live.get(request_id)
         if live is None:
+            if self._prefix is not None:
+                self._prefix.release(request_id)
             return None
         assert not live.in_batch
         cache, live.cache = live.cache, None
+        if cache is not None:
+            self._store_prefix(request_id, live, cache)
+        elif self._prefix is not None:
+            self._prefix.release(request_id)
         return cache
+
+    def _store_prefix(self, request_id: int | None, live: _Live, cache: list[Any]) -> None:
+        """Keep what the cache holds in the prefix cache (and unlock the request's prefix).
+
+        Never fails the sequence: a snapshot that cannot be taken only costs a later recompute.
+        """
+        if self._prefix is None:
+            return
+        from kvgrove.models.caches import cache_tokens
+
+        n = cache_tokens(cache)
+        tokens = live.sampler.history[:n]
+        try:
+            if n > 0:
+                self._prefix.store(live.namespace, tokens, cache, request_id=request_id)
+            elif request_id is not None:
+                self._prefix.release(request_id)
+        except Exception:
+            self.prefix_errors += 1
+            log.exception("storing %d tokens in the prefix cache failed", n)
+            if request_id is not None:
+                self._prefix.release(request_id)
+
+    def _flush_prefix(self) -> None:
+        for rid, live in list(self._live.items()):
+            if live.cache is not None:
+                self._store_prefix(rid, live, live.cache)
+        self._prefix.flush()
 
     def _detach(self, ids: list[int]) -> None:
         """Rows leave the batch (one copy however many), each back to its own cache."""
@@ -364,6 +433,12 @@ class Executor:
                 choice = sample_batch(logits, [live.sampler]).row(0)
                 live.sampler.accept(choice.token)
                 token, logprob, top = choice.token, choice.logprob, choice.top_logprobs
+            if self._prefix is not None and self._prefix.has_whole_layers:
+                # Recurrent / windowed layers restore only where a snapshot ends: take one after
+                # every prefill chunk and at the prompt's end, where the cache stands now.
+                generated = len(live.sampler.history) - live.prompt_tokens
+                if not item.sample or generated == 1:
+                    self._store_prefix(None, live, live.cache)
             nbytes = cache_nbytes(live.cache)
             error = None
         except Exception as e:  # only this sequence fails

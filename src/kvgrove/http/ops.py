@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from quart import Blueprint, Response
+from quart import Blueprint, Response, request
 
-from kvgrove.actors.messages import MemoryQuery, TierQuery
+from kvgrove.actors.messages import CacheQuery, MemoryQuery
 from kvgrove.http.common import require_ready
 from kvgrove.http.ollama import runtime
 
@@ -32,7 +32,8 @@ async def memory() -> Any:
 async def cache() -> Any:
     rt = runtime()
     require_ready(rt)
-    return {"tiers_bytes": await rt.ask(rt.pager_inbox, TierQuery), "entries": 0}
+    check = request.args.get("check", "") in ("1", "true")
+    return await rt.ask(rt.pager_inbox, lambda reply: CacheQuery(reply, check=check))
 
 
 @bp.get("/metrics")
@@ -47,5 +48,19 @@ async def metrics() -> Any:
             **mem["cached_kv_bytes"],
         }
         gauges["kvgrove_memory_bytes"] = ("Bytes held, by tier.", tiers)
+        cache = await rt.ask(rt.pager_inbox, CacheQuery)
+        if cache.get("enabled"):
+            gauges["kvgrove_prefix_cache_hit_ratio"] = (
+                "Prompt tokens served from the prefix cache / prompt tokens looked up.",
+                {"all": cache["hit_ratio"]},
+            )
+            gauges["kvgrove_prefix_cache_moved_bytes"] = (
+                "Bytes moved between prefix-cache tiers, by move.",
+                cache["moved_bytes"],
+            )
+            gauges["kvgrove_prefix_cache_nodes"] = (
+                "Prefix-trie nodes, by tier.",
+                cache["nodes_by_tier"],
+            )
     text = rt.metrics.render(gauges)
     return Response(text, mimetype="text/plain; version=0.0.4")
