@@ -30,14 +30,16 @@ from kvgrove.sampling import SamplingParams
 from tiny_models import write_tiny_model
 
 GREEDY = SamplingParams(temperature=0)
-ARCHS = ["llama", "qwen3_next", "glm4_moe_lite"]
+ARCHS = ["llama", "qwen3_next", "glm4_moe_lite", "default"]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folders = {}
 
-    def get(arch: str) -> str:
+    def get(arch: str) -> str | None:
+        if arch == "default":
+            return None  # the real bundled model (SmolLM2-135M, float32)
         if arch not in folders:
             folders[arch] = str(write_tiny_model(tmp_path_factory.mktemp("tiny") / arch, arch))
         return folders[arch]
