@@ -230,12 +230,18 @@ class Executor:
         live.cache = make_cache(self.loaded.model)
         if first and item.start.cached_tokens:
             # The pager locked this prefix at admission: stitch it in instead of computing it.
+            from kvgrove.models.generate import prefill_chunks
+
+            promised = item.start.cached_tokens
             restored = self._prefix.restore(item.request_id, live.cache)
-            if restored != item.start.cached_tokens:
-                raise RuntimeError(
-                    f"restored {restored} cached tokens where {item.start.cached_tokens} were "
-                    "promised"
-                )
+            if restored < promised:
+                # A cache file failed to verify: compute what it should have held.
+                log.warning("prefix cache gave %d of %d tokens; recomputing", restored, promised)
+                if restored == 0:
+                    live.cache = make_cache(self.loaded.model)
+                gap = item.start.prompt_tokens[restored:promised]
+                for _ in prefill_chunks(self.loaded.model, live.cache, gap, chunk_tokens=2048):
+                    pass
         return live
 
     def _close_sequence(self, request_id: int) -> list[Any] | None:

@@ -91,28 +91,33 @@ class PrefixCache:
     # -- one sequence's life: match (lock) -> restore -> store (unlock) --------------------------
 
     def match(self, request_id: int, namespace: str, tokens: Sequence[int]) -> int:
-        """Lock the longest usable cached prefix of `tokens` for `request_id` (promoting it to
-        the device tier) and return its length. At least one token is left to evaluate."""
+        """Lock the longest usable cached prefix of `tokens` for `request_id` and return its
+        length (at least one token is left to evaluate). Nothing moves yet: the path is
+        promoted when the sequence starts (`restore`), so a queued request holds no device
+        memory, and the lock only keeps the path from being dropped meanwhile."""
         self.release(request_id)
         if len(tokens) < 2:
             return 0
         tiers = self.tiers(namespace)
-        hit = tiers.lookup(tokens, max_tokens=len(tokens) - 1)
+        hit = tiers.lookup(tokens, max_tokens=len(tokens) - 1, promote=False)
         if hit.usable_tokens == 0:
             tiers.release(hit)
             return 0
         self._hits[request_id] = (tiers, hit)
-        self.rebalance()  # promotion may have pushed the device tier over its budget
         return hit.usable_tokens
 
     def restore(self, request_id: int, cache: Sequence[Any]) -> int:
-        """Stitch the locked prefix of `request_id` into a fresh live cache; tokens restored."""
-        held = self._hits.get(request_id)
+        """Promote and stitch the locked prefix of `request_id` into a fresh live cache, then
+        unlock it (the live cache has its own copy) and rebalance. Returns the tokens restored:
+        fewer than matched only if a file failed to verify (the caller computes the rest)."""
+        held = self._hits.pop(request_id, None)
         if held is None:
             return 0
         tiers, hit = held
-        tiers.restore(cache, hit)
-        return hit.usable_tokens
+        try:
+            return tiers.restore_hit(cache, hit)
+        finally:
+            self.rebalance()
 
     def store(
         self,

@@ -202,11 +202,14 @@ class Tiers:
 
     # -- use: lookup, restore, insert ------------------------------------------------------
 
-    def lookup(self, tokens: Sequence[int], *, max_tokens: int | None = None) -> Hit:
+    def lookup(
+        self, tokens: Sequence[int], *, max_tokens: int | None = None, promote: bool = True
+    ) -> Hit:
         """Match `tokens`, promote the usable path to the device tier and lock it.
 
         A corrupt disk entry on the path is dropped and the match retried, so the hit only
-        ever shrinks to what verified. Pair with `release` (or use `use`)."""
+        ever shrinks to what verified. Pair with `release` (or use `use`). With `promote`
+        False the path stays where it is (lock only): `restore_hit` promotes when it is used."""
         self.stats["lookups"] += 1
         self.stats["lookup_tokens"] += len(tokens)
         moves: list[Move] = []
@@ -214,7 +217,7 @@ class Tiers:
             m = self.trie.match_prefix(tokens, max_tokens=max_tokens)
             self.trie.lock_handle(m.node)
             try:
-                for node in m.nodes:
+                for node in m.nodes if promote else ():
                     if node.tier != "device":
                         moves.append(self.promote(node))
             except CorruptEntry as exc:
@@ -234,6 +237,29 @@ class Tiers:
             yield hit
         finally:
             self.release(hit)
+
+    def restore_hit(self, cache: Sequence[Any], hit: Hit) -> int:
+        """Promote the hit's path to the device tier, stitch it into a fresh live cache and
+        release the hit (the live cache holds its own copy).
+
+        Returns the tokens restored: `hit.usable_tokens`, or 0 when a file on the path failed
+        to verify (it is dropped where no one else holds it; the caller recomputes)."""
+        try:
+            for node in self.trie.path(hit.node):
+                if node.start < hit.usable_tokens and node.tier != "device":
+                    self.promote(node)
+        except CorruptEntry as exc:
+            self.stats["hit_tokens"] -= hit.usable_tokens
+            self.release(hit)
+            # Another request may hold it: then it is dropped on a later use.
+            with contextlib.suppress(RuntimeError):
+                self._drop_corrupt(exc)
+            return 0
+        try:
+            self.restore(cache, hit)
+        finally:
+            self.release(hit)
+        return hit.usable_tokens
 
     def restore(self, cache: Sequence[Any], hit: Hit) -> float:
         """Stitch the hit's path into a fresh live cache; returns the seconds it took."""
