@@ -199,3 +199,26 @@ def test_openapi_matches_the_route_table(keyed):
             assert "200" in op["responses"], path
             if op.get("security") == []:
                 assert path in OPEN_PATHS
+
+
+def test_a_second_key_gets_no_cached_tokens_from_the_first_keys_prompt(keyed):
+    """The timing side channel vLLM closed with cache_salt: tenants never share cached KV."""
+    prompt = "A long shared document about tides, moons and harbours. " * 6
+
+    def cached(key: str, salt: str | None = None) -> int:
+        body = {
+            "model": "llama",
+            "prompt": prompt,
+            "max_tokens": 2,
+            "temperature": 0,
+            **({"cache_salt": salt} if salt else {}),
+        }
+        r = httpx.post(f"{keyed.url}/v1/completions", json=body, headers=bearer(key), timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert cached(KEYS[0]) == 0
+    assert cached(KEYS[0]) > 0  # the same tenant hits its own cache
+    assert cached(KEYS[1]) == 0  # another key: nothing from the first key's prompt
+    assert cached(KEYS[0], salt="fresh") == 0  # a new salt is a new namespace too
+    assert cached(KEYS[1]) > 0

@@ -250,7 +250,22 @@ PATHS: dict[str, Any] = {
     "/v1/models": _get("OpenAI models", "openai"),
     "/health": _get('503 while loading, then {"status": "ok"}', open_=True),
     "/api/memory": _get("The byte ledger and MLX memory"),
-    "/api/cache": _get("Prefix-cache tiers"),
+    "/api/cache": {
+        "get": {
+            **_get("Prefix-cache summary: nodes, tokens, bytes and moves by tier, hit counters")[
+                "get"
+            ],
+            "parameters": [
+                {
+                    "name": "check",
+                    "in": "query",
+                    "required": False,
+                    "description": "1 or true: run the trie's integrity check first",
+                    "schema": {"type": "string", "enum": ["0", "1", "true", "false"]},
+                }
+            ],
+        }
+    },
     "/metrics": _get("Prometheus metrics", media="text/plain"),
     "/openapi.json": _get("This description", open_=True),
 }
