@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
+
+from kvgrove import paths
 
 GiB = 2**30
 MiB = 2**20
@@ -24,6 +27,25 @@ def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
 def _non_negative(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if value < 0:
         raise ValueError(f"{attribute.name} must be >= 0, got {value}")
+
+
+def _physical_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 16 * GiB
+
+
+def default_budgets_bytes() -> dict[str, int]:
+    """Tier budgets for this machine: the device tier (weights, live caches and cached KV; on a
+    CPU or unified memory that is RAM) half of physical memory, the host tier a fifth, the disk
+    tier half the free space where the cache lives, at most 64 GiB."""
+    ram = _physical_memory_bytes()
+    try:
+        free = shutil.disk_usage(paths.cache_dir()).free
+    except OSError:
+        free = 0
+    return {"device": ram // 2, "host": ram // 5, "disk": min(64 * GiB, free // 2)}
 
 
 @attrs.frozen
@@ -50,10 +72,17 @@ class Settings:
     pager_inbox_items: int = attrs.field(default=64, validator=_positive)
     # On SIGINT/SIGTERM in-flight streams get this long to finish, then are cancelled.
     shutdown_grace_seconds: float = attrs.field(default=5.0, validator=_non_negative)
-    # Byte budgets per tier (the prefix cache fills them; the accountant reports them).
-    device_budget_bytes: int = attrs.field(default=8 * GiB, validator=_non_negative)
-    host_budget_bytes: int = attrs.field(default=16 * GiB, validator=_non_negative)
-    disk_budget_bytes: int = attrs.field(default=64 * GiB, validator=_non_negative)
+    # Byte budgets per tier (the prefix cache fills them; the accountant reports them). The
+    # defaults come from the machine: see default_budgets_bytes().
+    device_budget_bytes: int = attrs.field(
+        factory=lambda: default_budgets_bytes()["device"], validator=_non_negative
+    )
+    host_budget_bytes: int = attrs.field(
+        factory=lambda: default_budgets_bytes()["host"], validator=_non_negative
+    )
+    disk_budget_bytes: int = attrs.field(
+        factory=lambda: default_budgets_bytes()["disk"], validator=_non_negative
+    )
     # Access: bearer keys accepted on every route but /health, / and /openapi.json. Empty =
     # open (then bind only to loopback; `serve` warns otherwise). Each key also selects its
     # own prefix-cache namespace.
@@ -92,8 +121,15 @@ class Settings:
         return cls(**values)
 
 
+def _kind(field: attrs.Attribute) -> type:
+    """The Python type of a field's values (fields with a factory default name it as a string)."""
+    if isinstance(field.default, attrs.Factory):  # type: ignore[arg-type]
+        return {"int": int, "float": float, "str": str, "bool": bool}[str(field.type)]
+    return type(field.default)
+
+
 def _parse(field: attrs.Attribute, raw: str) -> Any:
-    kind = type(field.default)
+    kind = _kind(field)
     if kind is bool:
         if raw.strip().lower() in ("1", "true", "yes", "on"):
             return True
@@ -160,7 +196,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     for field in attrs.fields(Settings):
         if field.name not in _HELP:
             continue
-        kind = type(field.default) if field.default is not None else str
+        kind = _kind(field) if field.default is not None else str
         parser.add_argument(
             _flag(field.name),
             dest=field.name,
