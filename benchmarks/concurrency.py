@@ -99,8 +99,26 @@ async def wait_ready(url: str, proc: subprocess.Popen) -> None:
                 await trio.sleep(0.25)
 
 
-async def one(client, model: str, prompt: str, gen_tokens: int) -> tuple[float, int]:
+# mlx-lm's server (socketserver, listen backlog 5) resets some of 16 simultaneous connections:
+# such a request is retried, its TTFT still counted from the first send, and the resets reported.
+RETRIES = 5
+
+
+async def one(client, model: str, prompt: str, gen_tokens: int, resets: list[int]):
     """(TTFT seconds, generated tokens) of one streaming completion."""
+    sent = time.perf_counter()
+    for attempt in range(RETRIES + 1):
+        try:
+            return await _one(client, model, prompt, gen_tokens, sent)
+        except httpx.TransportError:
+            if attempt == RETRIES:
+                raise
+            resets.append(1)
+            await trio.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+async def _one(client, model: str, prompt: str, gen_tokens: int, sent: float):
     body = {
         "model": model,
         "prompt": prompt,
@@ -109,7 +127,6 @@ async def one(client, model: str, prompt: str, gen_tokens: int) -> tuple[float, 
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    sent = time.perf_counter()
     ttft = None
     chunks = 0
     usage = None
@@ -131,11 +148,12 @@ async def one(client, model: str, prompt: str, gen_tokens: int) -> tuple[float, 
 
 async def wave(url: str, model: str, c: int, gen_tokens: int, tag: int) -> dict:
     results: list[tuple[float, int]] = []
+    resets: list[int] = []
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
 
         async def run(i: int) -> None:
             prompt = f"Note {tag}-{i}. " + FILLER
-            results.append(await one(client, model, prompt, gen_tokens))
+            results.append(await one(client, model, prompt, gen_tokens, resets))
 
         start = time.perf_counter()
         async with trio.open_nursery() as nursery:
@@ -150,6 +168,7 @@ async def wave(url: str, model: str, c: int, gen_tokens: int, tag: int) -> dict:
         "ttft_p90": pct(ttfts, 0.9),
         "generated": generated,
         "wall": wall,
+        "resets": len(resets),
     }
 
 
@@ -168,7 +187,7 @@ async def bench(kind, model, name, folder, levels, gen_tokens) -> dict[int, dict
             print(
                 f"{kind:24} c={c:<3} {r['tokens_per_second']:7.1f} tok/s  "
                 f"TTFT p50 {r['ttft_p50']:.2f}s p90 {r['ttft_p90']:.2f}s  "
-                f"({r['generated']} tokens in {r['wall']:.1f}s)",
+                f"({r['generated']} tokens in {r['wall']:.1f}s, {r['resets']} resets)",
                 flush=True,
             )
         return out
@@ -233,6 +252,8 @@ def main() -> None:
             ],
         )
     )
+    resets = {k: sum(results[k][c]["resets"] for c in levels) for k in kinds}
+    print(f"\nConnections reset by the server and retried: {resets}")
 
 
 if __name__ == "__main__":

@@ -100,6 +100,9 @@ class Settings:
     # The prefix cache: on by default. Its device tier gets `device_cache_bytes` (0 = half of
     # what the device budget leaves after the weights); host and disk tiers get their budgets.
     prefix_cache: bool = True
+    # New prompts that arrive together prefill in one left-padded forward pass (plain-attention
+    # models); off = one forward per prompt.
+    batch_prefill: bool = True
     device_cache_bytes: int = attrs.field(default=0, validator=_non_negative)
     kv_cache_dir: str | None = None  # None = <kvgrove cache dir>/kv
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import attrs
 import pytest
 import trio
 from mlx_lm.models import cache as mlx_cache
@@ -196,7 +197,9 @@ async def test_a_failing_step_fails_only_its_requests_and_serving_goes_on(tiny):
         results = await run_all(scheduler, [*good, bad], 12)
         assert [tokens(r) for r in results[:3]] == expected
         assert results[3] == [Failed("generation failed: marked token")]
-        # A batched decode that raises fails the rows in that step, and nothing else.
+        # A batched decode that raises fails the rows in that step, and nothing else. (Prompts
+        # are prefilled one by one here, so the fault hits the decode, not a batched prefill.)
+        executor.settings = attrs.evolve(executor.settings, batch_prefill=False)
         executor.loaded.model.fail_next_decode = True
         results = await run_all(scheduler, good, 12, first_id=10)
         assert all(isinstance(r[-1], Failed) for r in results)
@@ -226,4 +229,47 @@ async def test_memory_pressure_preempts_the_newest_and_it_resumes_with_solo_toke
         assert scheduler.statistics().preempted >= 1
         memory = await idle_memory(accountant)
         assert memory["live_cache_bytes"] == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_failing_batched_prefill_falls_back_to_one_prompt_at_a_time(tiny):
+    folder = tiny("llama")
+    prompts = prompts_of_lengths(9, 25, 14, 30)
+    expected = solo(folder, prompts, 6)
+    settings = Settings(model=folder)
+    async with trio.open_nursery() as nursery:
+        _, executor, scheduler = await start_actors(nursery, settings, loader=wrapping_loader())
+        # The first (B, 1) call with B > 1 is the batched prefill's last-token step: it raises.
+        executor.loaded.model.fail_next_decode = True
+        results = await run_all(scheduler, prompts, 6)
+        assert [tokens(r) for r in results] == expected
+        assert not executor.loaded.model.fail_next_decode  # the fault did fire
+        nursery.cancel_scope.cancel()
+
+
+async def test_new_prompts_prefill_together_with_solo_tokens(tiny):
+    folder = tiny("llama")
+    prompts = prompts_of_lengths(3, 41, 17, 8, 29, 2)
+    expected = solo(folder, prompts, 8)
+    calls = []
+    settings = Settings(model=folder)
+
+    def loader(name):
+        loaded = load(name)
+        inner = loaded.model
+
+        class Counting(FaultyModel):
+            def __call__(self, inputs, cache=None):
+                calls.append(tuple(inputs.shape))
+                return super().__call__(inputs, cache=cache)
+
+        loaded.model = Counting(inner)
+        return loaded
+
+    async with trio.open_nursery() as nursery:
+        _, _, scheduler = await start_actors(nursery, settings, loader=loader)
+        results = await run_all(scheduler, prompts, 8)
+        assert [tokens(r) for r in results] == expected
+        # Several prompts went through one (B, T) pass, B > 1, T > 1.
+        assert any(b > 1 and t > 1 for b, t in calls), calls
         nursery.cancel_scope.cancel()

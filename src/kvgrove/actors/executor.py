@@ -136,6 +136,7 @@ class Executor:
         # The pager's prefix cache, lent for restores and stores on this thread (or None).
         self._prefix: Any = None
         self.prefix_errors = 0
+        self._prefill_together = False  # whole prompts prefill in one left-padded pass
         self.step_log: collections.deque[tuple[int, float, float]] = collections.deque(
             maxlen=100_000
         )
@@ -171,7 +172,7 @@ class Executor:
 
     def _load(self) -> Any:
         from kvgrove.models.batching import RunningBatch, unbatchable_reason
-        from kvgrove.models.caches import make_cache
+        from kvgrove.models.caches import SpanKVCache, make_cache
 
         if self._loader is not None:
             loaded = self._loader(self.settings.model)
@@ -180,7 +181,9 @@ class Executor:
 
             loaded = load(self.settings.model)
         self._batch = RunningBatch()
-        reason = unbatchable_reason(make_cache(loaded.model))
+        cache = make_cache(loaded.model)
+        reason = unbatchable_reason(cache)
+        self._prefill_together = all(isinstance(c, SpanKVCache) for c in cache)
         if reason is not None:
             self._batched = False
             log.warning("batching off, sequences decode one at a time: %s", reason)
@@ -353,11 +356,15 @@ class Executor:
 
         results: dict[int, ItemResult] = {}
         batch = self._launch_decode(decode, results)
-        # The prefill chunks' graphs are built while the batch computes.
+        # The prefill graphs are built while the batch computes.
+        together = self._launch_prefill_together(others)
         for item in others:
-            results[item.request_id] = self._run_item(item)
+            if together is None or item not in together[0]:
+                results[item.request_id] = self._run_item(item)
         if batch is not None:
             self._finish_decode(*batch, results)
+        if together is not None:
+            self._finish_prefill_together(*together, results)
         return StepResult(tuple(results[it.request_id] for it in step.items))
 
     def _launch_decode(self, decode: list[StepItem], results: dict) -> tuple | None:
@@ -398,6 +405,75 @@ class Executor:
             self.step_log.append((rid, start, end))
         self._items += len(ids)
         self._tokens += len(ids)
+
+    def _launch_prefill_together(self, items: list[StepItem]) -> tuple | None:
+        """Whole new prompts (two or more) prefill in one left-padded forward pass."""
+        import mlx.core as mx
+
+        from kvgrove.models.batching import prefill_together
+        from kvgrove.models.caches import cache_tokens
+        from kvgrove.sampling import build_sample
+
+        if not (self._batched and self._prefill_together and self.settings.batch_prefill):
+            return None
+        fresh = [
+            it
+            for it in items
+            if it.sample and len(it.tokens) > 1 and not self._has_cache(it.request_id)
+        ]
+        # Padding costs compute: keep the padded batch within two chunks' worth of tokens.
+        fresh.sort(key=lambda it: len(it.tokens))
+        limit = 2 * self.settings.prefill_chunk_tokens
+        while len(fresh) > 1 and len(fresh) * len(fresh[-1].tokens) > limit:
+            fresh.pop()
+        if len(fresh) < 2:
+            return None
+        start = time.monotonic()
+        try:
+            for it in fresh:
+                self._open_sequence(it)
+            # A restored prefix (non-empty cache) prefills on its own.
+            fresh = [it for it in fresh if cache_tokens(self._live[it.request_id].cache) == 0]
+            if len(fresh) < 2:
+                return None
+            logits, cache = prefill_together(
+                self.loaded.model, [it.tokens for it in fresh], len(self.loaded.model.layers)
+            )
+            pending = build_sample(logits, [self._live[it.request_id].sampler for it in fresh])
+            mx.async_eval(*pending.arrays())
+        except Exception:
+            log.exception("prefilling together failed; prefilling one by one")
+            return None
+        return fresh, cache, pending, start
+
+    def _finish_prefill_together(self, fresh, cache, pending, start, results: dict) -> None:
+        try:
+            sampled = pending.result()
+        except Exception:
+            log.exception("prefilling together failed; prefilling one by one")
+            for it in fresh:
+                results[it.request_id] = self._run_item(it)
+            return
+        ids = [it.request_id for it in fresh]
+        for rid in ids:
+            live = self._live[rid]
+            live.cache, live.in_batch = None, True  # the batch rows replace the empty caches
+        self._batch.join_batch(ids, [len(it.tokens) for it in fresh], cache)
+        end = time.monotonic()
+        share = sum(int(c.nbytes) for c in cache) // len(ids)
+        for row, it in enumerate(fresh):
+            choice = sampled.row(row)
+            self._live[it.request_id].sampler.accept(choice.token)
+            results[it.request_id] = ItemResult(
+                it.request_id, choice.token, choice.logprob, choice.top_logprobs, end - start, share
+            )
+            self.step_log.append((it.request_id, start, end))
+        self._items += len(fresh)
+        self._tokens += sum(len(it.tokens) for it in fresh)
+
+    def _has_cache(self, request_id: int) -> bool:
+        live = self._live.get(request_id)
+        return live is not None and live.has_cache
 
     def _fail_decode(self, decode, error: Exception, start: float, results: dict) -> None:
         log.exception("batched decode failed")

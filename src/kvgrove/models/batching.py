@@ -98,6 +98,18 @@ class RunningBatch:
         self.tokens += [cache_tokens(cache) for _, cache in rows]
         self._evaluate()
 
+    def join_batch(self, ids: Sequence[int], tokens: Sequence[int], cache: list[Any]) -> None:
+        """Add rows that were prefilled together into a batch cache of their own (`prefill`)."""
+        assert not set(ids) & set(self.ids)
+        if self.cache is None:
+            self.cache = cache
+        else:
+            for mine, theirs in zip(self.cache, cache, strict=True):
+                mine.extend(theirs)
+        self.ids += list(ids)
+        self.tokens += list(tokens)
+        self._evaluate()
+
     def leave(self, ids: Iterable[int]) -> dict[int, list[Any]]:
         """Take rows out: each comes back as a per-sequence cache; the rest are kept (one copy)."""
         leaving = [rid for rid in dict.fromkeys(ids) if rid in self.ids]
@@ -132,3 +144,26 @@ class RunningBatch:
     def _evaluate(self) -> None:
         # Materialize the copies now, so the old buffers are freed rather than kept by the graph.
         mx.eval([_arrays(c) for c in self.cache])
+
+
+def prefill_together(
+    model: nn.Module, prompts: Sequence[Sequence[int]], n_layers: int
+) -> tuple[mx.array, list[Any]]:
+    """Prefill whole prompts (two tokens or more each) of different lengths together.
+
+    For models whose every layer is plain attention KV (`SpanKVCache`). All but each prompt's
+    last token go through one left-padded (B, T) forward pass whose logits are never computed;
+    the last tokens then go through one (B, 1) step, so the vocabulary projection runs for B
+    positions rather than B x T. Returns those logits (B, V), lazily, and the batch caches,
+    ready for `RunningBatch.join_batch`. On a CPU the weights are read once per pass, not once
+    per prompt, which is where short prompts spend their time.
+    """
+    heads = [list(p[:-1]) for p in prompts]
+    longest = max(len(h) for h in heads)
+    padding = [longest - len(h) for h in heads]
+    rows = [[0] * pad + h for pad, h in zip(padding, heads, strict=True)]
+    cache = [mlx_cache.BatchKVCache(padding) for _ in range(n_layers)]
+    model(mx.array(rows, dtype=mx.uint32), cache=cache)
+    mx.eval([_arrays(c) for c in cache])
+    last = mx.array([[p[-1]] for p in prompts], dtype=mx.uint32)
+    return model(last, cache=cache)[:, -1, :], cache
