@@ -53,9 +53,14 @@ class MLXThread:
         self._thread.start()
 
     def _loop(self) -> None:
+        import mlx.core as mx
+
+        from kvgrove.models.generate import generation_stream
+
         self.ident = threading.get_ident()
-        while (work := self._queue.get()) is not None:
-            work()
+        with mx.stream(generation_stream()):  # this thread's own stream, for all its work
+            while (work := self._queue.get()) is not None:
+                work()
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(*args) on the thread and return its result; shielded (work is never torn)."""

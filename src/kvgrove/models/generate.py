@@ -6,6 +6,7 @@ checks for cancellation between the units of work they yield (a prefill chunk, a
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -18,6 +19,22 @@ from kvgrove.models.caches import make_cache, note_tokens
 from kvgrove.sampling import SamplingParams, SequenceSampler, build_sample, sample_batch
 
 DEFAULT_PREFILL_CHUNK_TOKENS = 2048
+
+_local = threading.local()
+
+
+def generation_stream() -> mx.Stream:
+    """This thread's own MLX stream for model work.
+
+    MLX streams belong to the thread that made them. On a CPU, running the model on a stream of
+    its own measured ~20% faster prefill and ~5% faster decode than the default stream
+    (SmolLM2-135M float32, 1,024-token prompt), which is also why mlx-lm generates on a stream
+    of its own.
+    """
+    stream = getattr(_local, "stream", None)
+    if stream is None:
+        stream = _local.stream = mx.new_stream(mx.default_device())
+    return stream
 
 
 def prefill_chunks(
@@ -110,14 +127,17 @@ def generate(
         return
 
     start = time.perf_counter()
-    for _ in prefill_chunks(
-        model, cache, prompt_tokens[cached_tokens:-1], chunk_tokens=chunk_tokens
-    ):
-        pass
+    stream = generation_stream()
+    with mx.stream(stream):
+        for _ in prefill_chunks(
+            model, cache, prompt_tokens[cached_tokens:-1], chunk_tokens=chunk_tokens
+        ):
+            pass
 
     def launch(token: mx.array):
-        pending = build_sample(forward(model, cache, token.reshape(1, 1)), [sampler])
-        mx.async_eval(*pending.arrays())
+        with mx.stream(stream):
+            pending = build_sample(forward(model, cache, token.reshape(1, 1)), [sampler])
+            mx.async_eval(*pending.arrays())
         return pending
 
     # Penalties need step n's token in the history before step n+1 can be sampled.
