@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,71 +29,14 @@ import httpx
 import trio
 
 from _common import FILLER, table
-
-ROOT = Path(__file__).resolve().parent.parent
-MLX_LM_SERVER = "import kvgrove, runpy; runpy.run_module('mlx_lm.server', run_name='__main__')"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def mlx_folder(model: str | None) -> tuple[str, Path]:
-    """The model as an MLX folder (weights, config, tokenizer), written once into the cache."""
-    from mlx_lm.utils import save_config, save_model
-
-    from kvgrove.models.loading import load
-    from kvgrove.paths import cache_dir
-
-    lm = load(model)
-    folder = cache_dir() / "bench" / f"{lm.info.name}-{lm.info.fingerprint}-mlx"
-    if not (folder / "config.json").exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        save_model(folder, lm.model)
-        lm.tokenizer.backend.tok.save(str(folder / "tokenizer.json"))
-        tokenizer_config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "eos_token": lm.tokenizer.eos_token,
-            "bos_token": lm.tokenizer.bos_token,
-            "chat_template": lm.tokenizer.chat_template,
-        }
-        (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-        save_config(dict(lm.config), folder / "config.json")  # last: marks the folder complete
-    return lm.info.name, folder
+from _servers import free_port, mlx_folder, pct, start_kvgrove, start_mlx_lm, stop, wait_ready
 
 
 def start(kind: str, port: int, model: str | None, folder: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     if kind == "mlx-lm server":
-        argv = [sys.executable, "-c", MLX_LM_SERVER, "--model", str(folder)]
-        argv += ["--host", "127.0.0.1", "--port", str(port)]
-    else:
-        argv = [sys.executable, "-m", "kvgrove.serve", "--port", str(port)]
-        argv += ["--model", model] if model else []
-        if kind == "kvgrove (max batch 1)":
-            argv += ["--max-running-sequences", "1"]
-    return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-async def wait_ready(url: str, proc: subprocess.Popen) -> None:
-    async with httpx.AsyncClient(base_url=url, timeout=5) as client:
-        with trio.fail_after(300):
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"server exited with {proc.returncode}")
-                try:
-                    if (await client.get("/v1/models")).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                await trio.sleep(0.25)
+        return start_mlx_lm(port, folder)
+    flags = ["--max-running-sequences", "1"] if kind == "kvgrove (max batch 1)" else []
+    return start_kvgrove(port, model, flags)
 
 
 # mlx-lm's server (socketserver, listen backlog 5) resets some of 16 simultaneous connections:
@@ -192,11 +132,7 @@ async def bench(kind, model, name, folder, levels, gen_tokens) -> dict[int, dict
             )
         return out
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def main() -> None:

@@ -23,9 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +35,7 @@ import httpx
 import trio
 
 from _common import FILLER, table
-from concurrency import MLX_LM_SERVER, ROOT, free_port, mlx_folder, pct, wait_ready
+from _servers import free_port, mlx_folder, pct, start_kvgrove, start_mlx_lm, stop, wait_ready
 
 TOPICS = [
     "the tides and the moon",
@@ -199,19 +196,15 @@ async def run_workload(url: str, model: str, kind: str, workload: Workload, args
 
 
 def start_server(kind: str, port: int, model: str | None, folder: Path, kv_dir: str, args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "KVGROVE_KV_DIR": kv_dir}
     if kind == "mlx-lm server":
-        argv = [sys.executable, "-c", MLX_LM_SERVER, "--model", str(folder)]
-        argv += ["--host", "127.0.0.1", "--port", str(port)]
-    else:
-        argv = [sys.executable, "-m", "kvgrove.serve", "--port", str(port)]
-        argv += ["--model", model] if model else []
-        if kind == "kvgrove, cache off":
-            argv += ["--no-prefix-cache"]
-        elif kind == "kvgrove, cache paged":
-            argv += ["--device-cache-bytes", str(args.paging_device_bytes)]
-            argv += ["--host-budget-bytes", str(args.paging_host_bytes)]
-    return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return start_mlx_lm(port, folder)
+    flags: list[str] = []
+    if kind == "kvgrove, cache off":
+        flags = ["--no-prefix-cache"]
+    elif kind == "kvgrove, cache paged":
+        flags = ["--device-cache-bytes", str(args.paging_device_bytes)]
+        flags += ["--host-budget-bytes", str(args.paging_host_bytes)]
+    return start_kvgrove(port, model, flags, env={"KVGROVE_KV_DIR": kv_dir})
 
 
 async def bench(kind: str, model, name: str, folder: Path, tokenizer, args) -> dict:
@@ -225,11 +218,7 @@ async def bench(kind: str, model, name: str, folder: Path, tokenizer, args) -> d
             workload = Workload(tokenizer, args)
             out = await run_workload(url, served, kind, workload, args)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
     results = out["results"]
     ttfts = [r["ttft"] for r in results]
     prompt = sum(r["prompt"] for r in results)

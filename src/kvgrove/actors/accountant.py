@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import trio
 
-from kvgrove.actors.ledger import Budgets, Ledger
 from kvgrove.actors.messages import Charge, MemoryQuery
 from kvgrove.config import Settings
+from kvgrove.memory.ledger import Budgets, Ledger
 
 
 def mlx_memory() -> dict[str, int]:

@@ -1,0 +1,93 @@
+"""Servers for the benchmarks: kvgrove and mlx-lm's, each a subprocess on a free loopback port."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+# mlx-lm's server, with kvgrove imported first so both servers run on the same OpenBLAS.
+MLX_LM_SERVER = "import kvgrove, runpy; runpy.run_module('mlx_lm.server', run_name='__main__')"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def mlx_folder(model: str | None) -> tuple[str, Path]:
+    """The model as an MLX folder (weights, config, tokenizer), written once into the cache."""
+    from mlx_lm.utils import save_config, save_model
+
+    from kvgrove.models.loading import load
+    from kvgrove.paths import cache_dir
+
+    lm = load(model)
+    folder = cache_dir() / "bench" / f"{lm.info.name}-{lm.info.fingerprint}-mlx"
+    if not (folder / "config.json").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model(folder, lm.model)
+        lm.tokenizer.backend.tok.save(str(folder / "tokenizer.json"))
+        tokenizer_config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": lm.tokenizer.eos_token,
+            "bos_token": lm.tokenizer.bos_token,
+            "chat_template": lm.tokenizer.chat_template,
+        }
+        (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+        save_config(dict(lm.config), folder / "config.json")  # last: marks the folder complete
+    return lm.info.name, folder
+
+
+def start_kvgrove(
+    port: int, model: str | None, flags: Sequence[str] = (), env: dict | None = None
+) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "kvgrove.serve", "--port", str(port)]
+    argv += ["--model", model] if model else []
+    environ = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})}
+    return subprocess.Popen(
+        [*argv, *flags], env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+def start_mlx_lm(port: int, folder: Path) -> subprocess.Popen:
+    argv = [sys.executable, "-c", MLX_LM_SERVER, "--model", str(folder)]
+    argv += ["--host", "127.0.0.1", "--port", str(port)]
+    environ = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.Popen(argv, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+async def wait_ready(url: str, proc: subprocess.Popen) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+        with trio.fail_after(300):
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {proc.returncode}")
+                try:
+                    if (await client.get("/v1/models")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await trio.sleep(0.25)
