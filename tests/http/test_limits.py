@@ -31,7 +31,7 @@ def limited(model):
         max_queued_requests=1,
         retry_after_seconds=3,
         max_body_bytes=4096,
-        max_predict_tokens=5,
+        max_predict_tokens=400,
         reply_channel_items=1,
         shutdown_grace_seconds=0.5,
     )
@@ -64,7 +64,9 @@ async def test_gate_core():
     assert gate.statistics().running == 0 and gate.statistics().admitted == 2
 
 
-LONG = {"model": "llama", "prompt": "hello", "options": {"temperature": 0.8, "num_predict": 5}}
+# Long enough that the first stream still holds its slot when the next request arrives (a short
+# one can finish into the socket buffers before then, reader or not).
+LONG = {"model": "llama", "prompt": "hello", "options": {"temperature": 0.8, "num_predict": 400}}
 
 
 async def test_beyond_the_queue_is_429_with_retry_after(limited):
@@ -142,8 +144,8 @@ def test_bodies_over_the_limit_get_413(limited, path):
 
 def test_num_predict_over_the_cap_is_400_naming_the_field(limited):
     url = limited.url
-    r = httpx.post(f"{url}/api/generate", json={**LONG, "options": {"num_predict": 6}})
-    assert r.status_code == 400 and "options.num_predict must be <= 5" in r.json()["error"]
+    r = httpx.post(f"{url}/api/generate", json={**LONG, "options": {"num_predict": 401}})
+    assert r.status_code == 400 and "options.num_predict must be <= 400" in r.json()["error"]
     for field in ("max_tokens", "max_completion_tokens"):
         body = {"model": "llama", "prompt": "hi", field: 10**6}
         r = httpx.post(f"{url}/v1/completions", json=body)
@@ -154,8 +156,8 @@ def test_until_the_limit_stops_at_the_cap(limited):
     for options in ({"num_predict": -1}, {}, {"num_predict": -2}):
         body = {**LONG, "stream": False, "options": {"temperature": 0, **options}}
         r = httpx.post(f"{limited.url}/api/generate", json=body, timeout=60)
-        assert r.status_code == 200 and r.json()["eval_count"] <= 5
+        assert r.status_code == 200 and r.json()["eval_count"] <= 400
     r = httpx.post(
         f"{limited.url}/v1/completions", json={"model": "llama", "prompt": "hi"}, timeout=60
     )
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 5
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 400
