@@ -13,7 +13,9 @@ import argparse
 import contextlib
 import ipaddress
 import logging
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -230,6 +232,13 @@ def main(settings: Settings) -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     trio.run(partial(serve, settings))
+    # Everything is shut down and the prefix cache is on disk. Skip the interpreter's teardown:
+    # destroying MLX's stream worker threads during finalization intermittently aborted the
+    # process ("terminate called without an active exception", exit 134) after a clean stop.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
