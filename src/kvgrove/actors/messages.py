@@ -204,8 +204,3 @@ class CacheQuery:
 
     reply: Any  # receives dict
     check: bool = False
-
-
-@attrs.frozen
-class TierQuery:
-    reply: Any  # receives dict tier -> bytes

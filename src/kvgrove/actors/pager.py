@@ -8,7 +8,7 @@ serialization point; the trio side of the pager only routes messages. It answers
 - `Match` (from the scheduler): lock the longest usable cached prefix, promote it to the device
   tier, reply `Matched` to the scheduler's inbox;
 - `Release`: unlock a request's prefix (a request that ended before its first step);
-- `CacheQuery` (/api/cache) and `TierQuery` (/api/memory);
+- `CacheQuery` (/api/cache, /metrics);
 and on shutdown it writes the cache to disk so it survives a restart.
 """
 
@@ -25,14 +25,11 @@ from kvgrove.actors.messages import (
     Match,
     Matched,
     Release,
-    TierQuery,
     UsePrefixCache,
 )
 from kvgrove.config import Settings
 
 log = logging.getLogger(__name__)
-
-TIERS = ("device", "host", "disk")
 
 
 def build_prefix_cache(settings: Settings, loaded: Any) -> Any:
@@ -80,7 +77,6 @@ class Pager:
         self._executor = executor
         self._accountant = accountant
         self.cache: Any = None  # PrefixCache, touched through self._mlx only
-        self.tier_bytes = dict.fromkeys(TIERS, 0)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Build the prefix cache, lend it to the executor, then answer until cancelled."""
@@ -107,10 +103,6 @@ class Pager:
                         await self._mlx.call(self.cache.release, rid)
                 case CacheQuery(reply=reply, check=check):
                     reply.send_nowait(await self._summary(check))
-                case TierQuery(reply=reply):
-                    if self.cache is not None:
-                        self.tier_bytes = await self._mlx.call(self.cache.tier_bytes)
-                    reply.send_nowait(dict(self.tier_bytes))
                 case _:
                     raise AssertionError(f"pager: unexpected message {msg!r}")
 
@@ -129,7 +121,7 @@ class Pager:
         """Tell the accountant what each tier holds at start (recovered from disk)."""
         if self.cache is None:
             return
-        self.tier_bytes = await self._mlx.call(self.cache.tier_bytes)
+        tier_bytes = await self._mlx.call(self.cache.tier_bytes)
         if self._accountant is not None:
-            for tier, nbytes in self.tier_bytes.items():
+            for tier, nbytes in tier_bytes.items():
                 await self._accountant.send(Charge(tier, "prefix", nbytes))

@@ -13,6 +13,7 @@ from typing import Any
 
 from quart import request
 
+from kvgrove.actors.requests import GenerationRequest
 from kvgrove.actors.runtime import Runtime
 from kvgrove.http.guard import KEY_ID_SCOPE
 
@@ -218,6 +219,25 @@ def check_prompt_length(n_tokens: int, limit: int) -> None:
             f"({limit} tokens)",
             param="prompt",
         )
+
+
+def generation_request(
+    runtime: Runtime,
+    body: dict,
+    ids: list[int],
+    params: Any,
+    max_tokens: int,
+    stop: tuple[str, ...],
+    *,
+    api: str,
+    num_ctx: int | None = None,
+) -> GenerationRequest:
+    """What the scheduler runs, once the prompt fits the request's context limit."""
+    limit = context_tokens(runtime, num_ctx)
+    check_prompt_length(len(ids), limit)
+    return GenerationRequest(
+        tuple(ids), params, max_tokens, limit, stop, api=api, namespace=cache_namespace(body)
+    )
 
 
 def check_messages(messages: Any, name: str = "messages") -> list[dict]:

@@ -15,11 +15,10 @@ from kvgrove.actors.requests import Finished, GenerationError, GenerationRequest
 from kvgrove.actors.runtime import Runtime
 from kvgrove.http.common import (
     BadRequest,
-    cache_namespace,
     check_messages,
     check_model,
-    check_prompt_length,
     context_tokens,
+    generation_request,
     get_bool,
     get_dict,
     get_int,
@@ -167,16 +166,9 @@ async def generate() -> Any:
             [{"role": "user", "content": prompt}] if prompt else []
         )
         ids = tok.encode(render_chat(rt, messages))
-    limit = context_tokens(rt, num_ctx)
-    check_prompt_length(len(ids), limit)
-    request = GenerationRequest(
-        tuple(ids),
-        params,
-        predict_limit(rt, max_tokens, "options.num_predict"),
-        limit,
-        stop,
-        api="ollama",
-        namespace=cache_namespace(body),
+    max_tokens = predict_limit(rt, max_tokens, "options.num_predict")
+    request = generation_request(
+        rt, body, ids, params, max_tokens, stop, api="ollama", num_ctx=num_ctx
     )
     return await _respond(rt, model, request, stream, lambda text: {"response": text})
 
@@ -196,16 +188,9 @@ async def chat() -> Any:
     if tools is not None and not isinstance(tools, list):
         raise BadRequest("tools must be a list", param="tools")
     ids = rt.loaded.tokenizer.encode(render_chat(rt, messages, tools))
-    limit = context_tokens(rt, num_ctx)
-    check_prompt_length(len(ids), limit)
-    request = GenerationRequest(
-        tuple(ids),
-        params,
-        predict_limit(rt, max_tokens, "options.num_predict"),
-        limit,
-        stop,
-        api="ollama",
-        namespace=cache_namespace(body),
+    max_tokens = predict_limit(rt, max_tokens, "options.num_predict")
+    request = generation_request(
+        rt, body, ids, params, max_tokens, stop, api="ollama", num_ctx=num_ctx
     )
     return await _respond(
         rt,

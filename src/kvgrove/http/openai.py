@@ -15,11 +15,9 @@ from kvgrove.actors.requests import Finished, GenerationError, GenerationRequest
 from kvgrove.actors.runtime import Runtime
 from kvgrove.http.common import (
     BadRequest,
-    cache_namespace,
     check_messages,
     check_model,
-    check_prompt_length,
-    context_tokens,
+    generation_request,
     get_bool,
     get_dict,
     get_int,
@@ -167,18 +165,7 @@ def _prepare(
     model = check_model(rt, body)
     params, max_tokens, stop = parse_sampling(rt, body)
     ids = rt.loaded.tokenizer.encode(render(), add_special=add_special)
-    limit = context_tokens(rt, None)
-    check_prompt_length(len(ids), limit)
-    request = GenerationRequest(
-        tuple(ids),
-        params,
-        max_tokens,
-        limit,
-        stop,
-        api="openai",
-        namespace=cache_namespace(body),
-    )
-    return model, request
+    return model, generation_request(rt, body, ids, params, max_tokens, stop, api="openai")
 
 
 @bp.post("/v1/chat/completions")

@@ -44,14 +44,6 @@ def layout(cache: Sequence[Any]) -> tuple[str, ...]:
     return tuple(kinds)
 
 
-def snapshot_capable(cache: Sequence[Any]) -> bool:
-    try:
-        layout(cache)
-    except NotSnapshotCapable:
-        return False
-    return True
-
-
 @attrs.define(eq=False)
 class Payload:
     """One node's snapshot. `arrays` is empty while the payload lives on disk (`key` names it)."""

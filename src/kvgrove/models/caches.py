@@ -152,7 +152,3 @@ def cache_tokens(cache: Sequence[Any]) -> int:
 
 def cache_nbytes(cache: Sequence[Any]) -> int:
     return sum(int(getattr(c, "nbytes", 0)) for c in cache)
-
-
-def fully_sliceable(cache: Sequence[Any]) -> bool:
-    return all(getattr(c, "sliceable", False) for c in cache)

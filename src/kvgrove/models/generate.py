@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from kvgrove.models.caches import make_cache, note_tokens
-from kvgrove.sampling import SamplingParams, SequenceSampler, build_sample, sample_batch
+from kvgrove.sampling import SamplingParams, SequenceSampler, build_sample
 
 DEFAULT_PREFILL_CHUNK_TOKENS = 2048
 
@@ -161,12 +161,3 @@ def generate(
         pending = nxt if nxt is not None else launch(pending.tokens)
         if n % 256 == 0:
             mx.clear_cache()
-
-
-def sample_batch_step(logits: mx.array, samplers: Sequence[SequenceSampler]) -> list[Step]:
-    """Sample one token per row of (B, V) logits (the batched path the scheduler will drive)."""
-    result = sample_batch(logits, samplers)
-    return [
-        Step(t, lp, top)
-        for t, lp, top in zip(result.tokens, result.logprobs, result.top_logprobs, strict=True)
-    ]
