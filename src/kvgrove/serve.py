@@ -26,6 +26,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from kvgrove import faults
 from kvgrove.actors.accountant import Accountant
 from kvgrove.actors.executor import Executor
 from kvgrove.actors.pager import Pager
@@ -231,6 +232,7 @@ def main(settings: Settings) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    faults.arm_from_environment()  # only the fault-injection tests set KVGROVE_FAULTS
     trio.run(partial(serve, settings))
     # Everything is shut down and the prefix cache is on disk. Skip the interpreter's teardown:
     # destroying MLX's stream worker threads during finalization intermittently aborted the
