@@ -25,7 +25,7 @@ from mlx_lm.utils import dequantize_model, infer_quant_config
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from kvgrove.models import bundled
-from kvgrove.models.gguf import read_gguf
+from kvgrove.models.gguf import gguf_summary, read_gguf
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ class ModelInfo:
     num_layers: int
     fingerprint: str  # identifies weights + dtype: keys the on-disk KV cache
     load_seconds: float
+    # GGUF only: tensor type -> "N tensors: what loading did with them" (kvgrove show).
+    tensor_types: dict[str, str] = attrs.field(factory=dict)
 
 
 @attrs.define
@@ -100,8 +102,9 @@ def _context_length(config: dict[str, Any]) -> int:
     return DEFAULT_CONTEXT_TOKENS
 
 
-def _build_gguf(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    weights, config = read_gguf(path)
+def _build_gguf(path: Path, requantize: bool) -> tuple[nn.Module, dict[str, Any], Any]:
+    read = read_gguf(path, requantize=requantize)
+    weights, config = read.weights, read.config
     arch = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     model = arch.Model(arch.ModelArgs.from_dict(config))
     if hasattr(model, "sanitize"):
@@ -115,7 +118,7 @@ def _build_gguf(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     nn.quantize(model, class_predicate=quantized_here)
     model.eval()
     model.load_weights(list(weights.items()), strict=True)
-    return model, config
+    return model, config, read
 
 
 def _is_quantized(model: nn.Module) -> bool:
@@ -148,15 +151,20 @@ def _float_dtype(model: nn.Module) -> mx.Dtype:
     return mx.float32
 
 
-def _dequantized_fits(model: nn.Module, fraction: float = 0.25) -> bool:
-    """Would float32 weights take under `fraction` of physical memory?"""
-    _, count = _nbytes(model)
+def _float32_fits(weights: int, fraction: float = 0.25) -> bool:
+    """Would `weights` float32 values take under `fraction` of physical memory?"""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         return False
+    return weights * 4 < total * fraction
+
+
+def _dequantized_fits(model: nn.Module, fraction: float = 0.25) -> bool:
+    """Would float32 weights take under `fraction` of physical memory?"""
+    _, count = _nbytes(model)
     # Packed uint32 counts 32/bits weights per element; assume 4 bits, the worst case.
-    return count * 8 * 4 < total * fraction
+    return _float32_fits(count * 8, fraction)
 
 
 def load(
@@ -174,9 +182,16 @@ def load(
 
     start = time.perf_counter()
     display, path = resolve(name)
+    tensor_types: dict[str, str] = {}
     if path.is_file() and path.suffix.lower() == ".gguf":
-        model, config = _build_gguf(path)
-        tokenizer = tokenizer_from_gguf(config.pop("_gguf"))
+        if dequantize is None:
+            _, elements = gguf_summary(path)
+            requantize = on_gpu() or not _float32_fits(elements)
+        else:
+            requantize = not dequantize
+        model, config, read = _build_gguf(path, requantize)
+        tokenizer = tokenizer_from_gguf(read.metadata)
+        tensor_types = dict(read.tensor_types)
         source = "gguf"
     elif path.is_dir() and (path / "config.json").exists():
         model, config = mlx_lm_load_model(path)
@@ -189,6 +204,9 @@ def load(
     if dequantize is None:
         dequantize = quantized and not on_gpu() and _dequantized_fits(model)
     if quantized and dequantize:
+        if dtype in (None, "float32") and not on_gpu():
+            # Dequantize in float32: float16 scales times 4/8-bit codes round in float16.
+            model.set_dtype(mx.float32)
         model = dequantize_model(model)
         quantized = False
     if dtype is None and not on_gpu():
@@ -196,6 +214,11 @@ def load(
     if dtype is not None:
         model.set_dtype(getattr(mx, dtype))
     mx.eval(model.parameters())
+    final = _quantization_label(model) if quantized else None
+    tail = f"; model kept {final}" if final else f"; model in {_float_dtype(model)}"
+    tensor_types = {
+        kind: what + tail.replace("mlx.core.", "") for kind, what in tensor_types.items()
+    }
 
     nbytes, count = _nbytes(model)
     dtype_name = str(_float_dtype(model)).removeprefix("mlx.core.")
@@ -212,6 +235,7 @@ def load(
         num_layers=len(getattr(model, "layers", [])),
         fingerprint=_fingerprint(path, dtype_name),
         load_seconds=time.perf_counter() - start,
+        tensor_types=tensor_types,
     )
     log.info(
         "loaded %s (%s, %s%s): %d layers, context %d tokens, %.1f MiB in %.2fs",
