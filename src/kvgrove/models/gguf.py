@@ -291,7 +291,7 @@ def read_gguf(path: str | Path, *, requantize: bool = False) -> GGUFRead:
     config = config_from_metadata(metadata)
     types, _ = gguf_summary(path)
     if set(types) <= _NATIVE_TYPES:
-        weights = mx.load(str(path))
+        weights = mx.load(str(path), format="gguf")
         report = {
             kind: f"{n} tensors: "
             + (

@@ -51,6 +51,10 @@ class ModelInfo:
     load_seconds: float
     # GGUF only: tensor type -> "N tensors: what loading did with them" (kvgrove show).
     tensor_types: dict[str, str] = attrs.field(factory=dict)
+    origin: str = "path"  # "path" | "bundled" | "ollama" | "huggingface"
+    # From an Ollama manifest: default options (Ollama's names) and its Go template text.
+    params: dict[str, Any] = attrs.field(factory=dict)
+    template: str | None = None
 
 
 @attrs.define
@@ -65,21 +69,62 @@ def on_gpu() -> bool:
     return mx.default_device() == mx.gpu
 
 
-def resolve(name: str | os.PathLike | None) -> tuple[str, Path]:
-    """A short name or path -> (display name, path). Pulls the bundled default if needed."""
+@attrs.frozen
+class Source:
+    """Where a model name led: its display name, its file or folder, and for a model from
+    Ollama's store the manifest's default options and template."""
+
+    name: str
+    path: Path
+    params: dict[str, Any] = attrs.field(factory=dict)
+    template: str | None = None
+    origin: str = "path"  # "path" | "bundled" | "ollama" | "huggingface"
+
+
+def find(name: str | os.PathLike | None) -> Source:
+    """A name -> its source: a path, a bundled short name (pulled if needed), a model in
+    Ollama's store (`llama3.2:3b`, `hf.co/org/repo:Q4_K_M`), or a repo in the local Hugging
+    Face cache (`org/repo`). Never touches the network except to pull a bundled model."""
+    from kvgrove.models import hf_hub, ollama_store
+
     if name is None or str(name) == "":
         spec = bundled.DEFAULT
-        return spec.name, bundled.pull(spec)
+        return Source(spec.name, bundled.pull(spec), origin="bundled")
     path = Path(name).expanduser()
     if path.exists():
-        return path.stem if path.is_file() else path.name, path
-    spec = bundled.lookup(str(name))
+        return Source(path.stem if path.is_file() else path.name, path)
+    text = str(name)
+    spec = bundled.lookup(text.removesuffix(":latest"))
     if spec is not None:
-        return spec.name, bundled.pull(spec)
+        return Source(spec.name, bundled.pull(spec), origin="bundled")
+    stored = ollama_store.lookup(text)
+    if stored is not None:
+        return Source(stored.name, stored.gguf, stored.params, stored.template, "ollama")
+    cached = hf_hub.lookup(text)
+    if cached is not None:
+        return Source(text, cached, origin="huggingface")
     known = ", ".join(sorted(bundled.BUNDLED))
     raise FileNotFoundError(
-        f"model {str(name)!r} not found: give a GGUF file, a model folder, or one of: {known}"
+        f"model {text!r} not found: give a GGUF file, a model folder, one of: {known}, a model "
+        f"in Ollama's store ({ollama_store.store_root()}), or a Hugging Face repo in the local "
+        "cache (`kvgrove pull org/repo` downloads one)"
     )
+
+
+def resolve(name: str | os.PathLike | None) -> tuple[str, Path]:
+    """A short name or path -> (display name, path). Pulls the bundled default if needed."""
+    source = find(name)
+    return source.name, source.path
+
+
+def is_gguf(path: Path) -> bool:
+    """A .gguf file, or a file starting with GGUF's magic (Ollama's blobs have no suffix)."""
+    if not path.is_file():
+        return False
+    if path.suffix.lower() == ".gguf":
+        return True
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def _fingerprint(path: Path, dtype: str) -> str:
@@ -181,9 +226,10 @@ def load(
     from kvgrove.tokenize import load_tokenizer, tokenizer_from_gguf
 
     start = time.perf_counter()
-    display, path = resolve(name)
+    found = find(name)
+    display, path = found.name, found.path
     tensor_types: dict[str, str] = {}
-    if path.is_file() and path.suffix.lower() == ".gguf":
+    if is_gguf(path):
         if dequantize is None:
             _, elements = gguf_summary(path)
             requantize = on_gpu() or not _float32_fits(elements)
@@ -236,6 +282,9 @@ def load(
         fingerprint=_fingerprint(path, dtype_name),
         load_seconds=time.perf_counter() - start,
         tensor_types=tensor_types,
+        origin=found.origin,
+        params=dict(found.params),
+        template=found.template,
     )
     log.info(
         "loaded %s (%s, %s%s): %d layers, context %d tokens, %.1f MiB in %.2fs",
