@@ -3,6 +3,8 @@ store, a store model is served by name with its manifest's options, /api/pull an
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import ollama
 import pytest
@@ -27,6 +29,9 @@ def store(tmp_path_factory):
         template="{{ .Prompt }}",
     )
     add_to_store(store, "hf.co/someone/tiny-qwen3-GGUF/Q4_K_M", qwen)
+    broken = root / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 20)  # the magic, then nothing a reader accepts
+    add_to_store(store, "registry.ollama.ai/library/broken/latest", broken)
     return store
 
 
@@ -45,8 +50,9 @@ def server(store):
 def test_tags_list_the_store(server):
     listed = ollama.Client(host=server.url).list()
     names = [m.model for m in listed.models]
-    assert names == ["tiny-llama:latest", "hf.co/someone/tiny-qwen3-GGUF:Q4_K_M"]
-    qwen = listed.models[1]
+    assert names[0] == "tiny-llama:latest"  # the server's own model first, then the store's
+    assert sorted(names[1:]) == ["broken:latest", "hf.co/someone/tiny-qwen3-GGUF:Q4_K_M"]
+    qwen = listed.models[names.index("hf.co/someone/tiny-qwen3-GGUF:Q4_K_M")]
     assert qwen.details.family == "qwen3"
     assert qwen.size > 0
 
@@ -76,3 +82,118 @@ def test_pull_answers_for_what_is_here_and_refuses_what_it_cannot_fetch(server):
         client.pull("llama3.2:3b")
     r = httpx.post(f"{server.url}/api/pull", json={}, timeout=30)
     assert r.status_code == 400 and "model is required" in r.json()["error"]
+
+
+def _wait_on_server(bg, afn, seconds: float = 60):
+    """Run `afn()` on the server's trio thread, with a deadline."""
+    import trio
+
+    async def run():
+        with trio.fail_after(seconds):
+            return await afn()
+
+    return trio.from_thread.run(run, trio_token=bg.token)
+
+
+def test_two_models_at_once_and_keep_alive_zero_unloads(server):
+    client = ollama.Client(host=server.url)
+    messages = [{"role": "user", "content": "hello"}]
+    qwen = "hf.co/someone/tiny-qwen3-GGUF:Q4_K_M"
+    first = client.chat(model=qwen, messages=messages, options={"num_predict": 4})
+    assert first.model == qwen and first.eval_count == 4
+    other = client.chat(model="tiny-llama", messages=messages, options={"num_predict": 4})
+    assert other.eval_count == 4
+    # Greedy on each model, twice: each answers from its own weights, the same each time.
+    greedy = {"num_predict": 6, "temperature": 0}
+    a1 = client.chat(model=qwen, messages=messages, options=greedy).message.content
+    b1 = client.chat(model="tiny-llama", messages=messages, options=greedy).message.content
+    a2 = client.chat(model=qwen, messages=messages, options=greedy).message.content
+    b2 = client.chat(model="tiny-llama", messages=messages, options=greedy).message.content
+    assert (a1, b1) == (a2, b2)
+    assert a1 != b1
+    ps = {m.model: m for m in client.ps().models}
+    assert set(ps) == {"tiny-llama:latest", qwen}
+    assert ps[qwen].size > 0 and ps[qwen].expires_at is not None
+
+    registry = server.runtime.registry
+    group = server.on_server(lambda: registry.groups[0])
+    assert group.name == qwen
+    client.chat(model=qwen, messages=messages, options={"num_predict": 2}, keep_alive=0)
+
+    async def stopped():
+        await group.stopped.wait()
+
+    _wait_on_server(server, stopped)
+    assert server.on_server(lambda: registry.groups) == []
+    assert [m.model for m in client.ps().models] == ["tiny-llama:latest"]
+    # And it loads again on the next request.
+    again = client.chat(model=qwen, messages=messages, options=greedy, keep_alive="5m")
+    assert again.message.content == a1
+    assert server.on_server(lambda: registry.loads) == 2
+
+
+def test_unknown_and_unloadable_models_are_clear_errors(server, tmp_path):
+    client = ollama.Client(host=server.url)
+    with pytest.raises(ollama.ResponseError, match="not found"):
+        client.chat(model="nothing-like-this", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(ollama.ResponseError, match="failed to load"):
+        client.chat(model="broken", messages=[{"role": "user", "content": "x"}])
+    # A file path is not a model name a request may use (no opening files of its choosing).
+    path = str(server.runtime.default_loaded.info.path)
+    with pytest.raises(ollama.ResponseError, match="not found"):
+        client.chat(model=str(Path(path).parent), messages=[{"role": "user", "content": "x"}])
+    # The server keeps serving.
+    assert client.chat(model="tiny-llama", messages=[{"role": "user", "content": "x"}]).done
+
+
+async def test_a_load_never_blocks_the_loaded_model(store, monkeypatch):
+    """While one model's load is held open, the server's own model keeps answering; requests
+    for the loading one wait and then get it."""
+    import threading
+    from functools import partial
+
+    import trio
+
+    from kvgrove.models.loading import load
+
+    monkeypatch.setenv("OLLAMA_MODELS", str(store))
+    qwen = "hf.co/someone/tiny-qwen3-GGUF:Q4_K_M"
+    entered, gate = threading.Event(), threading.Event()
+
+    def loader(name):
+        if name == qwen:
+            entered.set()
+            assert gate.wait(60), "the test never released the load"
+        return load(name)
+
+    settings = Settings(port=0, model="tiny-llama", shutdown_grace_seconds=1.0)
+    messages = [{"role": "user", "content": "hello"}]
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            srv = await nursery.start(
+                partial(serve.serve, settings, handle_signals=False, loader=loader)
+            )
+            await srv.ready.wait()
+            client = ollama.AsyncClient(host=srv.url)
+            replies = {}
+            answered = trio.Event()
+
+            async def ask_qwen():
+                replies["qwen"] = await client.chat(
+                    model=qwen, messages=messages, options={"num_predict": 3}
+                )
+                answered.set()
+
+            nursery.start_soon(ask_qwen)
+            assert await trio.to_thread.run_sync(entered.wait, 60)
+            for _ in range(3):
+                r = await client.chat(
+                    model="tiny-llama", messages=messages, options={"num_predict": 3}
+                )
+                assert r.eval_count == 3
+            assert [m.model for m in (await client.ps()).models] == ["tiny-llama:latest"]
+            assert "qwen" not in replies
+            gate.set()
+            await answered.wait()
+            assert replies["qwen"].eval_count == 3
+            srv.shutdown.set()

@@ -15,14 +15,16 @@ import datetime
 import functools
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import trio
-from quart import Blueprint, Response
+from quart import Blueprint, Response, current_app, g, request
 
-from kvgrove.http.common import BadRequest, get_bool, get_str, read_json
+from kvgrove.actors.runtime import current_lease
+from kvgrove.http.common import BadRequest, get_bool, get_str, model_names, read_json
 from kvgrove.models import bundled, hf_hub, ollama_store
 
 log = logging.getLogger(__name__)
@@ -187,3 +189,116 @@ async def pull() -> Any:
                 yield _line(msg)
 
     return Response(lines(), mimetype="application/x-ndjson")
+
+
+# Routes whose body's `model` picks the model (Ollama's /api/show says `name` too).
+_MODEL_ROUTES = {
+    "/api/generate",
+    "/api/chat",
+    "/api/show",
+    "/v1/chat/completions",
+    "/v1/completions",
+}
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_seconds(value: Any) -> float | None:
+    """Ollama's keep_alive as seconds (a number of seconds, or a Go duration such as "5m",
+    "1h30m", "-1m"); < 0 = forever; None when absent or not understood (the request's own
+    validation reports a bad value)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if not isinstance(value, str) or not value:
+        return None
+    text = value.strip()
+    sign = -1.0 if text.startswith("-") else 1.0
+    text = text.lstrip("+-")
+    try:
+        return sign * float(text)  # "0", "300": seconds
+    except ValueError:
+        pass
+    total, pos = 0.0, 0
+    for m in _DURATION.finditer(text):
+        if m.start() != pos:
+            return None
+        total += float(m[1]) * _UNITS[m[2]]
+        pos = m.end()
+    return sign * total if pos == len(text) and pos else None
+
+
+@bp.before_app_request
+async def pick_model() -> None:
+    """For a generation route naming a model other than the server's own, lease it from the
+    registry (loading it on first use); the handler then sees it as `runtime.loaded`."""
+    if request.method != "POST" or request.path not in _MODEL_ROUTES:
+        return
+    rt = current_app.config["KVGROVE_RUNTIME"]
+    if rt.registry is None or rt.default_loaded is None or not rt.ready:
+        return
+    try:
+        body = json.loads(await request.get_data())
+    except (ValueError, RecursionError):  # the handler's own parsing answers with a 400
+        return
+    if not isinstance(body, dict):
+        return
+    name = body.get("model") or body.get("name")
+    if not isinstance(name, str) or not name or name in model_names(rt):
+        return
+    from kvgrove.actors.registry import ModelLoadError
+
+    try:
+        lease = await rt.registry.acquire(name, keep_alive_seconds(body.get("keep_alive")))
+    except ModelLoadError as e:
+        if "not found" in str(e):
+            return  # the handler's model check answers, naming the field
+        raise BadRequest(str(e), param="model", status=500) from None
+    g.kvgrove_lease = lease
+    current_lease.set(lease)
+
+
+@bp.teardown_app_request
+async def end_model_lease(exc: BaseException | None) -> None:
+    """A lease no generation took over (the request failed or only loaded) ends here."""
+    lease = g.pop("kvgrove_lease", None)
+    if lease is not None and not lease.transferred:
+        lease.release()
+
+
+def ps_entries(rt: Any) -> list[dict[str, Any]]:
+    """/api/ps entries for the models the registry has loaded (sizes, expiry)."""
+    if rt.registry is None:
+        return []
+    out = []
+    for group in rt.registry.groups:
+        if group.loaded is None:
+            continue
+        info = group.loaded.info
+        expires = group.expires_at()
+        when = (
+            datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=3650)
+            if expires is None
+            else datetime.datetime.fromtimestamp(expires, datetime.UTC)
+        )
+        out.append(
+            {
+                "name": info.name,
+                "model": info.name,
+                "size": info.nbytes,
+                "digest": info.fingerprint,
+                "details": {
+                    "parent_model": "",
+                    "format": info.source_format,
+                    "family": info.architecture,
+                    "families": [info.architecture],
+                    "parameter_size": "",
+                    "quantization_level": info.quantization or info.dtype.upper(),
+                },
+                "expires_at": _iso(when),
+                "size_vram": info.nbytes,
+                "context_length": min(info.context_length, rt.settings.default_context_tokens),
+            }
+        )
+    return out

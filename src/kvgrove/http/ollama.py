@@ -286,7 +286,8 @@ async def ps() -> Any:
                 "expires_at": expires.isoformat().replace("+00:00", "Z"),
                 "size_vram": rt.loaded.info.nbytes,
                 "context_length": context_tokens(rt, None),
-            }
+            },
+            *catalog.ps_entries(rt),
         ]
     }
 

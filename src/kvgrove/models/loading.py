@@ -81,17 +81,18 @@ class Source:
     origin: str = "path"  # "path" | "bundled" | "ollama" | "huggingface"
 
 
-def find(name: str | os.PathLike | None) -> Source:
+def find(name: str | os.PathLike | None, *, paths: bool = True) -> Source:
     """A name -> its source: a path, a bundled short name (pulled if needed), a model in
     Ollama's store (`llama3.2:3b`, `hf.co/org/repo:Q4_K_M`), or a repo in the local Hugging
-    Face cache (`org/repo`). Never touches the network except to pull a bundled model."""
+    Face cache (`org/repo`). Never touches the network except to pull a bundled model.
+    paths=False: names only (what an HTTP request may ask for), never a file or folder."""
     from kvgrove.models import hf_hub, ollama_store
 
     if name is None or str(name) == "":
         spec = bundled.DEFAULT
         return Source(spec.name, bundled.pull(spec), origin="bundled")
     path = Path(name).expanduser()
-    if path.exists():
+    if paths and path.exists():
         return Source(path.stem if path.is_file() else path.name, path)
     text = str(name)
     spec = bundled.lookup(text.removesuffix(":latest"))
