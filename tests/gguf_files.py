@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 from pathlib import Path
 
 import mlx.core as mx
@@ -175,9 +176,49 @@ def _quantizable(hf_name: str, value: np.ndarray, kind: str) -> bool:
     return value.shape[-1] % block == 0
 
 
-def write_pair(root: Path, arch: str, kind: str, *, seed: int = 0) -> tuple[Path, Path]:
+def llama3_rope_factors(config: dict) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel rope_freqs for a llama3 rope_scaling config."""
+    scaling = config["rope_scaling"]
+    base, dim = config["rope_theta"], config["head_dim"]
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,  # tiny, so most frequencies are scaled
+}
+
+
+def write_pair(
+    root: Path,
+    arch: str,
+    kind: str,
+    *,
+    seed: int = 0,
+    rope_scaling: dict | None = None,
+    extra_tensors: dict[str, np.ndarray] | None = None,
+) -> tuple[Path, Path]:
     """(HF folder, GGUF file) for a random `arch` model whose matrices are stored as `kind`."""
     config = dict(CONFIGS[arch])
+    if rope_scaling is not None:
+        config["rope_scaling"] = rope_scaling
     module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     mx.random.seed(seed)
     model = module.Model(module.ModelArgs.from_dict(config))
@@ -217,6 +258,10 @@ def write_pair(root: Path, arch: str, kind: str, *, seed: int = 0) -> tuple[Path
             stored = llama_cpp_permute(stored, heads)
         raw = None if stored_kind in ("F32", "F16") else GGMLQuantizationType[stored_kind]
         writer.add_tensor(target, stored, raw_dtype=raw)
+    for name, value in (extra_tensors or {}).items():
+        writer.add_tensor(name, value)
+    if (config.get("rope_scaling") or {}).get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(config))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

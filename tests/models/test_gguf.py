@@ -7,7 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from gguf_files import ARCHES, EXACT_TYPES, K_QUANTS, LEGACY_QUANTS, write_pair
+from gguf_files import ARCHES, EXACT_TYPES, K_QUANTS, LEGACY_QUANTS, LLAMA3_ROPE, write_pair
 from kvgrove.models import loading
 from kvgrove.models.gguf import read_gguf
 
@@ -91,6 +91,32 @@ def test_kept_quantized_requantizes_to_mlx_affine(tmp_path, kind, bits):
     peer = float(mx.abs(_logits(ref, ids) - expected).max())
     diff = float(mx.abs(_logits(ours, ids) - expected).max())
     assert diff <= 1.5 * peer, (diff, peer)
+
+
+def test_llama3_rope_scaling_arrives_through_rope_freqs(tmp_path):
+    """Llama 3.x GGUFs carry their rope scaling as llama.cpp's per-frequency `rope_freqs`
+    tensor; the folder route runs mlx-lm's Llama3RoPE from the config."""
+    folder, path = write_pair(tmp_path, "llama", "F32", rope_scaling=LLAMA3_ROPE)
+    ref, ours = loading.load(folder), loading.load(path)
+    ids = ref.tokenizer.encode(PROMPT * 3)  # positions past the "original" context (16)
+    diff = float(mx.abs(_logits(ref, ids) - _logits(ours, ids)).max())
+    assert diff < 1e-3, diff
+    plain = loading.load(write_pair(tmp_path / "plain", "llama", "F32")[1])
+    assert float(mx.abs(_logits(plain, ids) - _logits(ours, ids)).max()) > 1e-2
+
+
+def test_a_vision_tower_in_the_file_is_left_out(tmp_path):
+    """Ollama's gemma3 GGUFs hold the vision encoder too (v.*, mm.*): text serving skips it."""
+    import numpy as np
+
+    vision = {
+        "v.blk.0.attn_q.weight": np.ones((8, 8), np.float32),
+        "mm.input_projection.weight": np.ones((8, 8), np.float32),
+    }
+    folder, path = write_pair(tmp_path, "gemma3", "F32", extra_tensors=vision)
+    ref, ours = loading.load(folder), loading.load(path)
+    ids = ref.tokenizer.encode(PROMPT)
+    assert float(mx.abs(_logits(ref, ids) - _logits(ours, ids)).max()) < 1e-3
 
 
 def test_unsupported_architecture_is_a_clear_error(tmp_path):

@@ -23,6 +23,7 @@ from typing import Any
 
 import attrs
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from kvgrove.tokenize.gguf_meta import read_gguf_metadata
@@ -75,6 +76,7 @@ _ARCH_BLOCK_NAMES = {
     "phi3": {"ffn_up": "mlp.gate_up_proj"},
 }
 _CONFIG_TENSORS = {"rope_factors_long", "rope_factors_short", "rope_freqs"}
+_SKIPPED_PREFIXES = ("v.", "mm.")
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|scales|biases|bias)$")
 _TOP = re.compile(r"(\w+)\.(weight|scales|biases|bias)$")
 
@@ -121,7 +123,7 @@ def config_from_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
         "num_key_value_heads": int(get("attention.head_count_kv", n_heads)),
         "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         "vocab_size": int(n_vocab),
-        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "rope_theta": float(get("rope.freq_base") or get("rope.global.freq_base") or 10000.0),
         "max_position_embeddings": int(get("context_length", 2048)),
         "head_dim": head_dim,
     }
@@ -153,7 +155,8 @@ def config_from_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
             "query_pre_attn_scalar": hidden // n_heads if big else head_dim,
             "sliding_window": int(get("attention.sliding_window", 512)),
             "sliding_window_pattern": int(pattern),
-            "rope_local_base_freq": 10000.0,  # llama.cpp's value for the sliding layers
+            # llama.cpp's fixed value for the sliding layers; Ollama's converter writes it.
+            "rope_local_base_freq": float(get("rope.local.freq_base", 10000.0)),
         }
         if scaling == "linear" and factor:
             config["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
@@ -197,10 +200,14 @@ def hf_weights(
             if arch == "gemma3" and m.group(1) == "output_norm":
                 value = value - 1
             out[f"{_TENSOR_NAMES[m.group(1)]}.{m.group(2)}"] = value
+        elif name.startswith(_SKIPPED_PREFIXES):
+            continue  # a vision tower in the same file (Ollama's gemma3): kvgrove serves text
         elif (m := _TOP.match(name)) and m.group(1) in _CONFIG_TENSORS:
             rope_factors[m.group(1)] = value.astype(mx.float32).tolist()
         else:
             raise ValueError(f"unexpected GGUF tensor {name!r} for architecture {arch!r}")
+    if "rope_freqs" in rope_factors:  # llama3-style scaling, baked per frequency by the converter
+        config["_rope_freqs"] = rope_factors.pop("rope_freqs")
     if "rope_factors_long" in rope_factors and "rope_factors_short" in rope_factors:
         config["rope_scaling"] = {
             "type": "longrope",
@@ -305,3 +312,44 @@ def read_gguf(path: str | Path, *, requantize: bool = False) -> GGUFRead:
         weights, report = _read_with_gguf(path, requantize)
     arch = str(metadata["general.architecture"])
     return GGUFRead(hf_weights(weights, config, arch), config, metadata, report)
+
+
+class FactorRoPE(nn.Module):
+    """RoPE with llama.cpp's per-frequency factors (the `rope_freqs` tensor): the period of each
+    rotary pair is multiplied by its factor, which is how llama3's rope scaling reaches a GGUF.
+    Equal to mlx-lm's Llama3RoPE for factors computed from the same scaling config."""
+
+    def __init__(self, dims: int, base: float, factors: list[float], traditional: bool) -> None:
+        super().__init__()
+        self.dims = dims
+        self.traditional = traditional
+        periods = base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+        self._freqs = periods * mx.array(factors, dtype=mx.float32)
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        return mx.fast.rope(
+            x,
+            self.dims,
+            traditional=self.traditional,
+            base=None,
+            scale=1.0,
+            offset=offset,
+            freqs=self._freqs,
+        )
+
+
+def apply_rope_factors(model: nn.Module, config: dict[str, Any]) -> None:
+    """Swap each attention's RoPE for a FactorRoPE when the GGUF carried `rope_freqs`."""
+    factors = config.pop("_rope_freqs", None)
+    if factors is None:
+        return
+    for _, module in model.named_modules():
+        rope = getattr(module, "rope", None)
+        if isinstance(rope, nn.Module) and hasattr(rope, "dims"):
+            if len(factors) != rope.dims // 2:
+                raise ValueError(
+                    f"GGUF rope_freqs has {len(factors)} factors for rotary dims {rope.dims}"
+                )
+            module.rope = FactorRoPE(
+                rope.dims, config["rope_theta"], factors, bool(getattr(rope, "traditional", False))
+            )

@@ -25,7 +25,7 @@ from mlx_lm.utils import dequantize_model, infer_quant_config
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from kvgrove.models import bundled
-from kvgrove.models.gguf import gguf_summary, read_gguf
+from kvgrove.models.gguf import apply_rope_factors, gguf_summary, read_gguf
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,7 @@ def _build_gguf(path: Path, requantize: bool) -> tuple[nn.Module, dict[str, Any]
     weights, config = read.weights, read.config
     arch = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     model = arch.Model(arch.ModelArgs.from_dict(config))
+    apply_rope_factors(model, config)
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
 
