@@ -197,3 +197,45 @@ async def test_a_load_never_blocks_the_loaded_model(store, monkeypatch):
             await answered.wait()
             assert replies["qwen"].eval_count == 3
             srv.shutdown.set()
+
+
+def test_pull_streams_progress_for_a_hugging_face_repo(server, store, tmp_path, monkeypatch):
+    """The network is the one thing faked: huggingface_hub.snapshot_download is replaced by one
+    that lays the files into the cache and drives the progress bar it is given, as the real one
+    does per file; kvgrove's progress adapter, the stream and the resolution are real."""
+    import huggingface_hub
+
+    from model_stores import fake_hf_cache
+
+    gguf = max((store / "blobs").iterdir(), key=lambda p: p.stat().st_size)
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    calls = []
+    real = huggingface_hub.snapshot_download
+
+    def fake_snapshot_download(repo, *, cache_dir, allow_patterns=None, tqdm_class=None, **kw):
+        if kw.get("local_files_only"):  # cache lookups run for real
+            return real(repo, cache_dir=cache_dir, **kw)
+        calls.append((repo, allow_patterns, cache_dir))
+        total = gguf.stat().st_size
+        bar = tqdm_class(total=total, unit="B", unit_scale=True)
+        for _ in range(4):
+            bar.update(total // 4)
+        bar.update(total - bar.n)
+        bar.close()
+        return str(fake_hf_cache(Path(cache_dir), repo, {"tiny.Q8_0.gguf": gguf}))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    client = ollama.Client(host=server.url)
+    lines = list(client.pull("hf.co/org/tiny-GGUF:Q8_0", stream=True))
+    assert lines[0].status == "pulling manifest"
+    assert lines[-1].status == "success"
+    progress = [p for p in lines if p.total]
+    assert progress and progress[-1].completed == progress[-1].total == gguf.stat().st_size
+    assert [p.completed for p in progress] == sorted(p.completed for p in progress)
+    assert calls == [("org/tiny-GGUF", ["*Q8_0*.gguf", "*q8_0*.gguf"], cache)]
+    # Now it is in the cache: pulling again is immediate, and it serves by that name.
+    assert client.pull("hf.co/org/tiny-GGUF:Q8_0").status == "success"
+    assert len(calls) == 1
+    reply = client.generate(model="org/tiny-GGUF:Q8_0", prompt="hi", options={"num_predict": 2})
+    assert reply.eval_count == 2

@@ -96,7 +96,9 @@ def pull(name: str, progress: Progress | None = None) -> Path:
     repo, tag = parsed
     from huggingface_hub import HfApi, snapshot_download
 
-    patterns = [f"*{tag}*.gguf", f"*{tag.lower()}*.gguf", f"*{tag.upper()}*.gguf"] if tag else None
+    patterns = None
+    if tag:  # fnmatch is case-sensitive on Linux: the tag as given, lower- and upper-case
+        patterns = list(dict.fromkeys(f"*{t}*.gguf" for t in (tag, tag.lower(), tag.upper())))
     if patterns is None:
         files = [
             s.rfilename for s in (HfApi().model_info(repo, files_metadata=False).siblings or [])
