@@ -157,7 +157,7 @@ async def serve(
             )
             await actors.start(scheduler.run)
             if settings.max_loaded_models:
-                registry = ModelRegistry(settings, loader=loader)
+                registry = ModelRegistry(settings, loader=loader, own_path=loaded.info.path)
                 await actors.start(registry.run)
                 runtime.registry = registry
             runtime.loaded = loaded

@@ -136,12 +136,22 @@ def test_unknown_and_unloadable_models_are_clear_errors(server, tmp_path):
     client = ollama.Client(host=server.url)
     with pytest.raises(ollama.ResponseError, match="not found"):
         client.chat(model="nothing-like-this", messages=[{"role": "user", "content": "x"}])
-    with pytest.raises(ollama.ResponseError, match="failed to load"):
+    with pytest.raises(ollama.ResponseError, match=r"failed to load: .*version 0"):
         client.chat(model="broken", messages=[{"role": "user", "content": "x"}])
     # A file path is not a model name a request may use (no opening files of its choosing).
     path = str(server.runtime.default_loaded.info.path)
     with pytest.raises(ollama.ResponseError, match="not found"):
         client.chat(model=str(Path(path).parent), messages=[{"role": "user", "content": "x"}])
+    # Another name of the server's own model (here its manifest path's full form) loads
+    # nothing new.
+    reply = client.chat(
+        model="registry.ollama.ai/library/tiny-llama:latest",
+        messages=[{"role": "user", "content": "x"}],
+    )
+    assert reply.done
+    assert server.on_server(lambda: [g.name for g in server.runtime.registry.groups]) == [
+        "hf.co/someone/tiny-qwen3-GGUF:Q4_K_M"
+    ]
     # The server keeps serving.
     assert client.chat(model="tiny-llama", messages=[{"role": "user", "content": "x"}]).done
 

@@ -89,8 +89,11 @@ class ModelRegistry:
         settings: Settings,
         *,
         loader: Callable[[str], Any] | None = None,
+        own_path: str | None = None,
     ) -> None:
         self.settings = settings
+        self._own_path = own_path  # the server's own model: never loaded twice
+        self.own_aliases: set[str] = set()  # other names that led to it (accepted as its names)
         self._loader = loader
         self._groups: dict[str, ModelGroup] = {}
         self._nursery: trio.Nursery | None = None
@@ -153,9 +156,10 @@ class ModelRegistry:
                 return  # everything is in use: load anyway, the device budget is advisory here
             self._unload(idle[0], "least recently used, making room")
 
-    async def acquire(self, name: str, keep_alive: float | None = None) -> Lease:
+    async def acquire(self, name: str, keep_alive: float | None = None) -> Lease | None:
         """A lease on `name`'s group, loading it first if needed (ModelLoadError if it can't).
-        Names only: a request never makes the server open a file path of its choosing."""
+        Names only: a request never makes the server open a file path of its choosing.
+        None when the name leads to the server's own model (another alias of it)."""
         from kvgrove.models.loading import find
 
         try:
@@ -163,6 +167,9 @@ class ModelRegistry:
         except (FileNotFoundError, ValueError) as e:
             raise ModelLoadError(str(e)) from None
         key = str(found.path)
+        if key == self._own_path:
+            self.own_aliases.add(name)
+            return None
         group = self._groups.get(key)
         if group is None:
             self._make_room(_size_on_disk(found.path))
@@ -243,6 +250,8 @@ class ModelRegistry:
                     group.ready.set()
                     await trio.sleep_forever()
         except Exception as e:  # the load failed: requests waiting for it get the error
+            while isinstance(e, ExceptionGroup) and len(e.exceptions) == 1:
+                e = e.exceptions[0]  # the actor's own error, not the nursery's wrapper
             log.warning("loading %s failed: %s", name, e)
             group.error = e
         finally:

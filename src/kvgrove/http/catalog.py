@@ -255,6 +255,8 @@ async def pick_model() -> None:
         if "not found" in str(e):
             return  # the handler's model check answers, naming the field
         raise BadRequest(str(e), param="model", status=500) from None
+    if lease is None:
+        return  # another name of the server's own model
     g.kvgrove_lease = lease
     current_lease.set(lease)
 

@@ -187,7 +187,10 @@ def tagged(name: str) -> str:
 
 def model_names(runtime: Runtime) -> set[str]:
     info = runtime.loaded.info
-    return {info.name, tagged(info.name), info.name.removesuffix(":latest"), info.path}
+    names = {info.name, tagged(info.name), info.name.removesuffix(":latest"), info.path}
+    if runtime.registry is not None and runtime.loaded is runtime.default_loaded:
+        names |= runtime.registry.own_aliases
+    return names
 
 
 def check_model(runtime: Runtime, body: dict, *, required: bool = True) -> str:

@@ -225,7 +225,8 @@ def _requantize_spec(type_name: str, value: np.ndarray) -> tuple[int, int] | Non
     if value.ndim < 2:
         return None
     bits = 8 if type_name in _EIGHT_BIT_SOURCES else 4
-    # Group 32: a Q4_K/Q5_K sub-block (32 weights, one scale and min) is itself an affine group.
+    # Group 32, the size of a K-quant sub-block: a group never straddles two sub-block scales
+    # (Q2_K/Q3_K/Q6_K sub-blocks are 16, so two share a group).
     return (bits, 32) if value.shape[-1] % 32 == 0 else None
 
 
