@@ -29,6 +29,8 @@ def store(tmp_path_factory):
         template="{{ .Prompt }}",
     )
     add_to_store(store, "hf.co/someone/tiny-qwen3-GGUF/Q4_K_M", qwen)
+    _, qwen2 = write_pair(root / "qwen2", "qwen2", "Q6_K", seed=3)
+    add_to_store(store, "registry.ollama.ai/library/tiny-qwen2/latest", qwen2)
     broken = root / "broken.gguf"
     broken.write_bytes(b"GGUF" + b"\0" * 20)  # the magic, then nothing a reader accepts
     add_to_store(store, "registry.ollama.ai/library/broken/latest", broken)
@@ -51,7 +53,11 @@ def test_tags_list_the_store(server):
     listed = ollama.Client(host=server.url).list()
     names = [m.model for m in listed.models]
     assert names[0] == "tiny-llama:latest"  # the server's own model first, then the store's
-    assert sorted(names[1:]) == ["broken:latest", "hf.co/someone/tiny-qwen3-GGUF:Q4_K_M"]
+    assert sorted(names[1:]) == [
+        "broken:latest",
+        "hf.co/someone/tiny-qwen3-GGUF:Q4_K_M",
+        "tiny-qwen2:latest",
+    ]
     qwen = listed.models[names.index("hf.co/someone/tiny-qwen3-GGUF:Q4_K_M")]
     assert qwen.details.family == "qwen3"
     assert qwen.size > 0
@@ -188,13 +194,15 @@ async def test_a_load_never_blocks_the_loaded_model(store, monkeypatch):
             replies = {}
             answered = trio.Event()
 
-            async def ask_qwen():
-                replies["qwen"] = await client.chat(
+            async def ask_qwen(i):
+                replies[i] = await client.chat(
                     model=qwen, messages=messages, options={"num_predict": 3}
                 )
-                answered.set()
+                if len(replies) == 3:
+                    answered.set()
 
-            nursery.start_soon(ask_qwen)
+            for i in range(3):  # three first requests at once: one load
+                nursery.start_soon(ask_qwen, i)
             assert await trio.to_thread.run_sync(entered.wait, 60)
             for _ in range(3):
                 r = await client.chat(
@@ -202,10 +210,11 @@ async def test_a_load_never_blocks_the_loaded_model(store, monkeypatch):
                 )
                 assert r.eval_count == 3
             assert [m.model for m in (await client.ps()).models] == ["tiny-llama:latest"]
-            assert "qwen" not in replies
+            assert not replies
             gate.set()
             await answered.wait()
-            assert replies["qwen"].eval_count == 3
+            assert [replies[i].eval_count for i in range(3)] == [3, 3, 3]
+            assert srv.runtime.registry.loads == 1
             srv.shutdown.set()
 
 
@@ -249,3 +258,26 @@ def test_pull_streams_progress_for_a_hugging_face_repo(server, store, tmp_path, 
     assert len(calls) == 1
     reply = client.generate(model="org/tiny-GGUF:Q8_0", prompt="hi", options={"num_predict": 2})
     assert reply.eval_count == 2
+
+
+def test_least_recently_used_idle_model_unloads_to_make_room(store, monkeypatch):
+    monkeypatch.setenv("OLLAMA_MODELS", str(store))
+    settings = Settings(port=0, model="tiny-llama", max_loaded_models=1, shutdown_grace_seconds=1.0)
+    messages = [{"role": "user", "content": "hello"}]
+    qwen3 = "hf.co/someone/tiny-qwen3-GGUF:Q4_K_M"
+    with serve.background(settings) as bg:
+        client = ollama.Client(host=bg.url)
+        registry = bg.runtime.registry
+        assert client.chat(model=qwen3, messages=messages, options={"num_predict": 2}).done
+        first = bg.on_server(lambda: registry.groups[0])
+        assert client.chat(model="tiny-qwen2", messages=messages, options={"num_predict": 2}).done
+
+        async def first_stopped():
+            await first.stopped.wait()
+
+        _wait_on_server(bg, first_stopped)
+        loaded = [m.model for m in client.ps().models]
+        assert loaded == ["tiny-llama:latest", "tiny-qwen2:latest"]
+        assert bg.on_server(lambda: (registry.loads, registry.unloads)) == (2, 1)
+        # The server's own model answered throughout and is still there.
+        assert client.chat(model="tiny-llama", messages=messages, options={"num_predict": 2}).done
