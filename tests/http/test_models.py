@@ -77,6 +77,9 @@ def test_store_model_is_served_with_its_manifest_options(server):
     assert reply.eval_count == 5  # the request's option wins
     shown = client.show("tiny-llama")
     assert shown.template == "{{ .Prompt }}"
+    assert shown.parameters == "num_predict 3"
+    ids = [m["id"] for m in httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"]]
+    assert ids[0] == "tiny-llama:latest" and "tiny-qwen2:latest" in ids
 
 
 def test_pull_answers_for_what_is_here_and_refuses_what_it_cannot_fetch(server):

@@ -304,3 +304,12 @@ def ps_entries(rt: Any) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def modelfile_parameters(info: Any) -> str:
+    """A store model's params layer as /api/show's `parameters` text ("name value" lines)."""
+    lines = []
+    for key, value in sorted((getattr(info, "params", None) or {}).items()):
+        for v in value if isinstance(value, list) else [value]:
+            lines.append(f"{key} {json.dumps(v) if isinstance(v, str) else v}")
+    return "\n".join(lines)

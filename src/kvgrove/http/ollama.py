@@ -259,7 +259,7 @@ async def show() -> Any:
     info = rt.loaded.info
     return {
         "modelfile": f"FROM {info.path}\n",
-        "parameters": "",
+        "parameters": catalog.modelfile_parameters(info),
         "template": info.template or rt.loaded.tokenizer.chat_template or "",
         "details": _details(rt),
         "model_info": {
