@@ -108,6 +108,7 @@ class _Live:
     in_batch: bool = False
     namespace: str = ""  # where the prefix cache stores its KV
     prompt_tokens: int = 0
+    restored_tokens: int | None = None  # prompt tokens restored from the prefix cache
 
     @property
     def has_cache(self) -> bool:
@@ -235,22 +236,41 @@ class Executor:
                 sampler, namespace=s.namespace, prompt_tokens=len(s.prompt_tokens)
             )
         assert not live.has_cache
-        live.cache = make_cache(self.loaded.model)
+        cache = make_cache(self.loaded.model)
         if first and item.start.cached_tokens:
             # The pager locked this prefix at admission: stitch it in instead of computing it.
-            from kvgrove.models.generate import prefill_chunks
-
-            promised = item.start.cached_tokens
-            restored = self._prefix.restore(item.request_id, live.cache)
-            if restored < promised:
-                # A cache file failed to verify: compute what it should have held.
-                log.warning("prefix cache gave %d of %d tokens; recomputing", restored, promised)
-                if restored == 0:
-                    live.cache = make_cache(self.loaded.model)
-                gap = item.start.prompt_tokens[restored:promised]
-                for _ in prefill_chunks(self.loaded.model, live.cache, gap, chunk_tokens=2048):
-                    pass
+            cache, live.restored_tokens = self._restore_prefix(item, cache)
+        live.cache = cache  # only now: a failure above leaves no half-built cache behind
         return live
+
+    def _restore_prefix(self, item: StepItem, cache: list[Any]) -> tuple[list[Any], int]:
+        """Fill `cache` with the locked prefix of `item.start.cached_tokens` tokens: restored from
+        the prefix cache where it can be, the rest (all of it, from a fresh cache, if the restore
+        failed in any way) recomputed, so the answer is the one the cache-off run gives. Returns
+        the cache and the tokens actually restored. The pager's lock is released either way."""
+        from kvgrove.models.caches import cache_tokens, make_cache
+        from kvgrove.models.generate import prefill_chunks
+
+        promised = item.start.cached_tokens
+        try:
+            restored = self._prefix.restore(item.request_id, cache)
+            if restored and cache_tokens(cache) != restored:
+                raise RuntimeError(f"restored {cache_tokens(cache)} tokens, not {restored}")
+        except Exception:
+            self.prefix_errors += 1
+            log.exception("restoring %d cached tokens failed; recomputing them", promised)
+            if self._prefix is not None:  # idempotent: never leave the path locked
+                self._prefix.release(item.request_id)
+            restored = 0
+        if restored < promised:
+            if restored:
+                log.warning("prefix cache gave %d of %d tokens; recomputing", restored, promised)
+            else:
+                cache = make_cache(self.loaded.model)
+            gap = item.start.prompt_tokens[restored:promised]
+            for _ in prefill_chunks(self.loaded.model, cache, gap, chunk_tokens=2048):
+                pass
+        return cache, restored
 
     def _close_sequence(self, request_id: int) -> list[Any] | None:
         """Give up the sequence's cache (it has left the batch); returns it, None if none.
@@ -370,6 +390,11 @@ class Executor:
             self._finish_decode(*batch, results)
         if together is not None:
             self._finish_prefill_together(*together, results)
+        for it in step.items:  # a first item reports the prompt tokens actually restored
+            live, result = self._live.get(it.request_id), results[it.request_id]
+            if it.start is not None and live is not None and result.error is None:
+                restored = live.restored_tokens or 0
+                results[it.request_id] = attrs.evolve(result, cached_tokens=restored)
         return StepResult(tuple(results[it.request_id] for it in step.items))
 
     def _launch_decode(self, decode: list[StepItem], results: dict) -> tuple | None:

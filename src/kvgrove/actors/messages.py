@@ -61,6 +61,9 @@ class Token:
     token: int
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    # On the first token only: the prompt tokens restored from the prefix cache (so a stop
+    # string that ends the stream before `Done` still reports them). Not part of equality.
+    cached_tokens: int | None = attrs.field(default=None, eq=False)
 
 
 @attrs.frozen
@@ -130,6 +133,9 @@ class ItemResult:
     seconds: float
     cache_bytes: int
     error: str | None = None  # this item failed; its sequence ends with this message
+    # On a sequence's first item: the prompt tokens restored from the prefix cache (fewer than
+    # `Start.cached_tokens` promised when a restore fell back to recomputing).
+    cached_tokens: int | None = None
 
 
 @attrs.frozen

@@ -330,6 +330,8 @@ class SchedulerCore:
             return seq
         seq.fed += len(item.tokens)
         seq.cache_bytes = result.cache_bytes
+        if result.cached_tokens is not None:  # what the executor actually restored
+            seq.cached_tokens = result.cached_tokens
         if seq.fed:
             self._bytes_per_token = max(self._bytes_per_token, result.cache_bytes / seq.fed)
         if result.token is None:
@@ -346,7 +348,8 @@ class SchedulerCore:
         seq.generated += 1
         seq.last_token = result.token
         seq.history.append(result.token)
-        seq.outbox.append(Token(result.token, result.logprob, result.top_logprobs))
+        cached = seq.cached_tokens if seq.generated == 1 else None
+        seq.outbox.append(Token(result.token, result.logprob, result.top_logprobs, cached))
         out_of_budget = sub.max_tokens is not None and seq.generated >= sub.max_tokens
         out_of_context = len(seq.prompt) + seq.generated >= sub.context_tokens
         if out_of_budget or out_of_context:

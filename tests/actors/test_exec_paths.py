@@ -1,0 +1,191 @@
+"""The executor's restore and store paths through the real actors, on tiny random models.
+
+Each test pins one promise of the prefix cache: a restore that fails in any way recomputes (same
+answer as cache-off, the path unlocked); cached-token counts are the tokens actually restored.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from kvgrove import faults
+from kvgrove.actors.accountant import Accountant
+from kvgrove.actors.executor import Executor
+from kvgrove.actors.messages import (
+    CacheQuery,
+    Done,
+    ExecutorQuery,
+    Failed,
+    MemoryQuery,
+    Submit,
+    Token,
+)
+from kvgrove.actors.metrics import Metrics
+from kvgrove.actors.pager import Pager
+from kvgrove.actors.requests import Finished, Generation, GenerationRequest
+from kvgrove.actors.scheduler import Scheduler
+from kvgrove.config import Settings
+from kvgrove.models.generate import generate
+from kvgrove.models.loading import load
+from kvgrove.sampling import SamplingParams
+from tiny_models import write_tiny_model
+
+GREEDY = SamplingParams(temperature=0)
+DEADLINE_SECONDS = 60
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folders = {}
+
+    def get(arch: str) -> str:
+        if arch not in folders:
+            folders[arch] = str(write_tiny_model(tmp_path_factory.mktemp("tiny") / arch, arch))
+        return folders[arch]
+
+    return get
+
+
+@pytest.fixture(autouse=True)
+def _disarm():
+    yield
+    faults.disarm()
+
+
+async def start(nursery, settings):
+    accountant = Accountant(settings)
+    await nursery.start(accountant.run)
+    executor = Executor(settings, accountant=accountant.inbox.clone())
+    loaded = await nursery.start(executor.run)
+    pager = Pager(
+        settings,
+        mlx=executor.mlx,
+        loaded=loaded,
+        executor=executor.inbox.clone(),
+        accountant=accountant.inbox.clone(),
+    )
+    await nursery.start(pager.run)
+    scheduler = Scheduler(settings, executor=executor.inbox.clone(), pager=pager.inbox.clone())
+    await nursery.start(scheduler.run)
+    return accountant, executor, pager, scheduler, loaded
+
+
+async def ask(inbox, make):
+    send, recv = trio.open_memory_channel(1)
+    await inbox.send(make(send))
+    with trio.fail_after(DEADLINE_SECONDS):
+        return await recv.receive()
+
+
+async def run(scheduler, rid, prompt, n):
+    send, recv = trio.open_memory_channel(64)
+    await scheduler.inbox.send(Submit(rid, tuple(prompt), GREEDY, n, 400, frozenset(), send))
+    out = []
+    with trio.fail_after(DEADLINE_SECONDS):
+        async for msg in recv:
+            out.append(msg)
+            if isinstance(msg, Done | Failed):
+                break
+    assert isinstance(out[-1], Done), out[-1]
+    return [m.token for m in out if isinstance(m, Token)], out[-1]
+
+
+async def run_together(scheduler, prompts, n, rid0):
+    results = {}
+
+    async def one(i, prompt):
+        results[i] = await run(scheduler, rid0 + i, prompt, n)
+
+    async with trio.open_nursery() as nursery:
+        for i, p in enumerate(prompts):
+            nursery.start_soon(one, i, p)
+    return [results[i] for i in range(len(prompts))]
+
+
+def reference(model, prompt, n):
+    return [s.token for s in generate(model, list(prompt), GREEDY, max_tokens=n)]
+
+
+async def settle(accountant, pager, executor):
+    """Wait for the last release step, then: nothing live, nothing locked, the trie sound."""
+    with trio.fail_after(DEADLINE_SECONDS):
+        while executor.statistics().live_sequences:
+            await trio.sleep(0.01)  # polling a reading, with a deadline
+    await ask(executor.inbox, ExecutorQuery)
+    summary = await ask(pager.inbox, lambda r: CacheQuery(r, check=True))
+    memory = await ask(accountant.inbox, MemoryQuery)
+    accountant.ledger.check_integrity()
+    assert summary["locked_requests"] == 0, summary
+    assert memory["live_cache_bytes"] == 0
+    return summary
+
+
+def prompts_sharing(prefix_len: int, n: int, seed: int = 0):
+    prefix = tuple((7 * i + seed) % 240 + 10 for i in range(prefix_len))
+    return prefix, [prefix + tuple((3 * i + 11 * k) % 240 + 10 for i in range(5)) for k in range(n)]
+
+
+@pytest.mark.parametrize("chunk", [16, 128])  # 128: both prompts prefill in one together pass
+@pytest.mark.parametrize("arch", ["llama", "window"])
+@pytest.mark.parametrize(
+    "point,extra",
+    [("tiers.promote", {"device_cache_bytes": 1}), ("tiers.stitch", {})],
+    ids=["promote", "stitch"],
+)
+async def test_a_failed_restore_recomputes_the_whole_gap_and_unlocks(
+    tiny, arch, point, extra, chunk, tmp_path
+):
+    folder = tiny(arch)
+    model = load(folder).model
+    prefix, prompts = prompts_sharing(40, 2)
+    expected = [reference(model, p, 6) for p in prompts]
+    settings = Settings(
+        model=folder, prefill_chunk_tokens=chunk, kv_cache_dir=str(tmp_path), **extra
+    )
+    async with trio.open_nursery() as nursery:
+        accountant, executor, pager, scheduler, _ = await start(nursery, settings)
+        await run(scheduler, 1, prefix, 2)  # the shared prefix enters the cache
+        await settle(accountant, pager, executor)
+        faults.arm(point)  # every restore fails now, as an allocation failure would
+        got = await run_together(scheduler, prompts, 6, 10)
+        assert faults.raised(point) >= 1
+        assert [out for out, _ in got] == expected
+        # Nothing was restored, so nothing is reported as cached; the paths are unlocked.
+        assert [done.cached_tokens for _, done in got] == [0, 0]
+        await settle(accountant, pager, executor)
+        faults.disarm(point)
+        out, done = await run(scheduler, 20, prompts[0], 6)
+        assert out == expected[0] and done.cached_tokens > 0
+        await settle(accountant, pager, executor)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_next"])
+async def test_cached_tokens_are_reported_when_a_stop_string_ends_the_stream(tiny, arch, tmp_path):
+    folder = tiny(arch)
+    settings = Settings(model=folder, prefill_chunk_tokens=16, kv_cache_dir=str(tmp_path))
+    prefix, prompts = prompts_sharing(48, 1, seed=5)
+    async with trio.open_nursery() as nursery:
+        accountant, executor, pager, scheduler, loaded = await start(nursery, settings)
+        await run(scheduler, 1, (*prefix, 9), 2)
+        await settle(accountant, pager, executor)
+        out, done = await run(scheduler, 2, prompts[0], 6)
+        assert done.cached_tokens > 0
+        restored = done.cached_tokens
+        await settle(accountant, pager, executor)
+        # The same prompt again, stopped by a string: the first generated token's text.
+        stop = loaded.tokenizer.decode([out[0]])
+        assert stop
+        request = GenerationRequest(prompts[0], GREEDY, 6, 400, stop=(stop,))
+        gen = Generation(request, scheduler.inbox, loaded.tokenizer, Metrics(), 64)
+        events = []
+        with trio.fail_after(DEADLINE_SECONDS):
+            async for event in gen.stream():
+                events.append(event)
+        finished = events[-1]
+        assert isinstance(finished, Finished) and finished.reason == "stop"
+        assert finished.generated_tokens < 6
+        assert finished.cached_tokens >= restored
+        await settle(accountant, pager, executor)
+        nursery.cancel_scope.cancel()
