@@ -149,3 +149,27 @@ def test_an_item_error_fails_only_that_sequence():
     (item,) = [i for i in core.plan_step() if i.request_id == 2]
     assert [s.request_id for s in core.fail_items((item,), "oom")] == [2]
     assert not core.get(3).finished
+
+
+def test_a_preempted_sequence_resumes_from_what_the_prefix_cache_kept():
+    core = SchedulerCore(chunk_tokens=64, max_running=4, kv_budget_bytes=1000)
+    core.admit(submit(1, 10, max_tokens=None))
+    core.admit(submit(2, 10, max_tokens=None))
+    for _ in range(4):
+        run_step(core, nbytes_per_token=40)  # the fourth goes over budget
+    items = core.plan_step()
+    assert core.take_preempt() == (2,)
+    # The executor stored 2's 13 fed tokens (10 prompt + 3 generated) in the prefix cache.
+    core.on_preempted(2, 13)
+    core.on_result(items[0], ItemResult(1, 9, None, None, 0.01, 520))
+    core.remove(1, cancelled=True)
+    (resume,) = core.plan_step()
+    assert resume.request_id == 2 and resume.start is None and resume.sample
+    assert resume.resume_tokens == 13
+    assert resume.tokens == (9,)  # only the last sampled token is fed
+    seq = core.on_result(resume, ItemResult(2, 7, None, None, 0.01, 560))
+    assert seq.fed == 14 and list(seq.outbox)[-1] == Token(7) and seq.generated == 5
+    # Later items carry no restore.
+    seq.outbox.clear()
+    (item,) = core.plan_step()
+    assert item.resume_tokens == 0 and item.tokens == (7,)

@@ -26,7 +26,8 @@ from kvgrove.actors.pager import Pager
 from kvgrove.actors.requests import Finished, Generation, GenerationRequest
 from kvgrove.actors.scheduler import Scheduler
 from kvgrove.config import Settings
-from kvgrove.models.generate import generate
+from kvgrove.models.caches import cache_nbytes, make_cache
+from kvgrove.models.generate import generate, prefill_chunks
 from kvgrove.models.loading import load
 from kvgrove.sampling import SamplingParams
 from tiny_models import write_tiny_model
@@ -53,7 +54,7 @@ def _disarm():
     faults.disarm()
 
 
-async def start(nursery, settings):
+async def start(nursery, settings, kv_budget_bytes=None):
     accountant = Accountant(settings)
     await nursery.start(accountant.run)
     executor = Executor(settings, accountant=accountant.inbox.clone())
@@ -66,7 +67,12 @@ async def start(nursery, settings):
         accountant=accountant.inbox.clone(),
     )
     await nursery.start(pager.run)
-    scheduler = Scheduler(settings, executor=executor.inbox.clone(), pager=pager.inbox.clone())
+    scheduler = Scheduler(
+        settings,
+        executor=executor.inbox.clone(),
+        pager=pager.inbox.clone(),
+        kv_budget_bytes=kv_budget_bytes,
+    )
     await nursery.start(scheduler.run)
     return accountant, executor, pager, scheduler, loaded
 
@@ -189,3 +195,41 @@ async def test_cached_tokens_are_reported_when_a_stop_string_ends_the_stream(tin
         assert finished.cached_tokens >= restored
         await settle(accountant, pager, executor)
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("arch", ["llama", "window", "qwen3_next"])
+async def test_a_preempted_sequence_resumes_from_what_it_stored(tiny, arch, tmp_path):
+    folder = tiny(arch)
+    model = load(folder).model
+    # Four unrelated prompts (no shared prefix) whose caches grow during decode (the attention
+    # buffers grow in 256-token steps): two fit while small, not once both have grown, so a
+    # preemption happens however the requests' arrivals interleave.
+    prompts = [tuple((13 * i + 37 * k) % 240 + 10 + k for i in range(250)) for k in range(4)]
+    n = 16
+    expected = [reference(model, p, n) for p in prompts]
+    no_recompute = sum(len(p) + n - 1 for p in prompts)  # every token fed exactly once
+    sizes = []
+    for extra in ((), tuple(expected[0])):
+        one = make_cache(model)
+        for _ in prefill_chunks(model, one, prompts[0] + extra, chunk_tokens=512):
+            pass
+        sizes.append(cache_nbytes(one))
+    small, big = sizes
+    assert big > small
+    budget = small + big - 1
+    computed = {}
+    for cache_on in (False, True):
+        settings = Settings(model=folder, prefix_cache=cache_on, kv_cache_dir=str(tmp_path))
+        async with trio.open_nursery() as nursery:
+            accountant, executor, pager, scheduler, _ = await start(
+                nursery, settings, kv_budget_bytes=budget
+            )
+            got = await run_together(scheduler, prompts, n, 1)
+            assert [out for out, _ in got] == expected
+            assert scheduler.statistics().preempted >= 1
+            computed[cache_on] = executor.statistics().tokens_computed
+            if cache_on:
+                await settle(accountant, pager, executor)
+            nursery.cancel_scope.cancel()
+    assert computed[False] > no_recompute  # preemption made it recompute from token 0
+    assert computed[True] == no_recompute, computed  # resumed from what it stored

@@ -237,40 +237,66 @@ class Executor:
             )
         assert not live.has_cache
         cache = make_cache(self.loaded.model)
+        rid = item.request_id
         if first and item.start.cached_tokens:
             # The pager locked this prefix at admission: stitch it in instead of computing it.
-            cache, live.restored_tokens = self._restore_prefix(item, cache)
+            promised, tokens = item.start.cached_tokens, item.start.prompt_tokens
+            cache, live.restored_tokens = self._restore_prefix(rid, tokens, promised, cache)
+        elif not first and item.resume_tokens:
+            # A preempted sequence resumes from what it stored when it was preempted.
+            history, promised = tuple(live.sampler.history), item.resume_tokens
+            cache, _ = self._restore_prefix(rid, history, promised, cache, live.namespace)
         live.cache = cache  # only now: a failure above leaves no half-built cache behind
         return live
 
-    def _restore_prefix(self, item: StepItem, cache: list[Any]) -> tuple[list[Any], int]:
-        """Fill `cache` with the locked prefix of `item.start.cached_tokens` tokens: restored from
-        the prefix cache where it can be, the rest (all of it, from a fresh cache, if the restore
-        failed in any way) recomputed, so the answer is the one the cache-off run gives. Returns
-        the cache and the tokens actually restored. The pager's lock is released either way."""
+    def _restore_prefix(
+        self,
+        request_id: int,
+        tokens: tuple[int, ...],
+        promised: int,
+        cache: list[Any],
+        match_in: str | None = None,
+    ) -> tuple[list[Any], int]:
+        """Fill `cache` with the first `promised` of `tokens`: restored from the prefix cache
+        where it can be (the prefix the pager locked for the request; with `match_in`, the
+        longest one matched in that namespace now), the rest (all of it, from a fresh cache,
+        if the restore failed in any way) recomputed, so the answer is the one the cache-off
+        run gives. Returns the cache and the tokens actually restored. No lock is left held."""
         from kvgrove.models.caches import cache_tokens, make_cache
         from kvgrove.models.generate import prefill_chunks
 
-        promised = item.start.cached_tokens
         try:
-            restored = self._prefix.restore(item.request_id, cache)
+            if match_in is not None:
+                self._prefix.match(request_id, match_in, tokens[: promised + 1])
+            restored = min(self._prefix.restore(request_id, cache), promised)
             if restored and cache_tokens(cache) != restored:
                 raise RuntimeError(f"restored {cache_tokens(cache)} tokens, not {restored}")
         except Exception:
             self.prefix_errors += 1
             log.exception("restoring %d cached tokens failed; recomputing them", promised)
             if self._prefix is not None:  # idempotent: never leave the path locked
-                self._prefix.release(item.request_id)
+                self._prefix.release(request_id)
             restored = 0
         if restored < promised:
             if restored:
                 log.warning("prefix cache gave %d of %d tokens; recomputing", restored, promised)
             else:
                 cache = make_cache(self.loaded.model)
-            gap = item.start.prompt_tokens[restored:promised]
+            gap = tokens[restored:promised]
             for _ in prefill_chunks(self.loaded.model, cache, gap, chunk_tokens=2048):
                 pass
+            self._tokens += len(gap)
         return cache, restored
+
+    def _preempt_sequence(self, request_id: int) -> int:
+        """Give up a preempted sequence's cache into the prefix cache (sampler kept); returns
+        the tokens of its history the prefix cache now holds for its resume."""
+        live = self._live.get(request_id)
+        if live is None or live.cache is None:
+            self._close_sequence(request_id)
+            return 0
+        cache, live.cache = live.cache, None
+        return self._store_prefix(request_id, live, cache)
 
     def _close_sequence(self, request_id: int) -> list[Any] | None:
         """Give up the sequence's cache (it has left the batch); returns it, None if none.
@@ -291,13 +317,14 @@ class Executor:
             self._prefix.release(request_id)
         return cache
 
-    def _store_prefix(self, request_id: int | None, live: _Live, cache: list[Any]) -> None:
+    def _store_prefix(self, request_id: int | None, live: _Live, cache: list[Any]) -> int:
         """Keep what the cache holds in the prefix cache (and unlock the request's prefix).
+        Returns the tokens now cached (0 if none or the store failed).
 
         Never fails the sequence: a snapshot that cannot be taken only costs a later recompute.
         """
         if self._prefix is None:
-            return
+            return 0
         from kvgrove.models.caches import cache_tokens
 
         n = cache_tokens(cache)
@@ -312,6 +339,8 @@ class Executor:
             log.exception("storing %d tokens in the prefix cache failed", n)
             if request_id is not None:
                 self._prefix.release(request_id)
+            return 0
+        return n
 
     def _flush_prefix(self) -> None:
         for rid, live in list(self._live.items()):
@@ -366,8 +395,7 @@ class Executor:
             self._detach(
                 [rid for rid in self._batch.ids if rid not in decode_ids or rid in leaving]
             )
-            for rid in step.preempt:
-                self._close_sequence(rid)
+            kept = [(rid, self._preempt_sequence(rid)) for rid in step.preempt]
             for rid in step.release:
                 self._close_sequence(rid)
                 self._live.pop(rid, None)
@@ -395,7 +423,7 @@ class Executor:
             if it.start is not None and live is not None and result.error is None:
                 restored = live.restored_tokens or 0
                 results[it.request_id] = attrs.evolve(result, cached_tokens=restored)
-        return StepResult(tuple(results[it.request_id] for it in step.items))
+        return StepResult(tuple(results[it.request_id] for it in step.items), kept=tuple(kept))
 
     def _launch_decode(self, decode: list[StepItem], results: dict) -> tuple | None:
         import mlx.core as mx

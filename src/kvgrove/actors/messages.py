@@ -106,6 +106,9 @@ class StepItem:
     tokens: tuple[int, ...]
     sample: bool
     start: Start | None = None  # set on the sequence's first item
+    # A preempted sequence resuming: restore its first `resume_tokens` history tokens from the
+    # prefix cache (recomputing whatever is no longer there) before feeding `tokens`.
+    resume_tokens: int = 0
 
 
 @attrs.frozen
@@ -114,8 +117,9 @@ class Step:
 
     Items with one token, `sample` set and a cache already in the executor decode together in
     one batched forward pass; the others (prefill chunks) run one by one in the same step.
-    `preempt` drops a sequence's cache but keeps its sampler: it resumes by re-feeding its
-    tokens (a later item with no `start`).
+    `preempt` drops a sequence's cache but keeps its sampler: its KV goes into the prefix
+    cache (`StepResult.kept` says how many tokens) and it resumes from there (a later item with
+    no `start` and `resume_tokens`), re-feeding only the rest.
     """
 
     items: tuple[StepItem, ...]
@@ -142,6 +146,8 @@ class ItemResult:
 class StepResult:
     results: tuple[ItemResult, ...]
     error: str | None = None  # the step failed as a whole (e.g. out of memory)
+    # (request_id, tokens) for each preempted sequence whose KV the prefix cache now holds.
+    kept: tuple[tuple[int, int], ...] = ()
 
 
 @attrs.frozen

@@ -10,8 +10,9 @@ Admission: at most `max_running` sequences run (the batch); the rest wait. Among
 the one with the longest cached prefix goes first, aged by `aging_tokens_per_step` per step
 waited so nothing starves (`priority`). A sequence only starts its prefill while the live
 caches fit `kv_budget_bytes`; when they outgrow it, the newest sequence is preempted: its cache
-is dropped (the prefix cache will keep it as a snapshot) and it later resumes by re-feeding its
-prompt and the tokens generated so far, with its sampler (penalty history, random stream) kept.
+is dropped (the prefix cache keeps it as a snapshot) and it later resumes from what the prefix
+cache kept, re-feeding only the tokens after it, with its sampler (penalty history, random
+stream) kept.
 
 A sequence whose outbox is not empty is *parked*: its reply channel was full (a slow reader)
 and it is not planned until the outbox drains. Outboxes hold at most the messages of one step.
@@ -59,6 +60,7 @@ class Sequence:
     decode_seconds: float = 0.0
     cache_bytes: int = 0
     preemptions: int = 0
+    resume_tokens: int = 0  # preempted: the prefix cache kept this much of its history
 
     def __attrs_post_init__(self) -> None:
         if not self.history:
@@ -273,14 +275,24 @@ class SchedulerCore:
             self.preempt(max(holders, key=lambda s: s.order))
 
     def preempt(self, seq: Sequence) -> None:
-        """Drop seq's cache; it resumes later by re-feeding its history (sampler kept)."""
+        """Drop seq's cache (sampler kept). Its KV goes into the prefix cache; once the executor
+        says how much it kept (`on_preempted`), it resumes from there, else from token 0."""
         assert seq.has_cache
         seq.has_cache = False
         seq.fed = 0
+        seq.resume_tokens = 0
         seq.cache_bytes = 0
         seq.preemptions += 1
         self.preempted += 1
         self._preempt.append(seq.request_id)
+
+    def on_preempted(self, request_id: int, kept_tokens: int) -> None:
+        """The prefix cache holds the first `kept_tokens` of a preempted sequence's history: its
+        next item restores them (`StepItem.resume_tokens`) and feeds only the rest."""
+        seq = self._running.get(request_id)
+        if seq is None or seq.has_cache or seq.finished:
+            return  # gone, or already resuming from token 0
+        seq.fed = seq.resume_tokens = max(0, min(kept_tokens, len(seq.history) - 1))
 
     def next_item(self) -> StepItem | None:
         """The next unit of work, round-robin over runnable sequences; None when none can run."""
@@ -306,6 +318,9 @@ class SchedulerCore:
                 namespace=sub.namespace,
                 cached_tokens=seq.fed,
             )
+        resume = 0
+        if seq.started and not seq.has_cache:
+            resume, seq.resume_tokens = seq.resume_tokens, 0
         seq.has_cache = True
         remaining = seq.pending
         assert remaining >= 1
@@ -315,7 +330,7 @@ class SchedulerCore:
             # Stop one short of the end so the last token is fed with sampling.
             n = min(budget, remaining - 1)
             tokens, sample = tuple(seq.history[seq.fed : seq.fed + n]), False
-        return StepItem(seq.request_id, tokens, sample, start)
+        return StepItem(seq.request_id, tokens, sample, start, resume)
 
     # -- results --------------------------------------------------------------------------
 

@@ -199,6 +199,8 @@ class Scheduler:
                 self._remove(seq.request_id, cancelled=True)
 
     def _on_step_result(self, items: tuple, result: StepResult) -> None:
+        for rid, kept in result.kept:
+            self.core.on_preempted(rid, kept)
         if result.error is not None:
             for seq in self.core.fail_items(items, result.error):
                 self._deliver(seq)
