@@ -233,3 +233,48 @@ async def test_a_preempted_sequence_resumes_from_what_it_stored(tiny, arch, tmp_
             nursery.cancel_scope.cancel()
     assert computed[False] > no_recompute  # preemption made it recompute from token 0
     assert computed[True] == no_recompute, computed  # resumed from what it stored
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 1, 10**6, 10**9])
+@pytest.mark.parametrize("weights", [0, 1000, 999_999, 10**6])
+def test_the_device_split_stays_within_the_one_device_budget(weights, cache_bytes):
+    settings = Settings(device_budget_bytes=10**6, device_cache_bytes=cache_bytes)
+    split = settings.device_split(weights)
+    assert split.live_bytes >= 0 and split.prefix_bytes >= 0
+    assert split.weights_bytes + split.live_bytes + split.prefix_bytes <= 10**6
+    assert settings.prefix_device_budget_bytes(weights) == split.prefix_bytes
+    if cache_bytes:
+        assert split.prefix_bytes == min(cache_bytes, 10**6 - weights)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+async def test_no_reading_exceeds_the_device_budget_under_load(tiny, arch, tmp_path):
+    folder = tiny(arch)
+    lm = load(folder)
+    _, prompts = prompts_sharing(120, 6, seed=2)
+    prompts = [p + tuple((5 * i + k) % 240 + 10 for i in range(100)) for k, p in enumerate(prompts)]
+    one = make_cache(lm.model)
+    for _ in prefill_chunks(lm.model, one, prompts[0] + (1,) * 16, chunk_tokens=512):
+        pass
+    # Room for about five sequences' caches beside the weights, shared by live and cached KV.
+    budget = lm.info.nbytes + 5 * cache_nbytes(one)
+    settings = Settings(
+        model=folder,
+        prefill_chunk_tokens=64,
+        device_budget_bytes=budget,
+        kv_cache_dir=str(tmp_path),
+    )
+    split = settings.device_split(lm.info.nbytes)
+    assert split.weights_bytes + split.room_bytes <= budget
+    expected = [reference(lm.model, p, 16) for p in prompts]
+    async with trio.open_nursery() as nursery:
+        accountant, executor, pager, scheduler, _ = await start(nursery, settings)
+        for wave in range(2):  # the second wave hits what the first cached
+            got = await run_together(scheduler, prompts, 16, 1 + 10 * wave)
+            assert [out for out, _ in got] == expected
+        summary = await settle(accountant, pager, executor)
+        memory = await ask(accountant.inbox, MemoryQuery)
+        assert memory["device_peak_bytes"] <= budget, (memory, split)
+        assert summary["bytes"]["device"] <= split.prefix_bytes
+        assert summary["moved_bytes"], "the load was meant to page cached KV off the device"
+        nursery.cancel_scope.cancel()

@@ -146,6 +146,7 @@ class Executor:
         self.step_log: collections.deque[tuple[int, float, float]] = collections.deque(
             maxlen=100_000
         )
+        self._charged: dict[tuple[str, str], int] = {}  # what the accountant was last told
         self._steps = 0
         self._items = 0
         self._tokens = 0
@@ -170,6 +171,28 @@ class Executor:
                     except Exception:
                         log.exception("writing the prefix cache to disk failed")
             self._thread.stop()
+
+    async def _send_charges(self, charges: dict[tuple[str, str], int]) -> None:
+        """Tell the accountant, shrinking entries first: no reading in between ever shows more
+        than the larger of the totals before and after."""
+        order = sorted(charges.items(), key=lambda kv: kv[1] - self._charged.get(kv[0], 0))
+        for (category, owner), nbytes in order:
+            await self._accountant.send(Charge(category, owner, nbytes))
+            if nbytes:
+                self._charged[(category, owner)] = nbytes
+            else:
+                self._charged.pop((category, owner), None)
+
+    def _fit_prefix(self, live_bytes: int) -> dict[str, int]:
+        """On the MLX thread: the prefix cache's device tier gets its share of the device
+        budget, less whatever live caches took beyond theirs (one budget for weights, live
+        caches and cached KV), and rebalances into it. Returns the tiers' bytes."""
+        split = self.settings.device_split(self.loaded.info.nbytes)
+        cap = max(0, min(split.prefix_bytes, split.room_bytes - live_bytes))
+        if self._prefix.budgets.device_bytes != cap:
+            self._prefix.budgets = attrs.evolve(self._prefix.budgets, device_bytes=cap)
+        self._prefix.rebalance()
+        return self._prefix.tier_bytes()
 
     @property
     def mlx(self) -> MLXThread:
@@ -199,14 +222,16 @@ class Executor:
         match msg:
             case Step():
                 result = await self._thread.call(self._run_step, msg)
-                for rid in (*msg.release, *msg.preempt):
-                    await self._accountant.send(Charge("live", str(rid), 0))
+                charges = {("live", str(rid)): 0 for rid in (*msg.release, *msg.preempt)}
                 for r in result.results:
-                    await self._accountant.send(Charge("live", str(r.request_id), r.cache_bytes))
+                    charges[("live", str(r.request_id))] = r.cache_bytes
                 if self._prefix is not None:
-                    tiers = await self._thread.call(self._prefix.tier_bytes)
+                    live = {**{k: n for k, n in self._charged.items() if k[0] == "live"}, **charges}
+                    live_total = sum(n for (c, _), n in live.items() if c == "live")
+                    tiers = await self._thread.call(self._fit_prefix, live_total)
                     for tier, nbytes in tiers.items():
-                        await self._accountant.send(Charge(tier, "prefix", nbytes))
+                        charges[(tier, "prefix")] = nbytes
+                await self._send_charges(charges)
                 msg.reply.send_nowait(result)
             case UsePrefixCache(cache=cache):
                 self._prefix = cache

@@ -40,8 +40,8 @@ PARKED_POLL_SECONDS = 0.05
 class Scheduler:
     """Admission, batched step planning and token routing. Other actors hold only `inbox`.
 
-    `kv_budget_bytes` bounds the live caches; None = the device budget less the weights (asked
-    of the executor when the scheduler starts).
+    `kv_budget_bytes` bounds the live caches; None = their share of the device budget
+    (`Settings.device_split`, with the weights asked of the executor when the scheduler starts).
     """
 
     def __init__(
@@ -77,7 +77,7 @@ class Scheduler:
                 send, recv = trio.open_memory_channel[ExecutorStats](1)
                 await self._executor.send(ExecutorQuery(send))
                 weights = (await recv.receive()).weights_bytes
-                self._kv_budget_bytes = max(0, self._settings.device_budget_bytes - weights)
+                self._kv_budget_bytes = self._settings.device_split(weights).live_bytes
             self.core.kv_budget_bytes = self._kv_budget_bytes
             task_status.started()
             while True:
