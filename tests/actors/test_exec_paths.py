@@ -278,3 +278,40 @@ async def test_no_reading_exceeds_the_device_budget_under_load(tiny, arch, tmp_p
         assert summary["bytes"]["device"] <= split.prefix_bytes
         assert summary["moved_bytes"], "the load was meant to page cached KV off the device"
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("chunk", [16, 256])  # prefilled in chunks / alone or together
+@pytest.mark.parametrize("arch", ["llama", "window"])
+async def test_a_prompt_is_shared_as_soon_as_its_prefill_is_done(tiny, arch, chunk, tmp_path):
+    folder = tiny(arch)
+    model = load(folder).model
+    prompt = tuple((11 * i) % 240 + 10 for i in range(60))
+    other = tuple((17 * i) % 240 + 12 for i in range(30))
+    expected = reference(model, prompt, 4)
+    settings = Settings(model=folder, prefill_chunk_tokens=chunk, kv_cache_dir=str(tmp_path))
+    async with trio.open_nursery() as nursery:
+        accountant, executor, pager, scheduler, _ = await start(nursery, settings)
+        # A's reader takes one token and stops reading: A stays running (parked) and never
+        # closes, so its KV can only have entered the trie when its prefill was done.
+        send, recv = trio.open_memory_channel(1)
+        await scheduler.inbox.send(Submit(1, prompt, GREEDY, 300, 400, frozenset(), send))
+        # Another prompt arrives with it (so A may prefill together with it).
+        other_done = trio.Event()
+
+        async def run_other():
+            await run(scheduler, 3, other, 4)
+            other_done.set()
+
+        nursery.start_soon(run_other)
+        with trio.fail_after(DEADLINE_SECONDS):
+            first = await recv.receive()
+        assert isinstance(first, Token) and first.token == expected[0]
+        out, done = await run(scheduler, 2, prompt, 4)
+        assert out == expected
+        assert done.cached_tokens == len(prompt) - 1  # all of it but the token it must feed
+        assert scheduler.core.get(1) is not None  # A is still running
+        with trio.fail_after(DEADLINE_SECONDS):
+            await other_done.wait()
+        recv.close()
+        await settle(accountant, pager, executor)
+        nursery.cancel_scope.cancel()

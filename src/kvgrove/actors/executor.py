@@ -397,6 +397,10 @@ class Executor:
                 self._live.pop(rid, None)
             self._batch.__init__()
 
+    @property
+    def _whole_layers(self) -> bool:
+        return self._prefix is not None and self._prefix.has_whole_layers
+
     def _is_decode(self, item: StepItem) -> bool:
         live = self._live.get(item.request_id)
         return (
@@ -553,6 +557,14 @@ class Executor:
             self.step_log.append((it.request_id, start, end))
         self._items += len(fresh)
         self._tokens += sum(len(it.tokens) for it in fresh)
+        if self._prefix is not None:  # the prompts' KV is shared at once (a copy per row)
+            for it in fresh:
+                try:
+                    rows = self._batch.row_copy(it.request_id)
+                except Exception:
+                    log.exception("copying a prefilled row for the prefix cache failed")
+                    continue
+                self._store_prefix(None, self._live[it.request_id], rows)
 
     def _has_cache(self, request_id: int) -> bool:
         live = self._live.get(request_id)
@@ -591,6 +603,12 @@ class Executor:
                     self.loaded.model, live.cache, feed, chunk_tokens=len(feed)
                 ):
                     pass
+                prompt_end = len(live.sampler.history) == live.prompt_tokens
+                if item.sample and prompt_end and self._whole_layers:
+                    # Whole-state layers restore only where a snapshot stands: one just before
+                    # the last prompt token is what a request with this same prompt can use
+                    # (it must feed that token itself).
+                    self._store_prefix(None, live, live.cache)
             token = logprob = top = None
             if item.sample:
                 last = mx.array(tokens[-1:], dtype=mx.uint32)[None]
@@ -598,9 +616,11 @@ class Executor:
                 choice = sample_batch(logits, [live.sampler]).row(0)
                 live.sampler.accept(choice.token)
                 token, logprob, top = choice.token, choice.logprob, choice.top_logprobs
-            if self._prefix is not None and self._prefix.has_whole_layers:
-                # Recurrent / windowed layers restore only where a snapshot ends: take one after
-                # every prefill chunk and at the prompt's end, where the cache stands now.
+            if self._prefix is not None:
+                # Share the prompt's KV at once: after every prefill chunk and at the prompt's
+                # end (where recurrent / windowed layers can be snapshotted: the cache stands
+                # there now), so a request with the same prefix need not wait for this one to
+                # finish, nor compute it again.
                 generated = len(live.sampler.history) - live.prompt_tokens
                 if not item.sample or generated == 1:
                     self._store_prefix(None, live, live.cache)
