@@ -315,3 +315,53 @@ async def test_a_prompt_is_shared_as_soon_as_its_prefill_is_done(tiny, arch, chu
         recv.close()
         await settle(accountant, pager, executor)
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("arch", ["llama", "window", "qwen3_next"])
+async def test_identical_prompts_arriving_together_prefill_once(tiny, arch, tmp_path):
+    folder = tiny(arch)
+    model = load(folder).model
+    prompt = tuple((19 * i) % 240 + 10 for i in range(200))
+    n = 5
+    expected = reference(model, prompt, n)
+    settings = Settings(model=folder, prefill_chunk_tokens=16, kv_cache_dir=str(tmp_path))
+    async with trio.open_nursery() as nursery:
+        accountant, executor, pager, scheduler, _ = await start(nursery, settings)
+        got = await run_together(scheduler, [prompt] * 3, n, 1)
+        assert [out for out, _ in got] == [expected] * 3
+        assert sorted(done.cached_tokens for _, done in got) == [0, 199, 199]
+        assert scheduler.statistics().prefill_waits == 2
+        # The prompt was computed once; the followers fed only its last token, then decoded.
+        assert executor.statistics().tokens_computed == 200 + 2 * 1 + 3 * (n - 1)
+        await settle(accountant, pager, executor)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_follower_whose_leader_is_cancelled_computes_its_prompt(tiny, tmp_path):
+    folder = tiny("llama")
+    model = load(folder).model
+    prompt = tuple((23 * i) % 240 + 10 for i in range(200))
+    expected = reference(model, prompt, 4)
+    settings = Settings(model=folder, prefill_chunk_tokens=16, kv_cache_dir=str(tmp_path))
+    async with trio.open_nursery() as nursery:
+        accountant, executor, pager, scheduler, _ = await start(nursery, settings)
+        send, recv = trio.open_memory_channel(1)
+        await scheduler.inbox.send(Submit(1, prompt, GREEDY, 4, 400, frozenset(), send))
+        result = {}
+
+        async def follower():
+            result["out"] = await run(scheduler, 2, prompt, 4)
+
+        nursery.start_soon(follower)
+        with trio.fail_after(DEADLINE_SECONDS):
+            while scheduler.statistics().prefill_waits < 1:
+                await trio.sleep(0.005)  # polling a counter, with a deadline
+        recv.close()  # the leader's client goes away mid-prefill
+        with trio.fail_after(DEADLINE_SECONDS):
+            while "out" not in result:
+                await trio.sleep(0.005)
+        out, done = result["out"]
+        assert out == expected
+        assert done.cached_tokens < len(prompt)  # what the leader had stored, no more
+        await settle(accountant, pager, executor)
+        nursery.cancel_scope.cancel()

@@ -61,6 +61,12 @@ class Sequence:
     cache_bytes: int = 0
     preemptions: int = 0
     resume_tokens: int = 0  # preempted: the prefix cache kept this much of its history
+    # Not started yet, and another running sequence is prefilling the prefix it lacks: wait
+    # until that one has fed `wait_until` tokens (they are in the trie then), then match again.
+    waits_for: int | None = None
+    wait_until: int = 0
+    rematching: bool = False  # asked the pager again; not planned until it answers
+    waited: bool = False  # waits at most once
 
     def __attrs_post_init__(self) -> None:
         if not self.history:
@@ -80,7 +86,11 @@ class Sequence:
 
     @property
     def runnable(self) -> bool:
-        return not self.finished and not self.outbox
+        return not self.finished and not self.outbox and not self.waiting_for_prefill
+
+    @property
+    def waiting_for_prefill(self) -> bool:
+        return self.waits_for is not None or self.rematching
 
     @property
     def pending(self) -> int:
@@ -116,6 +126,15 @@ class SchedulerStats:
     completed: int
     preempted: int = 0
     max_decode_rows: int = 0  # the most sequences decoded in one step so far
+    prefill_waits: int = 0  # sequences that waited for another's prefill of their prefix
+
+
+def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 # Aging: each step waited counts as this many cached tokens, so a request with nothing cached
@@ -133,12 +152,18 @@ class SchedulerCore:
         max_running: int,
         kv_budget_bytes: int | None = None,
         aging_tokens_per_step: int = DEFAULT_AGING_TOKENS_PER_STEP,
+        share_prefills: bool = False,
     ) -> None:
         assert chunk_tokens > 0 and max_running > 0 and aging_tokens_per_step >= 0
         self.chunk_tokens = chunk_tokens
         self.max_running = max_running
         self.kv_budget_bytes = kv_budget_bytes  # None = unbounded
         self.aging_tokens_per_step = aging_tokens_per_step
+        # A prompt's KV enters the prefix cache as it is prefilled: a sequence whose uncached
+        # prefix another is prefilling waits for it rather than compute it too.
+        self.share_prefills = share_prefills
+        self._rematch: list[int] = []
+        self.prefill_waits = 0
         self._waiting: list[Sequence] = []
         self._running: dict[int, Sequence] = {}  # insertion order = round-robin order
         self._cursor = 0
@@ -185,6 +210,56 @@ class SchedulerCore:
             self._admitted += 1
             seq.order = self._admitted
             self._running[seq.request_id] = seq
+            self._find_leader(seq)
+
+    def _find_leader(self, seq: Sequence) -> None:
+        """If a running sequence is prefilling (or about to) more of seq's prompt than seq has
+        cached, seq waits for it: the longest such shared prefix wins."""
+        if not self.share_prefills or seq.started or seq.waited:
+            return
+        usable = len(seq.prompt) - 1  # at least one prompt token is always fed
+        best, best_common = None, seq.cached_tokens
+        for other in self._running.values():
+            if other is seq or other.finished or other.waiting_for_prefill:
+                continue
+            if other.submit.namespace != seq.submit.namespace:
+                continue
+            common = min(_common_prefix(seq.prompt, other.prompt), usable)
+            if common > best_common and other.fed < common:
+                best, best_common = other, common
+        if best is not None:
+            seq.waits_for, seq.wait_until, seq.waited = best.request_id, best_common, True
+            self.prefill_waits += 1
+
+    def _check_waits(self) -> None:
+        """Sequences whose leader has fed the shared prefix (or is gone) ask the pager again."""
+        for seq in self._running.values():
+            if seq.waits_for is None:
+                continue
+            leader = self._running.get(seq.waits_for)
+            if (
+                leader is None
+                or leader.finished
+                or leader.fed >= seq.wait_until
+                or (leader.started and not leader.has_cache)  # preempted: don't wait on it
+            ):
+                seq.waits_for = None
+                seq.rematching = True
+                self._rematch.append(seq.request_id)
+
+    def take_rematch(self) -> tuple[int, ...]:
+        """Sequences to match against the prefix cache again (send `Match`, then `rematched`)."""
+        out, self._rematch = tuple(self._rematch), []
+        return out
+
+    def rematched(self, request_id: int, cached_tokens: int) -> None:
+        """The pager's new answer for a sequence that waited: it starts from there."""
+        seq = self._running.get(request_id)
+        if seq is None or not seq.rematching:
+            return
+        seq.rematching = False
+        if not seq.started and 0 <= cached_tokens < len(seq.prompt):
+            seq.cached_tokens = seq.fed = cached_tokens
 
     def get(self, request_id: int) -> Sequence | None:
         seq = self._running.get(request_id)
@@ -235,6 +310,7 @@ class SchedulerCore:
 
     def plan_step(self) -> tuple[StepItem, ...]:
         """This step's items: every decoding sequence, then prefill chunks up to `chunk_tokens`."""
+        self._check_waits()
         self._preempt_over_budget()
         runnable = [s for s in self._running.values() if s.runnable]
         items = [self._item_for(s, 1) for s in runnable if s.decoding]
@@ -403,4 +479,5 @@ class SchedulerCore:
             completed=self.completed,
             preempted=self.preempted,
             max_decode_rows=self.max_decode_rows,
+            prefill_waits=self.prefill_waits,
         )
