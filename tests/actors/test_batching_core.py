@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import attrs
+
 from kvgrove.actors.messages import Failed, ItemResult, Submit, Token
 from kvgrove.actors.plan import SchedulerCore
 from kvgrove.sampling import SamplingParams
@@ -173,3 +175,33 @@ def test_a_preempted_sequence_resumes_from_what_the_prefix_cache_kept():
     seq.outbox.clear()
     (item,) = core.plan_step()
     assert item.resume_tokens == 0 and item.tokens == (7,)
+
+
+def _in(namespace: str, rid: int, n_prompt: int) -> Submit:
+    return attrs.evolve(submit(rid, n_prompt), namespace=namespace)
+
+
+def test_a_sequence_waits_for_a_running_prefill_of_its_prefix_in_its_namespace_only():
+    core = SchedulerCore(chunk_tokens=16, max_running=8, share_prefills=True)
+    core.admit(_in("a", 1, 100))
+    core.admit(_in("a", 2, 60))  # shares 60 tokens with 1 (59 usable): waits
+    core.admit(_in("b", 3, 100))  # another namespace: never waits on 1
+    core.admit(_in("a", 4, 100), cached_tokens=99)  # has it all cached already: no wait
+    items = core.plan_step()
+    assert sorted(i.request_id for i in items) == [1, 4]  # 3 waits for budget, 2 for 1
+    assert core.get(2).waits_for == 1 and core.get(2).wait_until == 59
+    assert core.get(3).waits_for is None and core.get(4).waits_for is None
+    assert core.statistics().prefill_waits == 1
+    seq1 = core.get(1)
+    for _ in range(8):  # 1 feeds 16 tokens a step until it has fed 59
+        (item,) = [i for i in items if i.request_id == 1]
+        core.on_result(item, ItemResult(1, None, None, None, 0.01, 0))
+        assert core.take_rematch() == ()
+        items = core.plan_step()
+        if seq1.fed >= 59:
+            break
+    assert core.take_rematch() == (2,)
+    assert core.get(2).rematching and not core.get(2).runnable
+    core.rematched(2, 59)
+    seq2 = core.get(2)
+    assert seq2.runnable and seq2.fed == seq2.cached_tokens == 59

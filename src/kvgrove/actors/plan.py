@@ -189,6 +189,7 @@ class SchedulerCore:
             submitted_step=self.steps_planned,
         )
         if submit.max_tokens == 0:
+            seq.cached_tokens = 0  # nothing is restored for it
             seq.outbox.append(seq.done("length"))
         self._waiting.append(seq)
         self._fill()
