@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import trio
 
-from kvgrove.actors.messages import Charge, MemoryQuery
+from kvgrove.actors.messages import Charge, Charges, MemoryQuery
 from kvgrove.config import Settings
 from kvgrove.memory.ledger import Budgets, Ledger
 
@@ -47,6 +47,10 @@ class Accountant:
             match msg:
                 case Charge(category=category, owner=owner, nbytes=nbytes):
                     self.ledger.set(category, owner, nbytes)
+                    self.peak_device_bytes = max(self.peak_device_bytes, self.ledger.device_bytes)
+                case Charges(charges=charges):
+                    for c in charges:
+                        self.ledger.set(c.category, c.owner, c.nbytes)
                     self.peak_device_bytes = max(self.peak_device_bytes, self.ledger.device_bytes)
                 case MemoryQuery(reply=reply):
                     reply.send_nowait(

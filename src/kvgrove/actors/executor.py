@@ -28,6 +28,7 @@ import trio
 
 from kvgrove.actors.messages import (
     Charge,
+    Charges,
     ExecutorQuery,
     ItemResult,
     Step,
@@ -173,15 +174,14 @@ class Executor:
             self._thread.stop()
 
     async def _send_charges(self, charges: dict[tuple[str, str], int]) -> None:
-        """Tell the accountant, shrinking entries first: no reading in between ever shows more
-        than the larger of the totals before and after."""
-        order = sorted(charges.items(), key=lambda kv: kv[1] - self._charged.get(kv[0], 0))
-        for (category, owner), nbytes in order:
-            await self._accountant.send(Charge(category, owner, nbytes))
+        """Tell the accountant in one message: no reading ever shows half a step's update."""
+        batch = tuple(Charge(category, owner, n) for (category, owner), n in charges.items())
+        await self._accountant.send(Charges(batch))
+        for key, nbytes in charges.items():
             if nbytes:
-                self._charged[(category, owner)] = nbytes
+                self._charged[key] = nbytes
             else:
-                self._charged.pop((category, owner), None)
+                self._charged.pop(key, None)
 
     def _fit_prefix(self, live_bytes: int) -> dict[str, int]:
         """On the MLX thread: the prefix cache's device tier gets its share of the device

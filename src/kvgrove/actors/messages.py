@@ -168,6 +168,14 @@ class Charge:
 
 
 @attrs.frozen
+class Charges:
+    """Several `Charge`s applied at once: no reading ever shows some of them without the rest
+    (the executor's per-step update of live caches and tiers)."""
+
+    charges: tuple[Charge, ...]
+
+
+@attrs.frozen
 class MemoryQuery:
     reply: Any  # receives dict (the /api/memory body)
 

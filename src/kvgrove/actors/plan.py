@@ -320,11 +320,14 @@ class SchedulerCore:
         prefilling = [s for s in runnable if not s.decoding]
         prefilling.sort(key=lambda s: (not s.has_cache, -self.priority(s), s.order))
         budget = self.chunk_tokens
+        planned = 0.0  # the estimated bytes of the caches this step starts
         for seq in prefilling:
             if budget <= 0:
                 break
-            if not seq.has_cache and not self._fits(seq, running=bool(items)):
-                break
+            if not seq.has_cache:
+                if not self._fits(seq, running=bool(items), planned=planned):
+                    break
+                planned += self._bytes_per_token * len(seq.history)
             item = self._item_for(seq, budget)
             budget -= len(item.tokens)
             items.append(item)
@@ -332,15 +335,16 @@ class SchedulerCore:
             self.steps_planned += 1
         return tuple(items)
 
-    def _fits(self, seq: Sequence, *, running: bool) -> bool:
-        """Whether seq's cache can be built now without outgrowing the budget."""
+    def _fits(self, seq: Sequence, *, running: bool, planned: float = 0.0) -> bool:
+        """Whether seq's cache can be built now without outgrowing the budget, beside the live
+        caches and the `planned` bytes of those this step starts."""
         if self.kv_budget_bytes is None:
             return True
         holders = [s for s in self._running.values() if s.has_cache]
         if not holders and not running:
             return True  # alone it always runs: one sequence over budget is not refused
         estimate = self._bytes_per_token * len(seq.history)
-        return self.live_bytes + estimate <= self.kv_budget_bytes
+        return self.live_bytes + planned + estimate <= self.kv_budget_bytes
 
     def _preempt_over_budget(self) -> None:
         if self.kv_budget_bytes is None:
