@@ -205,3 +205,15 @@ def test_a_sequence_waits_for_a_running_prefill_of_its_prefix_in_its_namespace_o
     core.rematched(2, 59)
     seq2 = core.get(2)
     assert seq2.runnable and seq2.fed == seq2.cached_tokens == 59
+
+
+def test_caches_started_in_one_step_count_together_against_the_live_budget():
+    core = SchedulerCore(chunk_tokens=1000, max_running=8, kv_budget_bytes=1000)
+    core.admit(submit(1, 10, max_tokens=None))
+    run_step(core, nbytes_per_token=40)  # 1 holds 400 bytes; 40 bytes a token is now known
+    for rid in (2, 3, 4):
+        core.admit(submit(rid, 10, max_tokens=None))
+    items = core.plan_step()
+    started = [i.request_id for i in items if i.start is not None]
+    assert started == [2]  # 400 + 400 fits; a third 400 would not
+    assert core.take_preempt() == ()
