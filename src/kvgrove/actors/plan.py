@@ -216,7 +216,7 @@ class SchedulerCore:
     def _find_leader(self, seq: Sequence) -> None:
         """If a running sequence is prefilling (or about to) more of seq's prompt than seq has
         cached, seq waits for it: the longest such shared prefix wins."""
-        if not self.share_prefills or seq.started or seq.waited:
+        if not self.share_prefills or seq.started or seq.waited or seq.finished:
             return
         usable = len(seq.prompt) - 1  # at least one prompt token is always fed
         best, best_common = None, seq.cached_tokens
