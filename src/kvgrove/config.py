@@ -123,6 +123,14 @@ class Settings:
     batch_prefill: bool = True
     device_cache_bytes: int = attrs.field(default=0, validator=_non_negative)
     kv_cache_dir: str | None = None  # None = <kvgrove cache dir>/kv
+    # Other models on demand, besides `model` (which stays loaded): a request naming one loads
+    # it; at most this many stay loaded (0 = serve `model` only), the least recently used idle
+    # one unloading first; an idle one unloads after `keep_alive_seconds` (a request's
+    # keep_alive overrides it; < 0 = never). Requests for a loading model wait at most
+    # `model_load_timeout_seconds`.
+    max_loaded_models: int = attrs.field(default=2, validator=_non_negative)
+    keep_alive_seconds: float = 300.0
+    model_load_timeout_seconds: float = attrs.field(default=600.0, validator=_positive)
 
     def device_split(self, weights_bytes: int) -> DeviceSplit:
         """How the one device budget is shared: the weights, then what they leave split between
@@ -199,6 +207,9 @@ _HELP = {
     "max_predict_tokens": "largest num_predict / max_tokens; also caps 'until the limit'",
     "device_cache_bytes": "device-tier budget of the prefix cache (0 = half what weights leave)",
     "kv_cache_dir": "folder of the prefix cache's disk tier (default ~/.cache/kvgrove/kv)",
+    "max_loaded_models": "other models loaded on demand at once (0 = serve --model only)",
+    "keep_alive_seconds": "how long an idle on-demand model stays loaded (< 0 = forever)",
+    "model_load_timeout_seconds": "how long a request waits for its model to load",
 }
 
 
