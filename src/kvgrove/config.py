@@ -49,6 +49,23 @@ def default_budgets_bytes() -> dict[str, int]:
 
 
 @attrs.frozen
+class DeviceSplit:
+    """The device budget's shares (bytes): `live_bytes` bounds the running sequences' caches
+    (the scheduler preempts past it), `prefix_bytes` the prefix cache's device tier, which also
+    gives way to live caches that outgrow their share within a step (the executor lowers it to
+    what they leave before it rebalances)."""
+
+    weights_bytes: int
+    live_bytes: int
+    prefix_bytes: int
+
+    @property
+    def room_bytes(self) -> int:
+        """What the weights leave: live caches and cached KV together stay within it."""
+        return self.live_bytes + self.prefix_bytes
+
+
+@attrs.frozen
 class Settings:
     """Everything `kvgrove serve` can be told. Defaults bind where Ollama does."""
 
@@ -98,7 +115,8 @@ class Settings:
     # request that asks for "until the context limit" stops here with done_reason "length".
     max_predict_tokens: int = attrs.field(default=32768, validator=_positive)
     # The prefix cache: on by default. Its device tier gets `device_cache_bytes` (0 = half of
-    # what the device budget leaves after the weights); host and disk tiers get their budgets.
+    # what the device budget leaves after the weights), live caches the rest of that
+    # (`device_split`); host and disk tiers get their budgets.
     prefix_cache: bool = True
     # New prompts that arrive together prefill in one left-padded forward pass (plain-attention
     # models); off = one forward per prompt.
@@ -114,10 +132,17 @@ class Settings:
     keep_alive_seconds: float = 300.0
     model_load_timeout_seconds: float = attrs.field(default=600.0, validator=_positive)
 
+    def device_split(self, weights_bytes: int) -> DeviceSplit:
+        """How the one device budget is shared: the weights, then what they leave split between
+        live caches and the prefix cache's device tier (`device_cache_bytes`, capped at what is
+        left; 0 = half of it). weights + live + prefix <= device budget whenever the weights
+        fit at all."""
+        room = max(0, self.device_budget_bytes - weights_bytes)
+        prefix = min(self.device_cache_bytes, room) if self.device_cache_bytes else room // 2
+        return DeviceSplit(weights_bytes, room - prefix, prefix)
+
     def prefix_device_budget_bytes(self, weights_bytes: int) -> int:
-        if self.device_cache_bytes:
-            return self.device_cache_bytes
-        return max(0, self.device_budget_bytes - weights_bytes) // 2
+        return self.device_split(weights_bytes).prefix_bytes
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

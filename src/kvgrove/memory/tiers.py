@@ -33,6 +33,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from kvgrove import faults
 from kvgrove.memory import snapshots
 from kvgrove.memory.ledger import Budgets
 from kvgrove.memory.snapshots import Payload
@@ -255,6 +256,10 @@ class Tiers:
             with contextlib.suppress(RuntimeError):
                 self._drop_corrupt(exc)
             return 0
+        except BaseException:  # e.g. an allocation failure: unlock; the caller recomputes
+            self.stats["hit_tokens"] -= hit.usable_tokens
+            self.release(hit)
+            raise
         try:
             self.restore(cache, hit)
         finally:
@@ -268,6 +273,7 @@ class Tiers:
         # A split since the match (another sequence stored a diverging continuation) leaves the
         # hit's node holding only the tokens after the cut: pieces past the usable end drop off.
         pieces = [n.payload for n in self.trie.path(hit.node) if n.start < hit.usable_tokens]
+        faults.check("tiers.stitch")
         seconds = snapshots.restore(cache, pieces, hit.usable_tokens)
         self.stats["restore_seconds"] += seconds
         return seconds
@@ -297,6 +303,7 @@ class Tiers:
     def promote(self, node: Node) -> Move:
         """Bring a node's payload to the device tier (raises CorruptEntry for a bad file)."""
         t0 = time.perf_counter()
+        faults.check("tiers.promote")
         p, source = node.payload, node.tier
         if source == "disk":
             p = self._read(p)
