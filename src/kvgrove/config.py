@@ -126,8 +126,8 @@ class Settings:
     # Other models on demand, besides `model` (which stays loaded): a request naming one loads
     # it; at most this many stay loaded (0 = serve `model` only), the least recently used idle
     # one unloading first; an idle one unloads after `keep_alive_seconds` (a request's
-    # keep_alive overrides it; < 0 = never). Requests for a loading model wait at most
-    # `model_load_timeout_seconds`.
+    # keep_alive overrides it; < 0 = never). Requests for a loading model wait while the load
+    # progresses, failing once `model_load_timeout_seconds` pass without progress.
     max_loaded_models: int = attrs.field(default=2, validator=_non_negative)
     keep_alive_seconds: float = 300.0
     model_load_timeout_seconds: float = attrs.field(default=600.0, validator=_positive)
@@ -209,7 +209,7 @@ _HELP = {
     "kv_cache_dir": "folder of the prefix cache's disk tier (default ~/.cache/kvgrove/kv)",
     "max_loaded_models": "other models loaded on demand at once (0 = serve --model only)",
     "keep_alive_seconds": "how long an idle on-demand model stays loaded (< 0 = forever)",
-    "model_load_timeout_seconds": "how long a request waits for its model to load",
+    "model_load_timeout_seconds": "how long a request waits for a load making no progress",
 }
 
 

@@ -284,3 +284,41 @@ def test_least_recently_used_idle_model_unloads_to_make_room(store, monkeypatch)
         assert bg.on_server(lambda: (registry.loads, registry.unloads)) == (2, 1)
         # The server's own model answered throughout and is still there.
         assert client.chat(model="tiny-llama", messages=messages, options={"num_predict": 2}).done
+
+
+async def test_a_load_without_progress_times_out_and_the_server_keeps_serving(store, monkeypatch):
+    import threading
+    from functools import partial
+
+    import trio
+
+    from kvgrove.models.loading import load
+
+    monkeypatch.setenv("OLLAMA_MODELS", str(store))
+    qwen = "hf.co/someone/tiny-qwen3-GGUF:Q4_K_M"
+    gate = threading.Event()
+
+    def loader(name):  # reports no progress while held
+        if name == qwen:
+            assert gate.wait(60), "the test never released the load"
+        return load(name)
+
+    settings = Settings(
+        port=0, model="tiny-llama", model_load_timeout_seconds=0.5, shutdown_grace_seconds=1.0
+    )
+    messages = [{"role": "user", "content": "hello"}]
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            srv = await nursery.start(
+                partial(serve.serve, settings, handle_signals=False, loader=loader)
+            )
+            await srv.ready.wait()
+            client = ollama.AsyncClient(host=srv.url)
+            with pytest.raises(ollama.ResponseError, match="made no loading progress"):
+                await client.chat(model=qwen, messages=messages)
+            r = await client.chat(model="tiny-llama", messages=messages, options={"num_predict": 2})
+            assert r.eval_count == 2
+            gate.set()  # the load completes; the next request gets the model
+            r = await client.chat(model=qwen, messages=messages, options={"num_predict": 2})
+            assert r.eval_count == 2
+            srv.shutdown.set()

@@ -131,3 +131,11 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
     writer.close()
     with pytest.raises(ValueError, match="GGUF architecture 'mamba' is not supported"):
         loading.load(path)
+
+
+def test_load_reports_progress_tensor_by_tensor(tmp_path):
+    _, path = write_pair(tmp_path, "qwen3", "Q4_K")
+    seen: list[float] = []
+    loading.load(path, progress=seen.append)
+    assert len(seen) > 10  # one report per tensor, then done
+    assert seen == sorted(seen) and seen[-1] == 1.0

@@ -1,16 +1,17 @@
 """Several models on demand: one actor group (executor, pager, scheduler) per loaded model.
 
 The server's own model (`--model`) is composed by serve.py as before and stays loaded; this
-registry owns the others. A request naming another model `acquire`s a lease on its group:
-the first request starts the group (the load runs on the group's own MLX thread, so requests to
-models already loaded keep running), later ones wait for it to be ready, at most
-`model_load_timeout_seconds`. A group with no leases left unloads once its `keep_alive` has
-passed (0 = right after the request; < 0 = never), and before a load the least recently used
-idle groups unload while more than `max_loaded_models` would be loaded or the weights would
-pass the device budget. Each group's pager keeps its prefix cache's disk tier in a folder of
-its own, and entries are keyed by the model's fingerprint, so one model's cache never serves
-another. Each group has its own accountant too: the server's ledger (/api/memory) keeps
-describing the server's own model, and a group's ledger goes with it when it unloads.
+registry owns the others. A request naming another model `acquire`s a lease on its group: the
+first request starts the group (the load runs on the group's own MLX thread, so requests to
+models already loaded keep running), later ones wait for it to be ready, for as long as the load
+keeps making progress (a request fails once `model_load_timeout_seconds` pass with none). A
+group with no leases left unloads once its `keep_alive` has passed (0 = right after the request;
+< 0 = never), and before a load the least recently used idle groups unload while more than
+`max_loaded_models` would be loaded or the weights would pass the device budget. Each group's
+pager keeps its prefix cache's disk tier in a folder of its own, and entries are keyed by the
+model's fingerprint, so one model's cache never serves another. Each group has its own
+accountant too: the server's ledger (/api/memory) keeps describing the server's own model, and a
+group's ledger goes with it when it unloads.
 
 The registry is the only owner of its groups; the HTTP layer holds leases (see Runtime).
 """
@@ -58,6 +59,7 @@ class ModelGroup:
     last_used: float = attrs.field(factory=time.monotonic)
     load_started: float = attrs.field(factory=time.time)
     cancel: trio.CancelScope | None = None
+    progress: float = 0.0  # fraction of the load done, as the loader reports it
 
     def expires_at(self) -> float | None:
         """Wall-clock time it unloads if nothing uses it (None = never, or in use)."""
@@ -184,14 +186,14 @@ class ModelRegistry:
             group.keep_alive = self.settings.keep_alive_seconds
         lease = Lease(group, self)
         try:
-            with trio.fail_after(self.settings.model_load_timeout_seconds):
-                await group.ready.wait()
+            await self._wait_loaded(group)
         except BaseException as e:
             lease.release()
             if isinstance(e, trio.TooSlowError):
                 raise ModelLoadError(
-                    f"model {name!r} did not load within "
-                    f"{self.settings.model_load_timeout_seconds:g} seconds"
+                    f"model {name!r} made no loading progress for "
+                    f"{self.settings.model_load_timeout_seconds:g} seconds "
+                    f"({group.progress:.0%} read)"
                 ) from None
             raise
         if group.error is not None:
@@ -199,6 +201,17 @@ class ModelRegistry:
             raise ModelLoadError(f"model {name!r} failed to load: {group.error}")
         group.last_used = time.monotonic()
         return lease
+
+    async def _wait_loaded(self, group: ModelGroup) -> None:
+        """Wait for the group to be ready; TooSlowError once a whole timeout passes with no
+        loading progress (a big model that keeps reading is waited for)."""
+        seen = -1.0
+        while not group.ready.is_set():
+            if group.progress <= seen:
+                raise trio.TooSlowError
+            seen = group.progress
+            with trio.move_on_after(self.settings.model_load_timeout_seconds):
+                await group.ready.wait()
 
     async def _run_group(self, group: ModelGroup, name: str) -> None:
         folder = self.settings.kv_cache_dir
@@ -211,11 +224,19 @@ class ModelRegistry:
             self.settings, model=name, kv_cache_dir=str(Path(folder) / "models" / digest)
         )
         if self._loader is not None:
-            loader = self._loader
+            custom = self._loader
+
+            def loader(name: str) -> Any:
+                return custom(name)
         else:
             from kvgrove.models.loading import load
 
-            loader = load
+            def loader(name: str) -> Any:
+                def progress(fraction: float) -> None:
+                    group.progress = fraction  # read on the trio thread: one float, no lock
+
+                return load(name, progress=progress)
+
         try:
             with trio.CancelScope() as scope:
                 group.cancel = scope

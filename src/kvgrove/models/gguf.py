@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -230,7 +231,9 @@ def _requantize_spec(type_name: str, value: np.ndarray) -> tuple[int, int] | Non
     return (bits, 32) if value.shape[-1] % 32 == 0 else None
 
 
-def _read_with_gguf(path: Path, requantize: bool) -> tuple[dict[str, mx.array], dict[str, str]]:
+def _read_with_gguf(
+    path: Path, requantize: bool, progress: Callable[[float], None] | None = None
+) -> tuple[dict[str, mx.array], dict[str, str]]:
     from gguf import GGMLQuantizationType, GGUFReader
     from gguf.quants import dequantize
 
@@ -238,7 +241,12 @@ def _read_with_gguf(path: Path, requantize: bool) -> tuple[dict[str, mx.array], 
     weights: dict[str, mx.array] = {}
     counts: Counter[str] = Counter()
     actions: dict[str, set[str]] = {}
+    total = max(1, sum(int(t.n_bytes) for t in reader.tensors))
+    done = 0
     for tensor in reader.tensors:
+        done += int(tensor.n_bytes)
+        if progress is not None:
+            progress(done / total)
         qtype = GGMLQuantizationType(tensor.tensor_type)
         kind = qtype.name
         counts[kind] += 1
@@ -289,11 +297,17 @@ def gguf_summary(path: str | Path) -> tuple[Counter[str], int]:
     return types, sum(int(t.n_elements) for t in reader.tensors)
 
 
-def read_gguf(path: str | Path, *, requantize: bool = False) -> GGUFRead:
+def read_gguf(
+    path: str | Path,
+    *,
+    requantize: bool = False,
+    progress: Callable[[float], None] | None = None,
+) -> GGUFRead:
     """Weights (Hugging Face names), config, metadata and what happened to each tensor type.
 
     requantize: for tensors that need the `gguf` dequantizer, re-quantize the float32 result to
-    MLX affine 4/8-bit (otherwise they stay float32)."""
+    MLX affine 4/8-bit (otherwise they stay float32). progress: called with the fraction of
+    tensor bytes read so far (the `gguf` route reads tensor by tensor)."""
     path = Path(path)
     metadata = read_gguf_metadata(path)
     config = config_from_metadata(metadata)
@@ -310,7 +324,7 @@ def read_gguf(path: str | Path, *, requantize: bool = False) -> GGUFRead:
             for kind, n in types.items()
         }
     else:
-        weights, report = _read_with_gguf(path, requantize)
+        weights, report = _read_with_gguf(path, requantize, progress)
     arch = str(metadata["general.architecture"])
     return GGUFRead(hf_weights(weights, config, arch), config, metadata, report)
 

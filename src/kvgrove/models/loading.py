@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +149,10 @@ def _context_length(config: dict[str, Any]) -> int:
     return DEFAULT_CONTEXT_TOKENS
 
 
-def _build_gguf(path: Path, requantize: bool) -> tuple[nn.Module, dict[str, Any], Any]:
-    read = read_gguf(path, requantize=requantize)
+def _build_gguf(
+    path: Path, requantize: bool, progress: Any = None
+) -> tuple[nn.Module, dict[str, Any], Any]:
+    read = read_gguf(path, requantize=requantize, progress=progress)
     weights, config = read.weights, read.config
     arch = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     model = arch.Model(arch.ModelArgs.from_dict(config))
@@ -219,11 +222,13 @@ def load(
     *,
     dtype: str | None = None,
     dequantize: bool | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> LoadedModel:
     """Load a model and its tokenizer.
 
     dtype: "float32", "float16" or "bfloat16" for the unquantized weights (default: float32 on
-    CPU, the checkpoint's own dtype on GPU). dequantize: None = the policy above.
+    CPU, the checkpoint's own dtype on GPU). dequantize: None = the policy above. progress:
+    called (on the loading thread) with the fraction done as reading advances.
     """
     from kvgrove.tokenize import load_tokenizer, tokenizer_from_gguf
 
@@ -237,7 +242,7 @@ def load(
             requantize = on_gpu() or not _float32_fits(elements)
         else:
             requantize = not dequantize
-        model, config, read = _build_gguf(path, requantize)
+        model, config, read = _build_gguf(path, requantize, progress)
         tokenizer = tokenizer_from_gguf(read.metadata)
         tensor_types = dict(read.tensor_types)
         source = "gguf"
@@ -262,6 +267,8 @@ def load(
     if dtype is not None:
         model.set_dtype(getattr(mx, dtype))
     mx.eval(model.parameters())
+    if progress is not None:
+        progress(1.0)
     final = _quantization_label(model) if quantized else None
     tail = f"; model kept {final}" if final else f"; model in {_float_dtype(model)}"
     tensor_types = {
