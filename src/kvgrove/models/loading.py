@@ -133,7 +133,9 @@ def _fingerprint(path: Path, dtype: str) -> str:
     files = (
         [path] if path.is_file() else [*sorted(path.glob("*.safetensors")), path / "config.json"]
     )
-    h = hashlib.sha256(dtype.encode())
+    # ":f32-dequant": quantized weights are dequantized in float32 since this version, so KV
+    # cached on disk by earlier versions (float16-rounded weights) is not served to it.
+    h = hashlib.sha256(f"{dtype}:f32-dequant".encode())
     for f in files:
         if f.exists():
             st = f.stat()
