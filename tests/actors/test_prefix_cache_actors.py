@@ -126,6 +126,7 @@ async def check_clean(accountant, pager, executor):
     accountant.ledger.check_integrity()
     assert memory["live_cache_bytes"] == 0
     assert summary["locked_requests"] == 0
+    assert summary["integrity"]["clean"], summary["integrity"]
     assert memory["cached_kv_bytes"] == summary["bytes"]
     assert executor.statistics().live_sequences == 0
     return summary, memory

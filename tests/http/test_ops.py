@@ -74,8 +74,9 @@ async def test_health_is_503_while_loading_then_ok(tiny_llama):
         server.shutdown.set()
 
 
-async def test_graceful_shutdown_lets_a_stream_finish():
-    settings = Settings(port=0, shutdown_grace_seconds=8)
+async def test_graceful_shutdown_lets_a_stream_finish(tmp_path):
+    # Its own cache folder: the session's live server owns the default one.
+    settings = Settings(port=0, shutdown_grace_seconds=8, kv_cache_dir=str(tmp_path))
     async with trio.open_nursery() as nursery:
         server = await nursery.start(partial(serve, settings, handle_signals=False))
         await server.ready.wait()
