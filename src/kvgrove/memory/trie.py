@@ -299,7 +299,11 @@ class Trie:
         return tuple(reversed(out))
 
     def path_tokens(self, node: Node) -> tuple[int, ...]:
-        return tuple(t for n in self.path(node) for t in n.tokens)
+        spans = []
+        while node.parent is not None:
+            spans.append(node.tokens)
+            node = node.parent
+        return tuple(itertools.chain.from_iterable(reversed(spans)))
 
     def nodes(self) -> Iterator[Node]:
         """Every node but the root, parents before children."""
