@@ -314,3 +314,30 @@ def test_check_integrity_verifies_the_lru_index(model, tmp_path):
     report = cache.check_integrity()
     assert any("LRU" in p for p in report.problems) and "LRU index rebuilt" in report.repaired
     assert cache.check_integrity().clean
+
+
+# -- restore: any failure releases the request's lock ----------------------------------------
+
+
+@pytest.mark.parametrize("where", ["promote", "stitch"])
+def test_a_failed_restore_releases_the_lock_and_propagates(model, tmp_path, where):
+    cache = make(model, tmp_path)
+    p = prompt(7)
+    cache.store("", p, prefilled(model, p))
+    (node,) = cache.tiers("").trie.nodes()
+    live = make_cache(model)
+    if where == "promote":  # a host copy that cannot come back to the device
+        cache.tiers("").demote(node, "host")
+        key = next(iter(node.payload.dtypes))
+        node.payload.dtypes[key] = "float16"  # recorded dtype no longer matches the bytes
+    else:
+        live = live[:-1] if len(live) > 1 else []  # a live cache of another layout
+    assert cache.match(1, "", p) == len(p) - 1
+    with pytest.raises(ValueError):
+        cache.restore(1, live)
+    assert cache.statistics()["locked_requests"] == 0
+    assert node.lock_count == 0
+    cache.budgets = Budgets(0, 0, 0)
+    cache.rebalance()  # nothing is pinned: everything can go
+    assert cache.statistics()["nodes"] == 0
+    assert cache.check_integrity().clean
