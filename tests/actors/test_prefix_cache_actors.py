@@ -30,7 +30,7 @@ from kvgrove.sampling import SamplingParams
 from tiny_models import write_tiny_model
 
 GREEDY = SamplingParams(temperature=0)
-ARCHS = ["llama", "qwen3_next", "glm4_moe_lite", "default"]
+ARCHS = ["llama", "qwen3_next", "glm4_moe_lite", "window", "gemma3", "default"]
 
 
 @pytest.fixture(scope="module")

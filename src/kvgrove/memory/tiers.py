@@ -394,30 +394,26 @@ class Tiers:
         Returns the tokens restored: `hit.usable_tokens`, or 0 when a file on the path failed
         to verify (it is dropped where no one else holds it; the caller recomputes). Any other
         failure (an allocation in promote or stitch) releases the hit and propagates."""
-        released = False
         try:
-            try:
-                for node in self.trie.path(hit.node):
-                    if node.start < hit.usable_tokens and node.tier != "device":
-                        self.promote(node)
-            except CorruptEntry as exc:
-                self.stats["hit_tokens"] -= hit.usable_tokens
-                released = True
-                self.release(hit)
-                # Another request may hold it: then it is dropped on a later use.
-                with contextlib.suppress(RuntimeError):
-                    self._drop_corrupt(exc)
-                return 0
-            try:
-                self.restore(cache, hit)
-            finally:
-                released = True
-                self.release(hit)
-            return hit.usable_tokens
-        except BaseException:
-            if not released:
-                self.release(hit)
+            for node in self.trie.path(hit.node):
+                if node.start < hit.usable_tokens and node.tier != "device":
+                    self.promote(node)
+        except CorruptEntry as exc:
+            self.stats["hit_tokens"] -= hit.usable_tokens
+            self.release(hit)
+            # Another request may hold it: then it is dropped on a later use.
+            with contextlib.suppress(RuntimeError):
+                self._drop_corrupt(exc)
+            return 0
+        except BaseException:  # e.g. an allocation failure: unlock; the caller recomputes
+            self.stats["hit_tokens"] -= hit.usable_tokens
+            self.release(hit)
             raise
+        try:
+            self.restore(cache, hit)
+        finally:
+            self.release(hit)
+        return hit.usable_tokens
 
     def restore(self, cache: Sequence[Any], hit: Hit) -> float:
         """Stitch the hit's path into a fresh live cache; returns the seconds it took."""
@@ -426,6 +422,7 @@ class Tiers:
         # A split since the match (another sequence stored a diverging continuation) leaves the
         # hit's node holding only the tokens after the cut: pieces past the usable end drop off.
         pieces = [n.payload for n in self.trie.path(hit.node) if n.start < hit.usable_tokens]
+        faults.check("tiers.stitch")
         seconds = snapshots.restore(cache, pieces, hit.usable_tokens)
         self.stats["restore_seconds"] += seconds
         return seconds
@@ -455,6 +452,7 @@ class Tiers:
     def promote(self, node: Node) -> Move:
         """Bring a node's payload to the device tier (raises CorruptEntry for a bad file)."""
         t0 = time.perf_counter()
+        faults.check("tiers.promote")
         p, source = node.payload, node.tier
         if source == "disk":
             p = self._read(p, node)
