@@ -165,7 +165,7 @@ def test_unknown_and_unloadable_models_are_clear_errors(server, tmp_path):
     assert client.chat(model="tiny-llama", messages=[{"role": "user", "content": "x"}]).done
 
 
-async def test_a_load_never_blocks_the_loaded_model(store, monkeypatch):
+async def test_a_load_never_blocks_the_loaded_model(store, monkeypatch, tmp_path):
     """While one model's load is held open, the server's own model keeps answering; requests
     for the loading one wait and then get it."""
     import threading
@@ -185,7 +185,10 @@ async def test_a_load_never_blocks_the_loaded_model(store, monkeypatch):
             assert gate.wait(60), "the test never released the load"
         return load(name)
 
-    settings = Settings(port=0, model="tiny-llama", shutdown_grace_seconds=1.0)
+    # Its own cache folder: the module's `server` serves the same model and owns the default one.
+    settings = Settings(
+        port=0, model="tiny-llama", shutdown_grace_seconds=1.0, kv_cache_dir=str(tmp_path / "kv")
+    )
     messages = [{"role": "user", "content": "hello"}]
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
@@ -263,9 +266,15 @@ def test_pull_streams_progress_for_a_hugging_face_repo(server, store, tmp_path, 
     assert reply.eval_count == 2
 
 
-def test_least_recently_used_idle_model_unloads_to_make_room(store, monkeypatch):
+def test_least_recently_used_idle_model_unloads_to_make_room(store, monkeypatch, tmp_path):
     monkeypatch.setenv("OLLAMA_MODELS", str(store))
-    settings = Settings(port=0, model="tiny-llama", max_loaded_models=1, shutdown_grace_seconds=1.0)
+    settings = Settings(
+        port=0,
+        model="tiny-llama",
+        max_loaded_models=1,
+        shutdown_grace_seconds=1.0,
+        kv_cache_dir=str(tmp_path / "kv"),  # the module's `server` owns the default folder
+    )
     messages = [{"role": "user", "content": "hello"}]
     qwen3 = "hf.co/someone/tiny-qwen3-GGUF:Q4_K_M"
     with serve.background(settings) as bg:
@@ -286,7 +295,9 @@ def test_least_recently_used_idle_model_unloads_to_make_room(store, monkeypatch)
         assert client.chat(model="tiny-llama", messages=messages, options={"num_predict": 2}).done
 
 
-async def test_a_load_without_progress_times_out_and_the_server_keeps_serving(store, monkeypatch):
+async def test_a_load_without_progress_times_out_and_the_server_keeps_serving(
+    store, monkeypatch, tmp_path
+):
     import threading
     from functools import partial
 
@@ -304,7 +315,11 @@ async def test_a_load_without_progress_times_out_and_the_server_keeps_serving(st
         return load(name)
 
     settings = Settings(
-        port=0, model="tiny-llama", model_load_timeout_seconds=0.5, shutdown_grace_seconds=1.0
+        port=0,
+        model="tiny-llama",
+        model_load_timeout_seconds=0.5,
+        shutdown_grace_seconds=1.0,
+        kv_cache_dir=str(tmp_path / "kv"),  # the module's `server` owns the default folder
     )
     messages = [{"role": "user", "content": "hello"}]
     with trio.fail_after(120):
