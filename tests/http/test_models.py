@@ -334,6 +334,11 @@ async def test_a_load_without_progress_times_out_and_the_server_keeps_serving(
             r = await client.chat(model="tiny-llama", messages=messages, options={"num_predict": 2})
             assert r.eval_count == 2
             gate.set()  # the load completes; the next request gets the model
+            # The held load reports no progress, so wait for it to finish before asking again
+            # (on a loaded machine it can take longer than the 0.5 s no-progress limit).
+            with trio.fail_after(60):
+                while not any(g.ready.is_set() for g in srv.runtime.registry.groups):
+                    await trio.sleep(0.05)
             r = await client.chat(model=qwen, messages=messages, options={"num_predict": 2})
             assert r.eval_count == 2
             srv.shutdown.set()
