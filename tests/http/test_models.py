@@ -146,7 +146,7 @@ def test_unknown_and_unloadable_models_are_clear_errors(server, tmp_path):
     assert client.chat(model="tiny-llama", messages=[{"role": "user", "content": "x"}]).done
 
 
-async def test_a_load_never_blocks_the_loaded_model(store, monkeypatch):
+async def test_a_load_never_blocks_the_loaded_model(store, monkeypatch, tmp_path):
     """While one model's load is held open, the server's own model keeps answering; requests
     for the loading one wait and then get it."""
     import threading
@@ -166,7 +166,10 @@ async def test_a_load_never_blocks_the_loaded_model(store, monkeypatch):
             assert gate.wait(60), "the test never released the load"
         return load(name)
 
-    settings = Settings(port=0, model="tiny-llama", shutdown_grace_seconds=1.0)
+    # Its own cache folder: the module's server owns the default one for tiny-llama.
+    settings = Settings(
+        port=0, model="tiny-llama", shutdown_grace_seconds=1.0, kv_cache_dir=str(tmp_path)
+    )
     messages = [{"role": "user", "content": "hello"}]
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
