@@ -344,3 +344,15 @@ def test_a_failed_restore_releases_the_lock_and_propagates(model, tmp_path, wher
     cache.rebalance()  # nothing is pinned: everything can go
     assert cache.statistics()["nodes"] == 0
     assert cache.check_integrity().clean
+
+
+def test_an_unusable_cache_folder_at_start_serves_without_the_disk_tier(model, tmp_path):
+    (tmp_path / "t").write_text("a file where the folder should be")
+    pt = per_token(model, tmp_path)
+    cache = make(model, tmp_path, Budgets(30 * pt, 30 * pt, 1 << 30))
+    for i in range(4):
+        cache.store("", prompt(i), prefilled(model, prompt(i)))
+        assert_within_budgets(cache)
+    assert cache.tier_bytes()["disk"] == 0
+    assert answer_with_cache(model, cache, 1, prompt(3)) == reference(model, prompt(3))
+    assert cache.check_integrity().clean
