@@ -128,7 +128,7 @@ def main() -> None:
             new_step = per_step(cache, old=False)
             old_step = per_step(cache, old=True, budget_s=0.3)
             per_demotion(cache, old=False, count=1)  # pops the entries the build left stale
-            new_demote = per_demotion(cache, old=False, count=2000)
+            new_demote = per_demotion(cache, old=False, count=min(2000, nodes // 4))
             old_demote = per_demotion(cache, old=True, count=3 if nodes >= 10_000 else 20)
             report = cache.check_integrity()
             assert report.clean, report.problems

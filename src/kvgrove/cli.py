@@ -190,6 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cache_dir_busy(exc: BaseException) -> BaseException | None:
+    """The CacheDirBusy inside `exc` (raised at start, possibly inside exception groups)."""
+    from kvgrove.memory.prefix_cache import CacheDirBusy
+
+    if isinstance(exc, CacheDirBusy):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _cache_dir_busy(inner)
+            if found is not None:
+                return found
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -203,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except BaseException as exc:
+        busy = _cache_dir_busy(exc)
+        if busy is None:
+            raise
+        print(f"error: {busy}", file=sys.stderr)  # another server owns the cache folder
         return 2
     finally:
         logging.getLogger(__name__).debug("done in %.2fs", time.perf_counter() - start)

@@ -12,8 +12,9 @@ Point names in use (keep this list current):
 - ``tiers.promote``     bringing a node's snapshot back to the device (host/disk -> device)
 - ``tiers.stitch``      stitching a matched path into a live cache
 - ``tiers.demote``      copying a device snapshot to host memory
-- ``disk.write``        writing a node's file to the disk tier
-- ``disk.read``         reading a node's file back
+- ``disk.write``        writing a node's file (or a folder's recency index) to the disk tier;
+                        an OSError here degrades the tier, the node is dropped
+- ``disk.read``         reading a node's file back; an OSError here drops the node (recompute)
 - ``disk.corrupt``      (not raised: `corrupt_bytes` flips a byte of what was just written)
 
 Arming from a separate server process: ``KVGROVE_FAULTS="disk.write=0.2,tiers.promote=0.05"``

@@ -166,3 +166,24 @@ async def test_a_second_server_on_a_cache_folder_fails_at_start_naming_it(tiny_l
             assert isinstance(caught.value, CacheDirBusy) and caught.match(where)
     finally:
         owner.close()
+
+
+def test_kvgrove_serve_on_an_owned_cache_folder_exits_naming_it(tiny_llama, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from kvgrove.memory.ledger import Budgets
+    from kvgrove.memory.prefix_cache import PrefixCache
+
+    fingerprint = load(tiny_llama).info.fingerprint
+    owner = PrefixCache(("span",), Budgets(1, 1, 1), fingerprint=fingerprint, cache_dir=tmp_path)
+    try:
+        cmd = [sys.executable, "-m", "kvgrove.cli", "serve", "--model", tiny_llama]
+        cmd += ["--port", "0", "--kv-cache-dir", str(tmp_path)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    finally:
+        owner.close()
+    assert out.returncode == 2, out
+    assert f"error: the prefix cache folder {tmp_path / fingerprint} is in use" in out.stderr

@@ -75,7 +75,7 @@ def assert_within_budgets(cache: PrefixCache) -> None:
 
 
 @pytest.mark.parametrize("how", ["injected", "folder_replaced_by_a_file"])
-def test_disk_write_errors_degrade_the_tier_and_never_fail_a_request(model, tmp_path, how):
+def test_disk_write_errors_degrade_the_tier_and_never_fail_a_request(model, tmp_path, how, caplog):
     pt = per_token(model, tmp_path)
     budgets = Budgets(30 * pt, 30 * pt, 1 << 30)
     cache = make(model, tmp_path, budgets)
@@ -92,8 +92,11 @@ def test_disk_write_errors_degrade_the_tier_and_never_fail_a_request(model, tmp_
         for i in range(6):  # each store pushes older prompts down: host -> (disk fails) dropped
             cache.store("", prompt(i), prefilled(model, prompt(i)))
             assert_within_budgets(cache)
+            now[0] += 10  # past the back-off: the next demotion tries the disk again
         stats = cache.statistics()
-        assert stats["disk_degraded"] and stats["disk_write_errors"] >= 1
+        assert stats["disk_degraded"] and stats["disk_write_errors"] >= 2
+        said = [r for r in caplog.records if "disk tier degraded" in r.getMessage()]
+        assert len(said) == 1  # logged once, however many writes failed
         assert stats["disk_dropped_writes"] >= 1 and stats["bytes"]["disk"] == 0
         assert stats["bytes"]["host"] > 0
         # Requests keep working: a hit on device, a miss recomputed.
@@ -340,4 +343,16 @@ def test_a_failed_restore_releases_the_lock_and_propagates(model, tmp_path, wher
     cache.budgets = Budgets(0, 0, 0)
     cache.rebalance()  # nothing is pinned: everything can go
     assert cache.statistics()["nodes"] == 0
+    assert cache.check_integrity().clean
+
+
+def test_an_unusable_cache_folder_at_start_serves_without_the_disk_tier(model, tmp_path):
+    (tmp_path / "t").write_text("a file where the folder should be")
+    pt = per_token(model, tmp_path)
+    cache = make(model, tmp_path, Budgets(30 * pt, 30 * pt, 1 << 30))
+    for i in range(4):
+        cache.store("", prompt(i), prefilled(model, prompt(i)))
+        assert_within_budgets(cache)
+    assert cache.tier_bytes()["disk"] == 0
+    assert answer_with_cache(model, cache, 1, prompt(3)) == reference(model, prompt(3))
     assert cache.check_integrity().clean

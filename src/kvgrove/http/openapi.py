@@ -280,7 +280,8 @@ PATHS: dict[str, Any] = {
                     "name": "check",
                     "in": "query",
                     "required": False,
-                    "description": "1 or true: run the trie's integrity check first",
+                    "description": "1 or true: check (and repair) the trie against its tiers and "
+                    "disk folder first; the report is under `integrity`",
                     "schema": {"type": "string", "enum": ["0", "1", "true", "false"]},
                 }
             ],

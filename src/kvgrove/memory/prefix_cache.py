@@ -109,7 +109,12 @@ class PrefixCache:
         self._lock_fd: int | None = None
         if self.cache_dir is not None and budgets.disk_bytes > 0:
             root = self.cache_dir / fingerprint
-            self._lock_fd = _lock_folder(root)
+            try:
+                self._lock_fd = _lock_folder(root)
+            except OSError as exc:  # an unusable folder: serve without the disk tier
+                log.warning("prefix cache: no disk tier, %s is unusable: %s", root, exc)
+                self.cache_dir = None
+        if self.cache_dir is not None and budgets.disk_bytes > 0:
             for folder in sorted(p for p in root.iterdir() if p.is_dir()):
                 tiers = self._tiers_for_dir(folder.name)
                 self.recovered_nodes += tiers.recovered
