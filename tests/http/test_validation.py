@@ -5,6 +5,7 @@ keep_alive as Ollama parses it, and every request field honoured or rejected nam
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import httpx
 import ollama
@@ -266,3 +267,9 @@ def test_issue_11_fields_are_not_rejected_here():
         fields.check_fields(body, table)
     with pytest.raises(BadRequest):
         fields.check_fields({"logit_bias": {"1": 1}}, fields.OPENAI_CHAT)
+
+
+def test_the_readme_table_is_the_code_table():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    begin, end = "<!-- fields:begin -->\n", "<!-- fields:end -->"
+    assert readme[readme.index(begin) + len(begin) : readme.index(end)] == fields.markdown_table()

@@ -315,3 +315,39 @@ def keep_alive_seconds(body: dict) -> float | None:
         if value < 0:
             seconds = -1.0
     return FOREVER if seconds < 0 else seconds
+
+
+# -- the README's table ----------------------------------------------------------------------
+
+TABLES: dict[str, Table] = {
+    "Ollama `/api/generate`": OLLAMA_GENERATE,
+    "Ollama `/api/chat`": OLLAMA_CHAT,
+    "Ollama `messages[]`": OLLAMA_MESSAGE,
+    "Ollama `options`": OLLAMA_OPTIONS,
+    "OpenAI `/v1/chat/completions`": OPENAI_CHAT,
+    "OpenAI `messages[]`": OPENAI_MESSAGE,
+    "OpenAI `/v1/completions`": OPENAI_COMPLETIONS,
+}
+_STATE_WORDS = {
+    SUPPORTED: "supported",
+    IGNORE: "accepted, ignored",
+    REJECT: "400 naming it",
+    ISSUE_11: "issue 11",
+}
+
+
+def markdown_table() -> str:
+    """The README's request-field table, one row per field of every table above."""
+    rows = ["| where | field | handling | note |", "|---|---|---|---|"]
+    for where, table in TABLES.items():
+        for name, (state, why) in table.items():
+            note = why
+            if state == REJECT:
+                neutral = ", ".join(json.dumps(v) for v in NEUTRAL.get(name, ()))
+                note = f"{why}; accepted: absent, null" + (f", {neutral}" if neutral else "")
+            rows.append(f"| {where} | `{name}` | {_STATE_WORDS[state]} | {note} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")
