@@ -636,8 +636,7 @@ async def run_adversarial(bg: Background, args: argparse.Namespace) -> tuple[str
     from _common import table
 
     n = 2 * ADVERSARY_RUNNING
-    kinds = ("non-reader", "slowloris headers", "slowloris body", "idle keep-alive")
-    kinds += ("queued leaver",)
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     rows, counts = [], Counter()
     async with httpx.AsyncClient(base_url=bg.url, timeout=120) as client:
         await greedy_answer(client)
@@ -711,6 +710,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--phase-seconds", type=float, default=20, help="adversarial: per phase")
     p.add_argument("--normal-clients", type=int, default=4, help="adversarial: normal clients")
+    p.add_argument(
+        "--kinds",
+        default="non-reader,slowloris headers,slowloris body,idle keep-alive,queued leaver",
+        help="adversarial: which adversaries (comma-separated)",
+    )
     return p
 
 
