@@ -19,12 +19,15 @@ is what it was before. Prints a Markdown table; exits 1 if a check fails.
     .venv/bin/python benchmarks/soak.py [--requests 2000] [--clients 32] [--seconds 600]
     .venv/bin/python benchmarks/soak.py --small-budgets   # force paging (once the cache pages)
 
+    .venv/bin/python benchmarks/soak.py --adversarial [--phase-seconds 20]  # see run_adversarial
+
 Loopback only; nothing else is contacted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import sys
@@ -480,6 +483,217 @@ async def run_soak(bg: Background, args: argparse.Namespace) -> Report:
     )
 
 
+# -- the adversarial soak ---------------------------------------------------------------------
+#
+# Normal streaming traffic alone for `--phase-seconds`, then the same traffic alongside
+# adversaries at 2x max-running each: clients that stop reading, slowloris headers and bodies,
+# idle keep-alive floods, and clients that disconnect while queued. Normal TTFT (first NDJSON
+# line, client side) is reported for both phases of the same run; afterwards the adversaries
+# go and nothing may be held.
+
+ADVERSARY_RUNNING = 4
+
+
+def adversarial_settings(model: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = dict(
+        max_running_sequences=ADVERSARY_RUNNING,
+        max_concurrent_requests=4 * ADVERSARY_RUNNING,
+        max_queued_requests=4 * ADVERSARY_RUNNING,
+        max_predict_tokens=400,
+        reply_channel_items=2,
+        socket_send_buffer_bytes=4096,
+        stall_seconds=1.0,
+        stall_limit_seconds=8.0,
+        keep_alive_timeout_seconds=1.0,
+        body_timeout_seconds=2.0,
+    )
+    values.update(overrides)
+    return soak_settings(model, **values)
+
+
+def _request(path: str, body: dict, *, key: str = KEYS[0]) -> bytes:
+    data = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: loopback\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {key}\r\nContent-Length: {len(data)}\r\n\r\n"
+    )
+    return head.encode() + data
+
+
+async def _connect(url: str) -> Any:
+    import socket
+
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    await sock.connect((host, int(port)))
+    return sock
+
+
+async def _send(sock: Any, data: bytes) -> None:
+    while data:
+        data = data[await sock.send(data) :]
+
+
+async def _until_closed(sock: Any) -> None:
+    while True:
+        try:
+            if not await sock.recv(65536):
+                return
+        except OSError:
+            return
+
+
+LONG_BODY = {"model": "llama", "prompt": "hello", "options": {"temperature": 0, "num_predict": 400}}
+
+
+async def adversary(kind: str, url: str, stop: trio.Event, counts: Counter) -> None:
+    """One adversary of `kind`, repeating until `stop`; `counts` tallies what happened."""
+    while not stop.is_set():
+        try:
+            sock = await _connect(url)
+        except OSError:
+            counts[f"{kind}: connect failed"] += 1
+            await trio.sleep(0.1)
+            continue
+        with sock:
+            try:
+                if kind == "non-reader":  # sends its request, never reads, until the end
+                    await _send(sock, _request("/api/generate", LONG_BODY))
+                    counts[kind] += 1
+                    await stop.wait()
+                elif kind == "slowloris headers":
+                    await _send(sock, b"POST /api/generate HTTP/1.1\r\nHost: x\r\n")
+
+                    async def drip(sock=sock) -> None:
+                        with contextlib.suppress(OSError):
+                            while True:
+                                await sock.send(b"X")
+                                await trio.sleep(0.1)
+
+                    with trio.move_on_after(30):
+                        async with trio.open_nursery() as n:
+                            n.start_soon(drip)
+                            await _until_closed(sock)
+                            n.cancel_scope.cancel()
+                    counts[f"{kind}: closed by the server"] += 1
+                elif kind == "slowloris body":
+                    data = _request("/api/generate", LONG_BODY)
+                    cut = data.index(b"\r\n\r\n") + 4
+                    await _send(sock, data[:cut])
+                    for byte in data[cut : cut + 20]:
+                        await sock.send(bytes([byte]))
+                        await trio.sleep(0.2)
+                    try:
+                        reply = (await sock.recv(200))[:12].decode(errors="replace")
+                    except OSError:
+                        reply = "reset after the server's 408"
+                    counts[f"{kind}: {reply}"] += 1
+                elif kind == "idle keep-alive":
+                    await _until_closed(sock)
+                    counts[f"{kind}: closed by the server"] += 1
+                elif kind == "queued leaver":  # its whole body, then gone at once
+                    await _send(sock, _request("/api/generate", {**LONG_BODY, "stream": False}))
+                    await trio.sleep(0.05)
+                    counts[kind] += 1
+                    await trio.sleep(0.2)  # then again (each leaver ~4/s)
+            except OSError:
+                counts[f"{kind}: connection error"] += 1
+        if stop.is_set():
+            return
+
+
+async def normal_traffic(client, stop: trio.Event, ttfts: list, tally: Counter) -> None:
+    body = {"model": "llama", "prompt": "hello world", "options": {"num_predict": 16}}
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        try:
+            async with client.stream("POST", "/api/generate", json=body, headers=_auth()) as r:
+                if r.status_code != 200:
+                    tally[f"normal {r.status_code}"] += 1
+                    await r.aread()
+                    await trio.sleep(0.05)
+                    continue
+                first = True
+                async for line in r.aiter_lines():
+                    if first and line.strip():
+                        ttfts.append(time.perf_counter() - t0)
+                        first = False
+                    if '"done": true' in line:
+                        tally["normal served"] += 1
+        except httpx.HTTPError as e:
+            tally[f"normal transport error: {type(e).__name__}"] += 1
+
+
+def _pct(xs: list, q: float) -> float:
+    xs = sorted(xs)
+    return 1000 * xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+async def run_adversarial(bg: Background, args: argparse.Namespace) -> tuple[str, bool]:
+    """The adversarial soak; returns (its table, whether everything held)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _common import table
+
+    n = 2 * ADVERSARY_RUNNING
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    rows, counts = [], Counter()
+    async with httpx.AsyncClient(base_url=bg.url, timeout=120) as client:
+        await greedy_answer(client)
+        baseline = await memory(client)
+        for phase in ("normal only", "normal + adversaries"):
+            ttfts: list = []
+            tally: Counter = Counter()
+            stop_normal, stop_adv = trio.Event(), trio.Event()
+            async with trio.open_nursery() as nursery:
+                for _ in range(args.normal_clients):
+                    nursery.start_soon(normal_traffic, client, stop_normal, ttfts, tally)
+                if phase != "normal only":
+                    for kind in kinds:
+                        for _ in range(n):
+                            nursery.start_soon(adversary, kind, bg.url, stop_adv, counts)
+                await trio.sleep(args.phase_seconds)
+                stop_normal.set()
+                stop_adv.set()
+            errors = sum(v for k, v in tally.items() if k != "normal served")
+            rows.append(
+                (
+                    phase,
+                    tally["normal served"],
+                    errors,
+                    round(_pct(ttfts, 0.5), 1),
+                    round(_pct(ttfts, 0.99), 1),
+                )
+            )
+        sched = await trio.to_thread.run_sync(
+            lambda: bg.on_server(bg.runtime.actors["scheduler"].statistics)
+        )
+        # Afterwards: nothing held (ledger at baseline, idle actors, no locks, nothing parked).
+        problems: list = []
+        leaks: dict = {}
+        with trio.move_on_after(30):
+            while True:
+                now = await memory(client)
+                leaks = {k: (baseline[k], now[k]) for k in MEMORY_KEYS if now[k] > baseline[k]}
+                problems = await trio.to_thread.run_sync(integrity, bg)
+                if not leaks and not problems:
+                    break
+                await trio.sleep(0.1)
+        r = await client.get("/api/cache", params={"check": "1"}, headers=_auth())
+        if r.status_code >= 500:
+            problems.append(f"/api/cache?check=1: {r.status_code}")
+    out = table(["phase", "normal served", "normal errors", "TTFT p50 ms", "TTFT p99 ms"], rows)
+    adv_rows = [(k, v) for k, v in sorted(counts.items())]
+    adv_rows += [
+        ("stalled sequences parked (times)", sched.stall_parks),
+        ("stalled sequences ended at the limit", sched.stall_ended),
+        ("memory leaks after", leaks or "none"),
+        ("integrity after", "; ".join(problems) or "holds"),
+    ]
+    out += "\n\n" + table([f"adversaries (each kind x{n})", "count"], adv_rows)
+    return out, not leaks and not problems and all(row[1] > 0 for row in rows)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--requests", type=int, default=2000)
@@ -491,6 +705,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--small-budgets", action="store_true", help="tiny tier budgets (paging)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--details", action="store_true", help="also print outcomes by detail")
+    p.add_argument(
+        "--adversarial", action="store_true", help="the adversarial soak (see run_adversarial)"
+    )
+    p.add_argument("--phase-seconds", type=float, default=20, help="adversarial: per phase")
+    p.add_argument("--normal-clients", type=int, default=4, help="adversarial: normal clients")
+    p.add_argument(
+        "--kinds",
+        default="non-reader,slowloris headers,slowloris body,idle keep-alive,queued leaver",
+        help="adversarial: which adversaries (comma-separated)",
+    )
     return p
 
 
@@ -498,6 +722,11 @@ def main() -> int:
     args = parser().parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = write_model(Path(tmp) / "llama")
+        if args.adversarial:
+            with background(adversarial_settings(model)) as bg:
+                text, ok = trio.run(run_adversarial, bg, args)
+            print(text)
+            return 0 if ok else 1
         with background(soak_settings(model, small_budgets=args.small_budgets)) as bg:
             report = trio.run(run_soak, bg, args)
     print(report.table())

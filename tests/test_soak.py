@@ -30,3 +30,15 @@ async def test_short_soak(tmp_path):
     out = report.outcomes
     assert out.get("errors", 0) == 0, report.details
     assert out.get("served", 0) > 0 and out.get("cancelled", 0) > 0 and out.get("rejected", 0) > 0
+
+
+async def test_short_adversarial_soak(tmp_path):
+    """Non-readers, slowloris, idle floods and queued leavers at 2x max-running beside normal
+    traffic: normal requests keep being served, and afterwards nothing is held."""
+    model = soak.write_model(tmp_path / "llama")
+    args = soak.parser().parse_args(["--adversarial", "--phase-seconds", "3"])
+    with background(soak.adversarial_settings(model)) as bg:
+        with trio.fail_after(120):
+            text, ok = await soak.run_adversarial(bg, args)
+    print("\n" + text)
+    assert ok, text

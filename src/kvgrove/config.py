@@ -109,6 +109,27 @@ class Settings:
     max_concurrent_requests: int = attrs.field(default=64, validator=_positive)
     max_queued_requests: int = attrs.field(default=256, validator=_non_negative)
     retry_after_seconds: int = attrs.field(default=1, validator=_positive)
+    # Connections hold nothing until their request is in. hypercorn closes a connection that is
+    # idle between requests, or whose request headers are not all in, after
+    # `keep_alive_timeout_seconds`; a generation request is admitted only once its whole body
+    # is in, and a body not in within `body_timeout_seconds` gets 408 (0 = no limit).
+    # `read_timeout_seconds` is hypercorn's per-read timeout: off (0) by default because it
+    # also counts a client's silence while it reads a long streamed answer; a half-open socket
+    # is instead caught by the two limits above (idle or mid-request) or, mid-answer, by the
+    # stall limits below.
+    keep_alive_timeout_seconds: float = attrs.field(default=5.0, validator=_positive)
+    body_timeout_seconds: float = attrs.field(default=30.0, validator=_non_negative)
+    read_timeout_seconds: float = attrs.field(default=0.0, validator=_non_negative)
+    # SO_SNDBUF of each connection (0 = the kernel's autotuned default, up to megabytes): a
+    # smaller one bounds the kernel memory a non-reading client pins, and makes its stall
+    # reach the scheduler sooner.
+    socket_send_buffer_bytes: int = attrs.field(default=0, validator=_non_negative)
+    # A sequence whose reply channel has been full (its client not reading) for
+    # `stall_seconds` leaves the batch: its KV goes to the prefix cache, its running slot and
+    # live memory are freed, and it resumes when its client drains. One stalled for
+    # `stall_limit_seconds` in all is ended with an in-stream error.
+    stall_seconds: float = attrs.field(default=20.0, validator=_positive)
+    stall_limit_seconds: float = attrs.field(default=600.0, validator=_positive)
     # Request bodies over this get 413.
     max_body_bytes: int = attrs.field(default=16 * MiB, validator=_positive)
     # Cap on num_predict / max_tokens: larger explicit values get 400 naming the field; a
@@ -203,6 +224,12 @@ _HELP = {
     "max_concurrent_requests": "generation requests served at once; more queue",
     "max_queued_requests": "generation requests that may queue; more get 429",
     "retry_after_seconds": "Retry-After sent with 429",
+    "keep_alive_timeout_seconds": "close idle keep-alive connections (and unfinished headers)",
+    "body_timeout_seconds": "408 for a request body not all in by then (0 = no limit)",
+    "read_timeout_seconds": "hypercorn's per-read timeout (0 = off; it counts silent readers)",
+    "socket_send_buffer_bytes": "SO_SNDBUF of each connection (0 = the kernel's default)",
+    "stall_seconds": "a sequence whose client stopped reading leaves the batch after this",
+    "stall_limit_seconds": "a client stalled this long in all gets an in-stream error",
     "max_body_bytes": "largest request body; larger get 413",
     "max_predict_tokens": "largest num_predict / max_tokens; also caps 'until the limit'",
     "device_cache_bytes": "device-tier budget of the prefix cache (0 = half what weights leave)",

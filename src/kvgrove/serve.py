@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -53,13 +54,31 @@ class Server:
         return self.binds[0]
 
 
+class _Config(HypercornConfig):
+    """hypercorn's config, whose listening sockets get `send_buffer_bytes` as SO_SNDBUF
+    (accepted connections inherit it)."""
+
+    send_buffer_bytes = 0
+
+    def create_sockets(self) -> Any:
+        sockets = super().create_sockets()
+        if self.send_buffer_bytes:
+            for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer_bytes)
+        return sockets
+
+
 def _hypercorn_config(settings: Settings) -> HypercornConfig:
-    config = HypercornConfig()
+    config = _Config()
+    config.send_buffer_bytes = settings.socket_send_buffer_bytes
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     config.bind = [f"{host}:{settings.port}"]
     config.graceful_timeout = settings.shutdown_grace_seconds
     config.accesslog = None
-    config.keep_alive_timeout = 30
+    # Deliberate (see Settings): idle connections and unfinished headers close after this;
+    # the per-read timeout stays off unless asked for (it would cut silent streaming readers).
+    config.keep_alive_timeout = settings.keep_alive_timeout_seconds
+    config.read_timeout = settings.read_timeout_seconds or None
     return config
 
 

@@ -96,6 +96,35 @@ def test_parked_sequence_is_not_planned_and_others_go_on():
     assert core.statistics().parked == 1
 
 
+def test_a_stalled_sequence_gives_its_slot_back_and_resumes_once_drained():
+    core = SchedulerCore(chunk_tokens=8, max_running=1)
+    core.admit(submit(1, 2, max_tokens=None))
+    core.admit(submit(2, 2, max_tokens=None))
+    (item,) = core.plan_step()
+    core.on_result(item, result(item, 9))
+    one = core.get(1)
+    core.note_delivery(one, progressed=False, blocked=True, now=100.0)
+    assert core.park_stalled(100.5, stall_seconds=1.0) == []  # not yet
+    # A reader that takes something makes progress: its stall starts over.
+    core.note_delivery(one, progressed=True, blocked=True, now=100.9)
+    assert core.park_stalled(101.5, stall_seconds=1.0) == []
+    assert core.park_stalled(102.0, stall_seconds=1.0) == [one]
+    assert core.take_preempt() == (1,) and not one.has_cache and one.fed == 0
+    stats = core.statistics()
+    assert stats.running == 1 and stats.stall_parked == 1 and stats.stall_parks == 1
+    (item,) = core.plan_step()  # the waiting one runs in the freed slot
+    assert item.request_id == 2
+    core.remove(2, cancelled=True)
+    assert core.plan_step() == ()  # still stalled: not re-admitted
+    one.outbox.clear()  # its client drained
+    core.note_delivery(one, progressed=True, blocked=False, now=103.0)
+    core.fill()
+    (item,) = core.plan_step()  # resumes by re-feeding prompt + generated token
+    assert item.request_id == 1 and item.tokens == (1, 2, 9) and item.start is None
+    assert core.statistics().stall_parked == 0
+    assert core.over_stall_limit(1e9, 10.0) == []
+
+
 def test_cancel_releases_started_sequences_and_admits_waiting():
     core = SchedulerCore(chunk_tokens=8, max_running=1)
     core.admit(submit(1, 2))

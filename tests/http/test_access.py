@@ -46,12 +46,12 @@ CHAT = {"model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_
     [
         ("GET", "/api/tags", None),
         ("POST", "/api/generate", GEN),
-        ("POST", "/api/chat", {**GEN, "messages": []}),
+        ("POST", "/api/chat", {"model": GEN["model"], "messages": []}),
         ("GET", "/api/memory", None),
         ("GET", "/metrics", None),
         ("GET", "/v1/models", None),
         ("POST", "/v1/chat/completions", CHAT),
-        ("POST", "/v1/completions", {**CHAT, "prompt": "x"}),
+        ("POST", "/v1/completions", {"model": "llama", "prompt": "x", "max_tokens": 2}),
     ],
 )
 def test_routes_need_a_valid_key(keyed, method, path, body):
@@ -124,7 +124,7 @@ def test_each_key_and_salt_gets_its_own_namespace(keyed):
             salted = {"cache_salt": salt} if salt else {}
             for path, body in (
                 ("/api/generate", GEN),
-                ("/v1/completions", {**CHAT, "prompt": "x"}),
+                ("/v1/completions", {"model": "llama", "prompt": "x", "max_tokens": 2}),
             ):
                 r = httpx.post(
                     keyed.url + path, json={**body, **salted}, headers=bearer(key), timeout=60

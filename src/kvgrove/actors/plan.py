@@ -16,6 +16,11 @@ stream) kept.
 
 A sequence whose outbox is not empty is *parked*: its reply channel was full (a slow reader)
 and it is not planned until the outbox drains. Outboxes hold at most the messages of one step.
+A sequence whose delivery has made no progress for `stall_seconds` (its client stopped reading)
+is *stall-parked* (`park_stalled`): preempted (its KV goes to the prefix cache), it gives its
+running slot back and waits like a queued request, re-admitted once its outbox drains; one stalled
+for `stall_limit_seconds` is ended by the shell (`over_stall_limit`). A slow but steady reader
+makes progress and is never parked; a long prefill has an empty outbox.
 `next_item` (one item per step, round-robin) is the unbatched planner, kept for comparison.
 """
 
@@ -67,6 +72,10 @@ class Sequence:
     wait_until: int = 0
     rematching: bool = False  # asked the pager again; not planned until it answers
     waited: bool = False  # waits at most once
+    # Stalled readers: when delivery last stopped making progress (None = it is making
+    # progress or has nothing to deliver), and whether it left the batch for it.
+    stalled_since: float | None = None
+    stall_parked: bool = False
 
     def __attrs_post_init__(self) -> None:
         if not self.history:
@@ -127,6 +136,9 @@ class SchedulerStats:
     preempted: int = 0
     max_decode_rows: int = 0  # the most sequences decoded in one step so far
     prefill_waits: int = 0  # sequences that waited for another's prefill of their prefix
+    stall_parked: int = 0  # now out of the batch because their client stopped reading
+    stall_parks: int = 0  # times a sequence left the batch for that, in all
+    stall_ended: int = 0  # sequences ended at the stall limit, in all
 
 
 def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
@@ -176,6 +188,8 @@ class SchedulerCore:
         self.completed = 0
         self.preempted = 0
         self.max_decode_rows = 0
+        self.stall_parks = 0
+        self.stall_ended = 0
 
     # -- admission and removal ------------------------------------------------------------
 
@@ -207,6 +221,12 @@ class SchedulerCore:
     def _fill(self) -> None:
         while self._waiting and len(self._running) < self.max_running:
             seq = self._best_waiting()
+            if seq.stall_parked and seq.outbox:  # still stalled: others go first
+                eligible = [s for s in self._waiting if not (s.stall_parked and s.outbox)]
+                if not eligible:
+                    return
+                seq = max(eligible, key=self.priority)
+            seq.stall_parked = False
             self._waiting.remove(seq)
             self._admitted += 1
             seq.order = self._admitted
@@ -286,6 +306,47 @@ class SchedulerCore:
             self.completed += 1
         self._fill()
         return seq
+
+    def fill(self) -> None:
+        """Admit waiting sequences into free running slots (a stall-parked one that drained)."""
+        self._fill()
+
+    # -- stalled readers ------------------------------------------------------------------
+
+    def note_delivery(self, seq: Sequence, *, progressed: bool, blocked: bool, now: float) -> None:
+        """Delivery to seq's reply channel: progress clears its stall; a block starts one."""
+        if progressed or not seq.outbox:
+            seq.stalled_since = None
+        if blocked and seq.stalled_since is None:
+            seq.stalled_since = now
+
+    def park_stalled(self, now: float, stall_seconds: float) -> list[Sequence]:
+        """Running sequences stalled for `stall_seconds` leave the batch: preempted (the
+        executor keeps their KV in the prefix cache, their sampler), slot given back, waiting
+        like a queued request until their outbox drains."""
+        out = []
+        for seq in list(self._running.values()):
+            since = seq.stalled_since
+            if since is None or now - since < stall_seconds:
+                continue
+            if seq.has_cache:
+                self.preempt(seq)
+            del self._running[seq.request_id]
+            seq.stall_parked = True
+            self._waiting.append(seq)
+            self.stall_parks += 1
+            out.append(seq)
+        if out:
+            self._fill()
+        return out
+
+    def over_stall_limit(self, now: float, limit_seconds: float) -> list[Sequence]:
+        """Sequences whose delivery has made no progress for `limit_seconds` (to be ended)."""
+        return [
+            s
+            for s in self.sequences()
+            if s.stalled_since is not None and now - s.stalled_since >= limit_seconds
+        ]
 
     def sequences(self) -> Iterator[Sequence]:
         yield from self._running.values()
@@ -485,4 +546,7 @@ class SchedulerCore:
             preempted=self.preempted,
             max_decode_rows=self.max_decode_rows,
             prefill_waits=self.prefill_waits,
+            stall_parked=sum(1 for s in self._waiting if s.stall_parked),
+            stall_parks=self.stall_parks,
+            stall_ended=self.stall_ended,
         )

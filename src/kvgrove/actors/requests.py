@@ -151,9 +151,15 @@ class Generation:
         stats = recv.statistics()
         was_full = stats.current_buffer_used >= stats.max_buffer_size
         try:
-            msg = recv.receive_nowait()
-        except trio.WouldBlock:
-            msg = await recv.receive()
+            try:
+                msg = recv.receive_nowait()
+            except trio.WouldBlock:
+                msg = await recv.receive()
+        except trio.EndOfChannel:
+            # The scheduler closes a reply channel without Done only at the stall limit.
+            raise GenerationError(
+                "generation ended: the client stopped reading for longer than the stall limit"
+            ) from None
         if was_full:
             # Only a full channel can have parked the sequence; taking one item unparks it.
             with contextlib.suppress(trio.WouldBlock):  # the scheduler polls parked ones too

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import math
+import time
 
 import trio
 
@@ -88,6 +89,7 @@ class Scheduler:
                 self._send_releases()
                 self._deliver_all()
                 self._drop_abandoned()
+                self._handle_stalls()
                 items = self.core.plan_step()
                 self._send_rematches()
                 release = self.core.take_release()
@@ -203,18 +205,37 @@ class Scheduler:
     def _deliver(self, seq: Sequence) -> None:
         """Move the outbox into the reply channel until it is full (then the sequence parks)."""
         reply = seq.submit.reply
+        progressed = False
         while seq.outbox:
             try:
                 reply.send_nowait(seq.outbox[0])
             except trio.WouldBlock:
+                self.core.note_delivery(seq, progressed=progressed, blocked=True, now=_now())
                 return
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._remove(seq.request_id, cancelled=True)
                 return
             msg = seq.outbox.popleft()
+            progressed = True
             if isinstance(msg, Done | Failed):
                 self._remove(seq.request_id, cancelled=False)
                 reply.close()
+        self.core.note_delivery(seq, progressed=progressed, blocked=False, now=_now())
+        if seq.stall_parked:
+            self.core.fill()  # drained: it may take a free slot again
+
+    # -- stalled readers ------------------------------------------------------------------
+
+    def _handle_stalls(self) -> None:
+        """Stalled readers give their running slot back after stall_seconds; after
+        stall_limit_seconds they are ended: the reply channel is closed, so the handler reads
+        what is buffered and then ends its stream with an error."""
+        now = _now()
+        for seq in self.core.over_stall_limit(now, self._settings.stall_limit_seconds):
+            self.core.stall_ended += 1
+            self._remove(seq.request_id, cancelled=True)
+            seq.submit.reply.close()
+        self.core.park_stalled(now, self._settings.stall_seconds)
 
     def _drop_abandoned(self) -> None:
         # A handler that is gone closed its receive end: no need to wait for its Cancel.
@@ -236,3 +257,7 @@ class Scheduler:
 
     def statistics(self):
         return self.core.statistics()
+
+
+def _now() -> float:
+    return time.monotonic()

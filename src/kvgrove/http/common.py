@@ -262,6 +262,12 @@ def check_messages(messages: Any, name: str = "messages") -> list[dict]:
         if isinstance(content, list):  # OpenAI content parts: keep the text ones
             texts = []
             for j, part in enumerate(content):
+                if isinstance(part, dict) and part.get("type") in ("image_url", "input_image"):
+                    raise BadRequest(
+                        f"{name}[{i}].content[{j}]: the loaded model has no vision tower and "
+                        "cannot read images",
+                        param=f"{name}[{i}].content",
+                    )
                 if not isinstance(part, dict) or part.get("type") != "text":
                     raise BadRequest(
                         f"{name}[{i}].content[{j}]: only text parts are supported",

@@ -10,7 +10,12 @@ given back exactly once.
   and /openapi.json). A missing or wrong key gets 401 in the route's API's error shape.
 - Admission (generation routes only): up to `max_concurrent_requests` run; up to
   `max_queued_requests` more wait in FIFO order; beyond that, 429 with Retry-After. A client
-  that disconnects while queued leaves the queue at once.
+  that disconnects while queued leaves the queue at once (its disconnect is read while it
+  waits, whole body in or not).
+- Bodies first: a generation request is admitted only once its whole body is in, and a body
+  not in within `body_timeout_seconds` gets 408 (a slowloris body holds no slot, and not for
+  long its connection). Slow headers and idle keep-alive connections are hypercorn's
+  `keep_alive_timeout` (serve.py).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 from typing import Any
 
 import attrs
@@ -128,6 +134,7 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        send = _shield_last(send)
         path = scope.get("path", "")
         if self._keys and path not in OPEN_PATHS:
             kid = self._authenticate(scope)
@@ -144,7 +151,20 @@ class Guard:
         if path not in GENERATION_PATHS:
             await self.app(scope, receive, send)
             return
-        receive, admitted = await self._admit(receive)
+        kept, state = await self._read_body(receive)
+        if state == "gone":  # the client left before its body was in
+            return
+        if state == "timeout":
+            body = error_body(
+                path,
+                f"the request body was not received within "
+                f"{self.settings.body_timeout_seconds:g} seconds",
+                kind="invalid_request_error",
+                code="request_timeout",
+            )
+            await _respond(send, 408, body, [])
+            return
+        receive, admitted = await self._admit(_replay(kept, receive), receive)
         if admitted is None:  # the client left while queued
             return
         if not admitted:
@@ -179,12 +199,35 @@ class Guard:
                 return found
         return None
 
-    async def _admit(self, receive: Any) -> tuple[Any, bool | None]:
+    async def _read_body(self, receive: Any) -> tuple[list[dict], str]:
+        """Read the request body (kept for the app) before admission: (messages, state), state
+        "complete", "large" (over max_body_bytes: the app answers 413), "gone" (disconnected)
+        or "timeout" (not all in within body_timeout_seconds)."""
+        kept: list[dict] = []
+        size = 0
+        deadline = self.settings.body_timeout_seconds or math.inf
+        with trio.move_on_after(deadline):
+            while True:
+                message = await receive()
+                kept.append(message)
+                if message["type"] == "http.disconnect":
+                    return kept, "gone"
+                if message["type"] != "http.request":
+                    continue
+                size += len(message.get("body", b""))
+                if not message.get("more_body"):
+                    return kept, "complete"
+                if size > self.settings.max_body_bytes:
+                    return kept, "large"
+        return kept, "timeout"
+
+    async def _admit(self, receive: Any, raw_receive: Any) -> tuple[Any, bool | None]:
         """Take a gate slot: (receive, True) when admitted, (receive, False) when refused,
         (receive, None) when the client disconnected while queued.
 
-        While queued, the client's messages are read (and kept for the app) so a disconnect is
-        seen at once rather than when a slot frees up.
+        The body is already in (`receive` replays it). While queued, the connection's further
+        messages are read from `raw_receive` (and kept for the app) so a disconnect is seen at
+        once rather than when a slot frees up.
         """
         try:
             self.gate.acquire_nowait()
@@ -200,14 +243,12 @@ class Guard:
             async def watch() -> None:
                 nonlocal gone
                 while True:
-                    message = await receive()
+                    message = await raw_receive()
                     kept.append(message)
                     if message["type"] == "http.disconnect":
                         gone = True
                         nursery.cancel_scope.cancel()
                         return
-                    if message["type"] == "http.request" and not message.get("more_body"):
-                        await trio.sleep_forever()
 
             async def wait() -> None:
                 nonlocal admitted
@@ -227,13 +268,36 @@ class Guard:
             return receive, None
         if not kept:
             return receive, admitted
+        return _replay(kept, receive), admitted
 
-        async def replay() -> dict:
-            if kept:
-                return kept.pop(0)
-            return await receive()
 
-        return replay, admitted
+def _shield_last(send: Any) -> Any:
+    """`send`, with the response's last body message shielded from cancellation. hypercorn
+    re-arms the connection's keep-alive timer inside that call; Quart cancels its request task
+    right after it, and a cancelled re-arm leaves the idle connection open forever."""
+
+    async def shielded(message: dict) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            with trio.CancelScope(shield=True):
+                await send(message)
+        else:
+            await send(message)
+
+    return shielded
+
+
+def _replay(kept: list[dict], receive: Any) -> Any:
+    """A receive that hands out `kept` first, then reads on."""
+    if not kept:
+        return receive
+    kept = list(kept)
+
+    async def replay() -> dict:
+        if kept:
+            return kept.pop(0)
+        return await receive()
+
+    return replay
 
 
 async def _respond(send: Any, status: int, body: dict, headers: list) -> None:

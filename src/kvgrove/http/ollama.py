@@ -32,6 +32,16 @@ from kvgrove.http.common import (
     require_ready,
     tagged,
 )
+from kvgrove.http.fields import (
+    OLLAMA_CHAT,
+    OLLAMA_GENERATE,
+    OLLAMA_MESSAGE,
+    OLLAMA_OPTIONS,
+    OLLAMA_ROLES,
+    check_fields,
+    check_roles,
+    keep_alive_seconds,
+)
 from kvgrove.sampling import SamplingParams
 
 bp = Blueprint("ollama", __name__)
@@ -58,7 +68,9 @@ def now_iso() -> str:
 
 def parse_options(body: dict) -> tuple[SamplingParams, int | None, int | None, tuple[str, ...]]:
     """Ollama's `options` -> (sampling params, max tokens or None, num_ctx or None, stop)."""
-    options = {**_manifest_options(), **get_dict(body, "options")}
+    requested = get_dict(body, "options")
+    check_fields(requested, OLLAMA_OPTIONS, "options.")
+    options = {**_manifest_options(), **requested}
     kwargs: dict[str, Any] = {}
     for name in _FLOAT_OPTIONS:
         value = get_number(options, name, label=f"options.{name}")
@@ -159,7 +171,9 @@ async def generate() -> Any:
     rt = runtime()
     body = await read_json()
     require_ready(rt)
+    check_fields(body, OLLAMA_GENERATE)
     model = check_model(rt, body)
+    keep_alive_seconds(body)
     prompt = get_str(body, "prompt", "")
     system = get_str(body, "system")
     raw = get_bool(body, "raw", False)
@@ -187,8 +201,13 @@ async def chat() -> Any:
     rt = runtime()
     body = await read_json()
     require_ready(rt)
+    check_fields(body, OLLAMA_CHAT)
     model = check_model(rt, body)
+    keep_alive_seconds(body)
     messages = check_messages(body.get("messages") or [])
+    for i, m in enumerate(messages):
+        check_fields(m, OLLAMA_MESSAGE, f"messages[{i}].")
+    check_roles(messages, OLLAMA_ROLES)
     stream = get_bool(body, "stream", True)
     params, max_tokens, num_ctx, stop = parse_options(body)
     if not messages:

@@ -30,6 +30,14 @@ from kvgrove.http.common import (
     require_ready,
     tagged,
 )
+from kvgrove.http.fields import (
+    OPENAI_CHAT,
+    OPENAI_COMPLETIONS,
+    OPENAI_MESSAGE,
+    OPENAI_ROLES,
+    check_fields,
+    check_roles,
+)
 from kvgrove.http.ollama import runtime
 from kvgrove.sampling import SamplingParams
 
@@ -175,9 +183,13 @@ async def chat_completions() -> Any:
     rt = runtime()
     body = await read_json()
     require_ready(rt)
+    check_fields(body, OPENAI_CHAT)
     if "messages" not in body:
         raise BadRequest("messages is required", param="messages")
     messages = check_messages(body["messages"])
+    for i, m in enumerate(messages):
+        check_fields(m, OPENAI_MESSAGE, f"messages[{i}].")
+    check_roles(messages, OPENAI_ROLES)
     if not messages:
         raise BadRequest("messages must not be empty", param="messages")
     tools = body.get("tools")
@@ -190,6 +202,7 @@ async def completions() -> Any:
     rt = runtime()
     body = await read_json()
     require_ready(rt)
+    check_fields(body, OPENAI_COMPLETIONS)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]

@@ -1,0 +1,353 @@
+"""Every request field of both APIs, and what the server does with it (the README's table).
+
+Each generation route checks its body against its table: a field the table does not know is a
+400 naming it (the OpenAI API answers unknown arguments the same way; for Ollama, whose server
+drops them, kvgrove is stricter so nothing is silently ignored). A field marked REJECT is a 400
+naming it unless it holds its neutral value (absent, null, or the value in `neutral`). IGNORE
+fields are accepted and have no effect, each with its reason. SUPPORTED fields are parsed by
+the routes. ISSUE_11 fields belong to structured output / tools / reasoning / logprobs (the
+`agents` work): the routes pass them on as they are and this table neither checks nor rejects
+them; that work moves them to SUPPORTED as it lands.
+
+Also here: chat roles, `keep_alive` (Go durations, as Ollama parses them) and images.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from kvgrove.http.common import BadRequest
+
+SUPPORTED = "supported"
+IGNORE = "accepted, ignored"
+REJECT = "rejected (400) unless neutral"
+ISSUE_11 = "issue 11 (structured output, tools, reasoning, logprobs)"
+
+# field -> (state, note; for REJECT the neutral values as a tuple in `NEUTRAL`)
+Table = dict[str, tuple[str, str]]
+
+OLLAMA_GENERATE: Table = {
+    "model": (SUPPORTED, "must name the loaded model"),
+    "prompt": (SUPPORTED, ""),
+    "system": (SUPPORTED, ""),
+    "raw": (SUPPORTED, ""),
+    "stream": (SUPPORTED, ""),
+    "options": (SUPPORTED, "see the options table"),
+    "keep_alive": (IGNORE, "parsed and checked as Ollama does; the model stays loaded"),
+    "images": (REJECT, "no model served has a vision tower: 400 says so"),
+    "suffix": (REJECT, "fill-in-the-middle is not implemented"),
+    "template": (REJECT, "the model's own chat template is always used"),
+    "context": (REJECT, "deprecated token context: send the conversation (the cache reuses it)"),
+    "truncate": (REJECT, "a prompt over the context is 400, never truncated"),
+    "shift": (REJECT, "no context shifting: generation stops at the context limit"),
+    "width": (REJECT, "image generation is not implemented"),
+    "height": (REJECT, "image generation is not implemented"),
+    "steps": (REJECT, "image generation is not implemented"),
+    "cache_salt": (SUPPORTED, "kvgrove: prefix-cache namespace"),
+    "format": (ISSUE_11, ""),
+    "think": (ISSUE_11, ""),
+    "logprobs": (ISSUE_11, ""),
+    "top_logprobs": (ISSUE_11, ""),
+}
+
+OLLAMA_CHAT: Table = {
+    "model": (SUPPORTED, "must name the loaded model"),
+    "messages": (SUPPORTED, "roles system, user, assistant, tool"),
+    "stream": (SUPPORTED, ""),
+    "options": (SUPPORTED, "see the options table"),
+    "keep_alive": (IGNORE, "parsed and checked as Ollama does; the model stays loaded"),
+    "truncate": (REJECT, "a prompt over the context is 400, never truncated"),
+    "shift": (REJECT, "no context shifting: generation stops at the context limit"),
+    "cache_salt": (SUPPORTED, "kvgrove: prefix-cache namespace"),
+    "tools": (ISSUE_11, "rendered by the chat template"),
+    "format": (ISSUE_11, ""),
+    "think": (ISSUE_11, ""),
+    "logprobs": (ISSUE_11, ""),
+    "top_logprobs": (ISSUE_11, ""),
+}
+
+OLLAMA_MESSAGE: Table = {
+    "role": (SUPPORTED, ""),
+    "content": (SUPPORTED, ""),
+    "images": (REJECT, "no model served has a vision tower: 400 says so"),
+    "tool_calls": (ISSUE_11, "rendered by the chat template"),
+    "tool_name": (ISSUE_11, "rendered by the chat template"),
+    "thinking": (ISSUE_11, ""),
+}
+
+OLLAMA_OPTIONS: Table = {
+    **{
+        name: (SUPPORTED, "")
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "top_k",
+            "repeat_penalty",
+            "repeat_last_n",
+            "presence_penalty",
+            "frequency_penalty",
+            "seed",
+            "num_predict",
+            "num_ctx",
+            "stop",
+        )
+    },
+    "num_keep": (IGNORE, "no context shifting: generation stops at the context limit"),
+    "penalize_newline": (IGNORE, "deprecated in Ollama, which ignores it too"),
+    **{
+        name: (IGNORE, "hardware placement: MLX decides")
+        for name in (
+            "numa",
+            "num_batch",
+            "num_gpu",
+            "main_gpu",
+            "low_vram",
+            "f16_kv",
+            "use_mmap",
+            "use_mlock",
+            "num_thread",
+            "vocab_only",
+            "logits_all",
+            "embedding_only",
+        )
+    },
+    "typical_p": (REJECT, "locally typical sampling is not implemented"),
+    "tfs_z": (REJECT, "tail-free sampling is not implemented"),
+    "mirostat": (REJECT, "mirostat sampling is not implemented"),
+    "mirostat_tau": (IGNORE, "only used by mirostat, which is rejected"),
+    "mirostat_eta": (IGNORE, "only used by mirostat, which is rejected"),
+}
+
+OPENAI_CHAT: Table = {
+    "model": (SUPPORTED, "must name the loaded model"),
+    "messages": (SUPPORTED, "roles system, developer, user, assistant, tool"),
+    "temperature": (SUPPORTED, ""),
+    "top_p": (SUPPORTED, ""),
+    "presence_penalty": (SUPPORTED, ""),
+    "frequency_penalty": (SUPPORTED, ""),
+    "seed": (SUPPORTED, ""),
+    "max_tokens": (SUPPORTED, ""),
+    "max_completion_tokens": (SUPPORTED, ""),
+    "n": (SUPPORTED, "1 only; other values are 400"),
+    "stop": (SUPPORTED, "up to 4 strings"),
+    "stream": (SUPPORTED, ""),
+    "stream_options": (SUPPORTED, "include_usage"),
+    "cache_salt": (SUPPORTED, "kvgrove: prefix-cache namespace"),
+    "user": (IGNORE, "no per-user accounting; keys namespace the cache"),
+    "safety_identifier": (IGNORE, "no per-user accounting"),
+    "prompt_cache_key": (IGNORE, "the prefix cache matches every prompt by its tokens"),
+    "metadata": (IGNORE, "stored nowhere (store is false)"),
+    "service_tier": (IGNORE, "one tier"),
+    "store": (REJECT, "completions are not stored"),
+    "logit_bias": (REJECT, "not implemented"),
+    "audio": (REJECT, "text only"),
+    "modalities": (REJECT, "text only"),
+    "prediction": (REJECT, "predicted outputs are not implemented"),
+    "web_search_options": (REJECT, "no web search"),
+    "verbosity": (REJECT, "not implemented"),
+    "response_format": (ISSUE_11, ""),
+    "tools": (ISSUE_11, "rendered by the chat template"),
+    "tool_choice": (ISSUE_11, ""),
+    "parallel_tool_calls": (ISSUE_11, ""),
+    "functions": (ISSUE_11, ""),
+    "function_call": (ISSUE_11, ""),
+    "logprobs": (ISSUE_11, ""),
+    "top_logprobs": (ISSUE_11, ""),
+    "reasoning_effort": (ISSUE_11, ""),
+}
+
+OPENAI_MESSAGE: Table = {
+    "role": (SUPPORTED, ""),
+    "content": (SUPPORTED, "a string, or text parts; image/audio/file parts are 400"),
+    "name": (IGNORE, "the chat templates have no participant names"),
+    "refusal": (IGNORE, "history only"),
+    "tool_calls": (ISSUE_11, "rendered by the chat template"),
+    "tool_call_id": (ISSUE_11, "rendered by the chat template"),
+    "function_call": (ISSUE_11, ""),
+    "audio": (REJECT, "text only"),
+}
+
+OPENAI_COMPLETIONS: Table = {
+    "model": (SUPPORTED, "must name the loaded model"),
+    "prompt": (SUPPORTED, "a string (or a list of one)"),
+    "temperature": (SUPPORTED, ""),
+    "top_p": (SUPPORTED, ""),
+    "presence_penalty": (SUPPORTED, ""),
+    "frequency_penalty": (SUPPORTED, ""),
+    "seed": (SUPPORTED, ""),
+    "max_tokens": (SUPPORTED, ""),
+    "n": (SUPPORTED, "1 only; other values are 400"),
+    "stop": (SUPPORTED, "up to 4 strings"),
+    "stream": (SUPPORTED, ""),
+    "stream_options": (SUPPORTED, "include_usage"),
+    "cache_salt": (SUPPORTED, "kvgrove: prefix-cache namespace"),
+    "user": (IGNORE, "no per-user accounting; keys namespace the cache"),
+    "best_of": (REJECT, "only 1"),
+    "echo": (REJECT, "not implemented"),
+    "suffix": (REJECT, "fill-in-the-middle is not implemented"),
+    "logit_bias": (REJECT, "not implemented"),
+    "logprobs": (ISSUE_11, ""),
+}
+
+# The neutral values of REJECT fields (besides absent and null): sending these is accepted.
+NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "images": ([],),
+    "suffix": ("",),
+    "template": ("",),
+    "context": ([],),
+    "typical_p": (1, 1.0),
+    "tfs_z": (1, 1.0),
+    "mirostat": (0,),
+    "store": (False,),
+    "logit_bias": ({},),
+    "modalities": (["text"],),
+    "best_of": (1,),
+    "echo": (False,),
+    "verbosity": ("medium",),
+    "truncate": (False,),
+    "shift": (False,),
+}
+
+OLLAMA_ROLES = ("system", "user", "assistant", "tool")
+OPENAI_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def check_fields(body: dict, table: Table, where: str = "") -> None:
+    """400 naming the first field of `body` that `table` does not know, or that it rejects
+    with a value other than its neutral ones."""
+    for name, value in body.items():
+        label = f"{where}{name}"
+        entry = table.get(name)
+        if entry is None:
+            raise BadRequest(f"unknown field {label!r}: not part of this API", param=label)
+        state, why = entry
+        if state == REJECT and value is not None and value not in NEUTRAL.get(name, ()):
+            if name == "images":
+                raise images_error(label)
+            raise BadRequest(f"{label} is not supported: {why}", param=label)
+
+
+def images_error(label: str) -> BadRequest:
+    return BadRequest(
+        f"{label}: the loaded model has no vision tower and cannot read images", param=label
+    )
+
+
+def check_roles(messages: list[dict], roles: tuple[str, ...], name: str = "messages") -> None:
+    for i, m in enumerate(messages):
+        if m["role"] not in roles:
+            raise BadRequest(
+                f"{name}[{i}].role must be one of {', '.join(roles)}, got {m['role']!r}",
+                param=f"{name}[{i}].role",
+            )
+
+
+# -- keep_alive, as Ollama's api.Duration parses it ------------------------------------------
+
+FOREVER = math.inf
+DEFAULT_KEEP_ALIVE = 300.0
+_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,  # U+00B5
+    "μs": 1e-6,  # U+03BC
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_PART = re.compile(r"(\d*)(?:\.(\d*))?([^\d.]*)")
+
+
+def parse_go_duration(text: str) -> float:
+    """Seconds in a Go duration string ("300ms", "-1.5h", "2h45m"), as time.ParseDuration
+    reads it; ValueError otherwise."""
+    s = text
+    sign = 1.0
+    if s[:1] in ("-", "+"):
+        sign = -1.0 if s[0] == "-" else 1.0
+        s = s[1:]
+    if s == "0":
+        return 0.0
+    if not s:
+        raise ValueError(f"invalid duration {text!r}")
+    total = 0.0
+    while s:
+        m = _PART.match(s)
+        whole, frac, unit = m.group(1), m.group(2), m.group(3)
+        if not whole and not frac:
+            raise ValueError(f"invalid duration {text!r}")
+        if not unit:
+            raise ValueError(f"missing unit in duration {text!r}")
+        if unit not in _UNITS:
+            raise ValueError(f"unknown unit {unit!r} in duration {text!r}")
+        total += float(f"{whole or 0}.{frac or 0}") * _UNITS[unit]
+        s = s[m.end() :]
+    return sign * total
+
+
+def keep_alive_seconds(body: dict) -> float | None:
+    """`keep_alive` in seconds (math.inf = forever), None when absent; 400 on garbage.
+    Numbers are seconds (truncated to whole ones); strings are Go durations; negative of
+    either is forever."""
+    value = body.get("keep_alive")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise BadRequest(
+            f"keep_alive must be a duration string or a number of seconds, got "
+            f"{json.dumps(value)[:60]}",
+            param="keep_alive",
+        )
+    if isinstance(value, str):
+        try:
+            seconds = parse_go_duration(value)
+        except ValueError as e:
+            raise BadRequest(f"keep_alive: {e}", param="keep_alive") from None
+    else:
+        if not math.isfinite(value):
+            raise BadRequest("keep_alive must be finite", param="keep_alive")
+        seconds = float(int(value))
+        if value < 0:
+            seconds = -1.0
+    return FOREVER if seconds < 0 else seconds
+
+
+# -- the README's table ----------------------------------------------------------------------
+
+TABLES: dict[str, Table] = {
+    "Ollama `/api/generate`": OLLAMA_GENERATE,
+    "Ollama `/api/chat`": OLLAMA_CHAT,
+    "Ollama `messages[]`": OLLAMA_MESSAGE,
+    "Ollama `options`": OLLAMA_OPTIONS,
+    "OpenAI `/v1/chat/completions`": OPENAI_CHAT,
+    "OpenAI `messages[]`": OPENAI_MESSAGE,
+    "OpenAI `/v1/completions`": OPENAI_COMPLETIONS,
+}
+_STATE_WORDS = {
+    SUPPORTED: "supported",
+    IGNORE: "accepted, ignored",
+    REJECT: "400 naming it",
+    ISSUE_11: "issue 11",
+}
+
+
+def markdown_table() -> str:
+    """The README's request-field table, one row per field of every table above."""
+    rows = ["| where | field | handling | note |", "|---|---|---|---|"]
+    for where, table in TABLES.items():
+        for name, (state, why) in table.items():
+            note = why
+            if state == REJECT:
+                neutral = ", ".join(json.dumps(v) for v in NEUTRAL.get(name, ()))
+                note = f"{why}; accepted: absent, null" + (f", {neutral}" if neutral else "")
+            rows.append(f"| {where} | `{name}` | {_STATE_WORDS[state]} | {note} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")
