@@ -230,7 +230,12 @@ class Executor:
         if first:
             s = item.start
             assert s is not None, f"request {item.request_id}: first item without a start"
-            sampler = SequenceSampler(s.params, s.prompt_tokens, context_limit=s.context_tokens)
+            sampler = SequenceSampler(
+                s.params,
+                s.prompt_tokens,
+                context_limit=s.context_tokens,
+                constraint=self._constraint(s.params),
+            )
             live = self._live[item.request_id] = _Live(
                 sampler, namespace=s.namespace, prompt_tokens=len(s.prompt_tokens)
             )
@@ -251,6 +256,14 @@ class Executor:
                 for _ in prefill_chunks(self.loaded.model, live.cache, gap, chunk_tokens=2048):
                     pass
         return live
+
+    def _constraint(self, params: Any) -> Any:
+        """The grammar mask hook: a request with a grammar samples under a Constraint."""
+        if params.grammar is None:
+            return None
+        from kvgrove.grammar import Constraint
+
+        return Constraint(params.grammar, self.loaded.tokenizer)
 
     def _close_sequence(self, request_id: int) -> list[Any] | None:
         """Give up the sequence's cache (it has left the batch); returns it, None if none.
