@@ -30,6 +30,7 @@ from kvgrove.http.common import (
     render_chat,
     require_ready,
 )
+from kvgrove.http.structured import with_grammar
 from kvgrove.sampling import SamplingParams
 
 bp = Blueprint("ollama", __name__)
@@ -156,6 +157,7 @@ async def generate() -> Any:
     raw = get_bool(body, "raw", False)
     stream = get_bool(body, "stream", True)
     params, max_tokens, num_ctx, stop = parse_options(body)
+    params = with_grammar(rt, params, body, api="ollama")
     if prompt == "" and not system:
         return _load_only(model, {"response": ""})
     tok = rt.loaded.tokenizer
@@ -182,6 +184,7 @@ async def chat() -> Any:
     messages = check_messages(body.get("messages") or [])
     stream = get_bool(body, "stream", True)
     params, max_tokens, num_ctx, stop = parse_options(body)
+    params = with_grammar(rt, params, body, api="ollama")
     if not messages:
         return _load_only(model, {"message": {"role": "assistant", "content": ""}})
     tools = body.get("tools")

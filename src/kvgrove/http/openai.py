@@ -29,6 +29,7 @@ from kvgrove.http.common import (
     require_ready,
 )
 from kvgrove.http.ollama import runtime
+from kvgrove.http.structured import with_grammar
 from kvgrove.sampling import SamplingParams
 
 bp = Blueprint("openai", __name__)
@@ -160,10 +161,11 @@ async def _respond(
 
 
 def _prepare(
-    rt: Runtime, body: dict, render: Callable[[], str], *, add_special: bool
+    rt: Runtime, body: dict, render: Callable[[], str], *, add_special: bool, chat: bool
 ) -> tuple[str, GenerationRequest]:
     model = check_model(rt, body)
     params, max_tokens, stop = parse_sampling(rt, body)
+    params = with_grammar(rt, params, body, api="openai" if chat else "openai-completions")
     ids = rt.loaded.tokenizer.encode(render(), add_special=add_special)
     return model, generation_request(rt, body, ids, params, max_tokens, stop, api="openai")
 
@@ -179,7 +181,9 @@ async def chat_completions() -> Any:
     if not messages:
         raise BadRequest("messages must not be empty", param="messages")
     tools = body.get("tools")
-    model, request = _prepare(rt, body, lambda: render_chat(rt, messages, tools), add_special=False)
+    model, request = _prepare(
+        rt, body, lambda: render_chat(rt, messages, tools), add_special=False, chat=True
+    )
     return await _respond(rt, body, model, request, chat=True)
 
 
@@ -193,7 +197,7 @@ async def completions() -> Any:
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise BadRequest("prompt must be a string", param="prompt")
-    model, request = _prepare(rt, body, lambda: prompt, add_special=True)
+    model, request = _prepare(rt, body, lambda: prompt, add_special=True, chat=False)
     return await _respond(rt, body, model, request, chat=False)
 
 
