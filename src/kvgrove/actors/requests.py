@@ -82,6 +82,7 @@ class Generation:
         stops = StopMatcher(req.stop)
         done_seen = False
         generated = 0
+        held: list[Token] = []  # tokens whose text is still held back (stop match, UTF-8)
         first_at = last_at = None
         outcome = "cancelled"
         try:
@@ -114,8 +115,10 @@ class Generation:
                             outcome = "error"
                             raise GenerationError(f"cannot decode token {token}: {e}") from None
                         text, hit = stops.feed(piece)
+                        held.append(msg)
                         if text:
-                            yield TextChunk(text, (msg,))
+                            yield TextChunk(text, tuple(held))
+                            held.clear()
                         if hit:
                             outcome = "ok"
                             yield self._finish_early(generated, first_at, now)
@@ -125,7 +128,7 @@ class Generation:
                         text, hit = stops.feed(detok.flush())
                         text += stops.flush()
                         if text:
-                            yield TextChunk(text, ())
+                            yield TextChunk(text, tuple(held))
                         outcome = "ok"
                         self.metrics.inc("kvgrove_generated_tokens_total", msg.generated_tokens)
                         yield self._finish(msg, "stop" if hit else msg.reason, now)

@@ -28,6 +28,7 @@ from kvgrove.http.common import (
     render_chat,
     require_ready,
 )
+from kvgrove.http.logprobs import completion_logprobs, token_entries, with_logprobs
 from kvgrove.http.ollama import runtime
 from kvgrove.http.structured import with_grammar
 from kvgrove.sampling import SamplingParams
@@ -105,12 +106,25 @@ async def _respond(
     obj = "chat.completion" if chat else "text_completion"
     headers = {"X-Request-Id": str(gen.request_id)}
 
-    def choice(text: str | None, finish: str | None, *, delta: bool) -> dict[str, Any]:
+    wants_logprobs = request.params.logprobs
+    sent = 0  # characters of completion text sent so far (for text_offset)
+
+    def logprobs_of(tokens: tuple) -> Any:
+        if not wants_logprobs:
+            return None
         if not chat:
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return completion_logprobs(rt.loaded.tokenizer, tokens, sent)
+        return {"content": token_entries(rt.loaded.tokenizer, tokens), "refusal": None}
+
+    def choice(
+        text: str | None, finish: str | None, *, delta: bool, tokens: tuple = ()
+    ) -> dict[str, Any]:
+        logprobs = logprobs_of(tokens) if (tokens or not delta) else None
+        if not chat:
+            return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         key = "delta" if delta else "message"
         content = {} if text is None else {"role": "assistant", "content": text}
-        return {"index": 0, key: content, "logprobs": None, "finish_reason": finish}
+        return {"index": 0, key: content, "logprobs": logprobs, "finish_reason": finish}
 
     def envelope(choices: list, **extra: Any) -> dict[str, Any]:
         kind = obj + ".chunk" if (stream and chat) else obj
@@ -126,26 +140,31 @@ async def _respond(
 
     if not stream:
         texts: list[str] = []
+        tokens: list = []
         final: Finished | None = None
         async with aclosing(gen.stream()) as events:
             try:
                 async for ev in events:
                     if isinstance(ev, TextChunk):
                         texts.append(ev.text)
+                        tokens.extend(ev.tokens)
                     else:
                         final = ev
             except GenerationError as e:
                 return error_body(str(e), kind="server_error"), 500, headers
         assert final is not None
         text = "".join(texts)
-        return envelope([choice(text, final.reason, delta=False)], usage=usage(final)), headers
+        only = choice(text, final.reason, delta=False, tokens=tuple(tokens))
+        return envelope([only], usage=usage(final)), headers
 
     async def events_out() -> AsyncIterator[bytes]:
+        nonlocal sent
         async with aclosing(gen.stream()) as events:
             try:
                 async for ev in events:
                     if isinstance(ev, TextChunk):
-                        yield _sse(envelope([choice(ev.text, None, delta=True)]))
+                        yield _sse(envelope([choice(ev.text, None, delta=True, tokens=ev.tokens)]))
+                        sent += len(ev.text)
                     else:
                         last = choice(None if chat else "", ev.reason, delta=True)
                         yield _sse(envelope([last]))
@@ -165,7 +184,8 @@ def _prepare(
 ) -> tuple[str, GenerationRequest]:
     model = check_model(rt, body)
     params, max_tokens, stop = parse_sampling(rt, body)
-    params = with_grammar(rt, params, body, api="openai" if chat else "openai-completions")
+    api = "openai" if chat else "openai-completions"
+    params = with_logprobs(with_grammar(rt, params, body, api=api), body, api=api)
     ids = rt.loaded.tokenizer.encode(render(), add_special=add_special)
     return model, generation_request(rt, body, ids, params, max_tokens, stop, api="openai")
 
