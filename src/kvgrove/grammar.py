@@ -9,13 +9,14 @@ and, token by token, says which tokens may come next. kvgrove uses it like this:
   HTTP layer answers 400). The string rides in ``SamplingParams.grammar``.
 - ``ll_tokenizer`` builds llguidance's view of a kvgrove ``Tokenizer`` (every token's bytes,
   the end-of-turn ids as EOS), once per tokenizer: it costs about a second.
-- A ``Constraint`` is one sequence's matcher. The sampler asks it for the mask of allowed
-  tokens before each draw and feeds it each accepted token. EOS is in the mask only where the
-  grammar can end; once the grammar is complete only EOS is. A grammar that is not complete
-  when the token limit hits simply stops there ("length"): nothing claims it complete.
+- A ``Constraint`` is one sequence's matcher. The sampler asks it for the packed mask of
+  allowed tokens before each draw (unpacked on the device) and feeds it each accepted
+  token. EOS is in the mask only where the grammar can end; once the grammar is complete
+  only EOS is. A grammar that is not complete when the token limit hits simply stops there
+  ("length"): nothing claims it complete.
 
 The MLX helper llguidance ships (``llguidance.mlx``) is a Metal kernel; the mask here is a
-plain boolean row applied with ``mx.where``, which runs on every MLX backend.
+packed rows unpacked with shifts and applied with ``mx.where``, which runs on every MLX backend.
 """
 
 from __future__ import annotations
@@ -129,19 +130,28 @@ class Constraint:
             raise GrammarError(self._matcher.get_error())
         self._eos = sorted(tokenizer.eos_ids)
 
-    def mask(self, width: int) -> np.ndarray:
-        allowed = np.zeros(width, dtype=bool)
+    def bitmask(self, words: int) -> np.ndarray:
+        """The allowed tokens packed 32 to a uint32 word, bit ``t % 32`` of word ``t // 32``.
+
+        ``words`` is the logits' width in words; ids past the vocabulary are never allowed.
+        """
+        packed = np.zeros(words, dtype=np.uint32)
         if self._matcher.is_error():
             # A token the grammar did not allow got in (it cannot, through the sampler):
             # end the sequence rather than let it continue unconstrained.
-            allowed[[t for t in self._eos if t < width]] = True
-            return allowed
-        bits = np.unpackbits(
-            np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8), bitorder="little"
-        )
-        n = min(width, self._ll.vocab_size, bits.shape[0])
-        allowed[:n] = bits[:n].astype(bool)
-        return allowed
+            for t in self._eos:
+                if t < 32 * words:
+                    packed[t // 32] |= np.uint32(1 << (t % 32))
+            return packed
+        bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint32)
+        n = min(words, bits.shape[0])
+        packed[:n] = bits[:n]
+        return packed
+
+    def mask(self, width: int) -> np.ndarray:
+        """The allowed tokens as a boolean row of ``width``."""
+        packed = self.bitmask((width + 31) // 32)
+        return np.unpackbits(packed.view(np.uint8), bitorder="little")[:width].astype(bool)
 
     def accept(self, token: int) -> None:
         if not self._matcher.is_stopped():

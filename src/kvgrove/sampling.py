@@ -346,11 +346,15 @@ def apply_masks(logits: mx.array, samplers: Sequence[SequenceSampler]) -> mx.arr
     if not rows:
         return logits
     mx.async_eval(logits)
-    vocab = logits.shape[-1]
-    allowed = np.ones(logits.shape, dtype=bool)
+    batch, vocab = logits.shape
+    words = (vocab + 31) // 32
+    # Packed 32 tokens to a word on the host (free rows: all bits set), unpacked on the device.
+    packed = np.full((batch, words), 0xFFFFFFFF, dtype=np.uint32)
     for i in rows:
-        allowed[i] = samplers[i].constraint.mask(vocab)
-    return mx.where(mx.array(allowed), logits, -mx.inf)
+        packed[i] = samplers[i].constraint.bitmask(words)
+    ids = mx.arange(vocab, dtype=mx.uint32)
+    bits = mx.right_shift(mx.array(packed)[:, ids // 32], ids % 32) & 1
+    return mx.where(bits.astype(mx.bool_), logits, -mx.inf)
 
 
 def apply_penalties(logits: mx.array, samplers: Sequence[SequenceSampler]) -> mx.array:
