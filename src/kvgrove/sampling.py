@@ -22,6 +22,11 @@ Choices worth knowing:
 - **Logprobs** are OpenAI's: log-softmax of the raw model logits (before penalties and
   temperature), for the chosen token and the ``top_logprobs`` most likely alternatives.
   ``top_logprobs`` is reported only when ``logprobs`` is on.
+- **Constraints.** A sampler may carry a grammar ``constraint`` (``kvgrove.grammar``): its
+  row's disallowed logits become -inf after the penalties, before any filter, so every path
+  (greedy or drawn) picks an allowed token; free rows in the same batch are untouched. The
+  masks are computed on the host after the step's logits are queued with ``mx.async_eval``,
+  so they overlap the forward pass. ``accept`` advances the constraint.
 - ``sample_batch`` does **not** call ``SequenceSampler.accept``: the caller accepts a token
   once it keeps it (after its stop checks), so a discarded step leaves the history intact.
 """
@@ -32,6 +37,7 @@ import math
 import secrets
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 import attrs
 import mlx.core as mx
@@ -72,6 +78,8 @@ class SamplingParams:
     seed: int = -1
     logprobs: bool = False
     top_logprobs: int = 0
+    # llguidance's grammar string (kvgrove.grammar builds and checks it); None: unconstrained.
+    grammar: str | None = None
 
     def __attrs_post_init__(self) -> None:
         for name in ("top_k", "repeat_last_n", "seed", "top_logprobs"):
@@ -89,6 +97,8 @@ class SamplingParams:
             value = getattr(self, name)
             if not _is_real(value) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise ValueError(f"grammar must be a string, got {self.grammar!r}")
         if not isinstance(self.logprobs, bool | np.bool_):
             raise ValueError(f"logprobs must be a boolean, got {self.logprobs!r}")
         if self.temperature < 0:
@@ -134,8 +144,11 @@ class SequenceSampler:
         prompt_tokens: Sequence[int],
         *,
         context_limit: int | None = None,
+        constraint: Any = None,
     ) -> None:
         self.params = params
+        # A kvgrove.grammar.Constraint restricting the draws to a grammar, or None.
+        self.constraint = constraint
         self.context_limit = context_limit
         # The seed actually used, so a random one can be reported and replayed.
         self.seed: int = params.seed if params.seed >= 0 else secrets.randbits(63)
@@ -164,6 +177,8 @@ class SequenceSampler:
         """Append a generated token to the history (call once the token is kept)."""
         token = int(token)
         self._history.append(token)
+        if self.constraint is not None:
+            self.constraint.accept(token)
         if self._window == 0:
             return
         self._counts[token] += 1
@@ -266,7 +281,7 @@ def build_sample(logits: mx.array, samplers: Sequence[SequenceSampler]) -> Pendi
         raise ValueError(f"logits must be (B, V) with B = {len(samplers)}, got {logits.shape}")
     raw = logits if logits.dtype == mx.float32 else logits.astype(mx.float32)
     batch, vocab = raw.shape
-    penalized = apply_penalties(raw, samplers)
+    penalized = apply_masks(apply_penalties(raw, samplers), samplers)
 
     # Each row's path depends on its own parameters (and V) only.
     groups: dict[str, list[int]] = {"greedy": [], "top_k": [], "sort": [], "full": []}
@@ -320,6 +335,26 @@ def build_sample(logits: mx.array, samplers: Sequence[SequenceSampler]) -> Pendi
 
 def _column(values: Sequence[float]) -> mx.array:
     return mx.array(np.asarray(values, dtype=np.float32))[:, None]
+
+
+def apply_masks(logits: mx.array, samplers: Sequence[SequenceSampler]) -> mx.array:
+    """``logits`` (B, V) with each constrained row's disallowed tokens at -inf.
+
+    The masks are computed on the host while the device computes ``logits`` (queued first).
+    """
+    rows = [i for i, s in enumerate(samplers) if s.constraint is not None]
+    if not rows:
+        return logits
+    mx.async_eval(logits)
+    batch, vocab = logits.shape
+    words = (vocab + 31) // 32
+    # Packed 32 tokens to a word on the host (free rows: all bits set), unpacked on the device.
+    packed = np.full((batch, words), 0xFFFFFFFF, dtype=np.uint32)
+    for i in rows:
+        packed[i] = samplers[i].constraint.bitmask(words)
+    ids = mx.arange(vocab, dtype=mx.uint32)
+    bits = mx.right_shift(mx.array(packed)[:, ids // 32], ids % 32) & 1
+    return mx.where(bits.astype(mx.bool_), logits, -mx.inf)
 
 
 def apply_penalties(logits: mx.array, samplers: Sequence[SequenceSampler]) -> mx.array:

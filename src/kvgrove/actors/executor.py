@@ -256,7 +256,12 @@ class Executor:
         if first:
             s = item.start
             assert s is not None, f"request {item.request_id}: first item without a start"
-            sampler = SequenceSampler(s.params, s.prompt_tokens, context_limit=s.context_tokens)
+            sampler = SequenceSampler(
+                s.params,
+                s.prompt_tokens,
+                context_limit=s.context_tokens,
+                constraint=self._constraint(s.params),
+            )
             live = self._live[item.request_id] = _Live(
                 sampler, namespace=s.namespace, prompt_tokens=len(s.prompt_tokens)
             )
@@ -322,6 +327,14 @@ class Executor:
             return 0
         cache, live.cache = live.cache, None
         return self._store_prefix(request_id, live, cache)
+
+    def _constraint(self, params: Any) -> Any:
+        """The grammar mask hook: a request with a grammar samples under a Constraint."""
+        if params.grammar is None:
+            return None
+        from kvgrove.grammar import Constraint
+
+        return Constraint(params.grammar, self.loaded.tokenizer)
 
     def _close_sequence(self, request_id: int) -> list[Any] | None:
         """Give up the sequence's cache (it has left the batch); returns it, None if none.

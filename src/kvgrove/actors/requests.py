@@ -83,6 +83,7 @@ class Generation:
         done_seen = False
         generated = 0
         cached = 0  # prompt tokens restored from the prefix cache (told with the first token)
+        held: list[Token] = []  # tokens whose text is still held back (stop match, UTF-8)
         first_at = last_at = None
         outcome = "cancelled"
         try:
@@ -117,8 +118,10 @@ class Generation:
                             outcome = "error"
                             raise GenerationError(f"cannot decode token {token}: {e}") from None
                         text, hit = stops.feed(piece)
+                        held.append(msg)
                         if text:
-                            yield TextChunk(text, (msg,))
+                            yield TextChunk(text, tuple(held))
+                            held.clear()
                         if hit:
                             outcome = "ok"
                             yield self._finish_early(generated, cached, first_at, now)
@@ -128,7 +131,7 @@ class Generation:
                         text, hit = stops.feed(detok.flush())
                         text += stops.flush()
                         if text:
-                            yield TextChunk(text, ())
+                            yield TextChunk(text, tuple(held))
                         outcome = "ok"
                         self.metrics.inc("kvgrove_generated_tokens_total", msg.generated_tokens)
                         yield self._finish(msg, "stop" if hit else msg.reason, now)

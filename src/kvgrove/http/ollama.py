@@ -42,6 +42,8 @@ from kvgrove.http.fields import (
     check_roles,
     keep_alive_seconds,
 )
+from kvgrove.http.logprobs import token_entries, with_logprobs
+from kvgrove.http.structured import with_grammar
 from kvgrove.sampling import SamplingParams
 
 bp = Blueprint("ollama", __name__)
@@ -126,21 +128,26 @@ async def _respond(
 ) -> Any:
     gen = rt.generation(request)
     headers = {"X-Request-Id": str(gen.request_id)}
+    wants_logprobs = request.params.logprobs
 
     if not stream:
         texts: list[str] = []
+        tokens: list = []
         final: Finished | None = None
         async with aclosing(gen.stream()) as events:
             try:
                 async for ev in events:
                     if isinstance(ev, TextChunk):
                         texts.append(ev.text)
+                        tokens.extend(ev.tokens)
                     else:
                         final = ev
             except GenerationError as e:
                 return {"error": str(e)}, 500, headers
         assert final is not None
         body = {"model": model, "created_at": now_iso(), **piece("".join(texts))}
+        if wants_logprobs:
+            body["logprobs"] = token_entries(rt.loaded.tokenizer, tokens)
         return {**body, **final_fields(final)}, 200, headers
 
     async def lines() -> AsyncIterator[bytes]:
@@ -149,6 +156,8 @@ async def _respond(
                 async for ev in events:
                     if isinstance(ev, TextChunk):
                         msg = {"model": model, "created_at": now_iso(), **piece(ev.text)}
+                        if wants_logprobs:
+                            msg["logprobs"] = token_entries(rt.loaded.tokenizer, ev.tokens)
                         msg["done"] = False
                     else:
                         msg = {"model": model, "created_at": now_iso(), **piece("")}
@@ -179,6 +188,7 @@ async def generate() -> Any:
     raw = get_bool(body, "raw", False)
     stream = get_bool(body, "stream", True)
     params, max_tokens, num_ctx, stop = parse_options(body)
+    params = with_logprobs(with_grammar(rt, params, body, api="ollama"), body, api="ollama")
     if prompt == "" and not system:
         return _load_only(model, {"response": ""})
     tok = rt.loaded.tokenizer
@@ -210,6 +220,7 @@ async def chat() -> Any:
     check_roles(messages, OLLAMA_ROLES)
     stream = get_bool(body, "stream", True)
     params, max_tokens, num_ctx, stop = parse_options(body)
+    params = with_logprobs(with_grammar(rt, params, body, api="ollama"), body, api="ollama")
     if not messages:
         return _load_only(model, {"message": {"role": "assistant", "content": ""}})
     tools = body.get("tools")

@@ -38,7 +38,9 @@ from kvgrove.http.fields import (
     check_fields,
     check_roles,
 )
+from kvgrove.http.logprobs import completion_logprobs, token_entries, with_logprobs
 from kvgrove.http.ollama import runtime
+from kvgrove.http.structured import with_grammar
 from kvgrove.sampling import SamplingParams
 
 bp = Blueprint("openai", __name__)
@@ -114,12 +116,25 @@ async def _respond(
     obj = "chat.completion" if chat else "text_completion"
     headers = {"X-Request-Id": str(gen.request_id)}
 
-    def choice(text: str | None, finish: str | None, *, delta: bool) -> dict[str, Any]:
+    wants_logprobs = request.params.logprobs
+    sent = 0  # characters of completion text sent so far (for text_offset)
+
+    def logprobs_of(tokens: tuple) -> Any:
+        if not wants_logprobs:
+            return None
         if not chat:
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return completion_logprobs(rt.loaded.tokenizer, tokens, sent)
+        return {"content": token_entries(rt.loaded.tokenizer, tokens), "refusal": None}
+
+    def choice(
+        text: str | None, finish: str | None, *, delta: bool, tokens: tuple = ()
+    ) -> dict[str, Any]:
+        logprobs = logprobs_of(tokens) if (tokens or not delta) else None
+        if not chat:
+            return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         key = "delta" if delta else "message"
         content = {} if text is None else {"role": "assistant", "content": text}
-        return {"index": 0, key: content, "logprobs": None, "finish_reason": finish}
+        return {"index": 0, key: content, "logprobs": logprobs, "finish_reason": finish}
 
     def envelope(choices: list, **extra: Any) -> dict[str, Any]:
         kind = obj + ".chunk" if (stream and chat) else obj
@@ -135,26 +150,31 @@ async def _respond(
 
     if not stream:
         texts: list[str] = []
+        tokens: list = []
         final: Finished | None = None
         async with aclosing(gen.stream()) as events:
             try:
                 async for ev in events:
                     if isinstance(ev, TextChunk):
                         texts.append(ev.text)
+                        tokens.extend(ev.tokens)
                     else:
                         final = ev
             except GenerationError as e:
                 return error_body(str(e), kind="server_error"), 500, headers
         assert final is not None
         text = "".join(texts)
-        return envelope([choice(text, final.reason, delta=False)], usage=usage(final)), headers
+        only = choice(text, final.reason, delta=False, tokens=tuple(tokens))
+        return envelope([only], usage=usage(final)), headers
 
     async def events_out() -> AsyncIterator[bytes]:
+        nonlocal sent
         async with aclosing(gen.stream()) as events:
             try:
                 async for ev in events:
                     if isinstance(ev, TextChunk):
-                        yield _sse(envelope([choice(ev.text, None, delta=True)]))
+                        yield _sse(envelope([choice(ev.text, None, delta=True, tokens=ev.tokens)]))
+                        sent += len(ev.text)
                     else:
                         last = choice(None if chat else "", ev.reason, delta=True)
                         yield _sse(envelope([last]))
@@ -170,10 +190,12 @@ async def _respond(
 
 
 def _prepare(
-    rt: Runtime, body: dict, render: Callable[[], str], *, add_special: bool
+    rt: Runtime, body: dict, render: Callable[[], str], *, add_special: bool, chat: bool
 ) -> tuple[str, GenerationRequest]:
     model = check_model(rt, body)
     params, max_tokens, stop = parse_sampling(rt, body)
+    api = "openai" if chat else "openai-completions"
+    params = with_logprobs(with_grammar(rt, params, body, api=api), body, api=api)
     ids = rt.loaded.tokenizer.encode(render(), add_special=add_special)
     return model, generation_request(rt, body, ids, params, max_tokens, stop, api="openai")
 
@@ -193,7 +215,9 @@ async def chat_completions() -> Any:
     if not messages:
         raise BadRequest("messages must not be empty", param="messages")
     tools = body.get("tools")
-    model, request = _prepare(rt, body, lambda: render_chat(rt, messages, tools), add_special=False)
+    model, request = _prepare(
+        rt, body, lambda: render_chat(rt, messages, tools), add_special=False, chat=True
+    )
     return await _respond(rt, body, model, request, chat=True)
 
 
@@ -208,7 +232,7 @@ async def completions() -> Any:
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise BadRequest("prompt must be a string", param="prompt")
-    model, request = _prepare(rt, body, lambda: prompt, add_special=True)
+    model, request = _prepare(rt, body, lambda: prompt, add_special=True, chat=False)
     return await _respond(rt, body, model, request, chat=False)
 
 
