@@ -88,6 +88,41 @@ CONFIGS: dict[str, dict] = {
         "max_position_embeddings": 512,
         "num_nextn_predict_layers": 0,
     },
+    # Sliding-window attention (mlx-lm's RotatingKVCache) with a window short enough that the
+    # ring buffer wraps in a test conversation; mlx-lm's llama needs one full-attention layer.
+    "window": {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "num_hidden_layers": 3,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": VOCAB,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": False,
+        "sliding_window": 16,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+    },
+    # gemma3-style mixed layers: two local (window 16) layers, then one global, repeating.
+    "gemma3": {
+        "model_type": "gemma3_text",
+        "hidden_size": 64,
+        "num_hidden_layers": 3,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "rms_norm_eps": 1e-6,
+        "vocab_size": VOCAB,
+        "rope_theta": 1000000.0,
+        "rope_local_base_freq": 10000.0,
+        "sliding_window": 16,
+        "sliding_window_pattern": 3,
+        "max_position_embeddings": 512,
+    },
 }
 
 ARCHITECTURES = tuple(CONFIGS)

@@ -9,7 +9,7 @@ from kvgrove.models import bundled, loading
 from kvgrove.models.caches import RecurrentCache, SpanKVCache, make_cache
 from kvgrove.models.generate import generate
 from kvgrove.sampling import SamplingParams
-from tiny_models import ARCHITECTURES, write_tiny_model
+from tiny_models import ARCHITECTURES, CONFIGS, write_tiny_model
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -28,7 +28,7 @@ def tiny_folders(tmp_path_factory):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_tiny_models_load_and_generate(tiny_folders, arch, quantized):
     lm = loading.load(tiny_folders[arch, quantized], dequantize=False)
-    assert lm.info.architecture == arch
+    assert lm.info.architecture == CONFIGS[arch]["model_type"]
     assert lm.info.source_format == "hf"
     assert lm.info.context_length == 512
     assert lm.info.nbytes > 0
