@@ -33,6 +33,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from kvgrove import faults
 from kvgrove.memory import snapshots
 from kvgrove.memory.ledger import Budgets
 from kvgrove.memory.snapshots import Payload
@@ -321,6 +322,7 @@ class Tiers:
         if _ORDER.index(target) <= _ORDER.index(source):
             raise ValueError(f"cannot demote from {source} to {target}")
         p = node.payload
+        faults.check("tiers.demote")
         if p.tier == "device":
             p = snapshots.to_host(p)
         if target == "disk":
