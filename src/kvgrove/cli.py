@@ -41,20 +41,40 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from kvgrove.models import bundled
+    from kvgrove.models import bundled, hf_hub, ollama_store
 
-    spec = bundled.lookup(args.model or "default")
-    if spec is None:
-        print(
-            f"unknown model {args.model!r}; bundled: {', '.join(bundled.BUNDLED)}", file=sys.stderr
-        )
-        return 2
-    if spec.path.exists():
-        print(f"{spec.name}: already in {spec.path}")
+    name = args.model or "default"
+    spec = bundled.lookup(name)
+    if spec is not None:
+        if spec.path.exists():
+            print(f"{spec.name}: already in {spec.path}")
+            return 0
+        path = bundled.pull(spec, progress=_progress_bar(f"pulling {spec.name}"))
+        print(f"{spec.name}: {path}")
         return 0
-    path = bundled.pull(spec, progress=_progress_bar(f"pulling {spec.name}"))
-    print(f"{spec.name}: {path}")
-    return 0
+    stored = ollama_store.lookup(name)
+    if stored is not None:
+        print(f"{stored.name}: already in Ollama's store ({stored.gguf})")
+        return 0
+    if hf_hub.split(name) is not None:
+        cached = hf_hub.lookup(name)
+        if cached is not None:
+            print(f"{name}: already in the Hugging Face cache ({cached})")
+            return 0
+        try:
+            path = hf_hub.pull(name)  # huggingface_hub draws its own progress bars
+        except Exception as e:  # no network, no such repo, a gated repo without a token
+            print(f"could not download {name!r} from Hugging Face: {e}", file=sys.stderr)
+            return 1
+        print(f"{name}: {path}")
+        return 0
+    print(
+        f"kvgrove cannot pull {name!r}: it fetches bundled models ({', '.join(bundled.BUNDLED)}) "
+        f"and Hugging Face repos (org/repo, hf.co/org/repo:QUANT); for a model of Ollama's "
+        f"registry run `ollama pull {name}`, and kvgrove serves it from Ollama's store",
+        file=sys.stderr,
+    )
+    return 2
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -148,13 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="chat once with a model, streaming the reply")
     p.add_argument("prompt")
-    p.add_argument("--model", help="GGUF file, model folder, or short name (default: smollm2)")
+    p.add_argument(
+        "--model",
+        help="GGUF file, model folder, short name, Ollama store name (llama3.2:3b) or Hugging "
+        "Face repo in the local cache (org/repo); default: smollm2",
+    )
     p.add_argument("--system", help="system prompt")
     p.add_argument("--raw", action="store_true", help="no chat template")
     _add_sampling_flags(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("pull", help="download a bundled model into the cache")
+    p = sub.add_parser(
+        "pull", help="download a bundled model, or a Hugging Face repo (org/repo[:QUANT])"
+    )
     p.add_argument("model", nargs="?", default=None)
     p.set_defaults(func=cmd_pull)
 

@@ -49,6 +49,23 @@ def default_budgets_bytes() -> dict[str, int]:
 
 
 @attrs.frozen
+class DeviceSplit:
+    """The device budget's shares (bytes): `live_bytes` bounds the running sequences' caches
+    (the scheduler preempts past it), `prefix_bytes` the prefix cache's device tier, which also
+    gives way to live caches that outgrow their share within a step (the executor lowers it to
+    what they leave before it rebalances)."""
+
+    weights_bytes: int
+    live_bytes: int
+    prefix_bytes: int
+
+    @property
+    def room_bytes(self) -> int:
+        """What the weights leave: live caches and cached KV together stay within it."""
+        return self.live_bytes + self.prefix_bytes
+
+
+@attrs.frozen
 class Settings:
     """Everything `kvgrove serve` can be told. Defaults bind where Ollama does."""
 
@@ -98,18 +115,34 @@ class Settings:
     # request that asks for "until the context limit" stops here with done_reason "length".
     max_predict_tokens: int = attrs.field(default=32768, validator=_positive)
     # The prefix cache: on by default. Its device tier gets `device_cache_bytes` (0 = half of
-    # what the device budget leaves after the weights); host and disk tiers get their budgets.
+    # what the device budget leaves after the weights), live caches the rest of that
+    # (`device_split`); host and disk tiers get their budgets.
     prefix_cache: bool = True
     # New prompts that arrive together prefill in one left-padded forward pass (plain-attention
     # models); off = one forward per prompt.
     batch_prefill: bool = True
     device_cache_bytes: int = attrs.field(default=0, validator=_non_negative)
     kv_cache_dir: str | None = None  # None = <kvgrove cache dir>/kv
+    # Other models on demand, besides `model` (which stays loaded): a request naming one loads
+    # it; at most this many stay loaded (0 = serve `model` only), the least recently used idle
+    # one unloading first; an idle one unloads after `keep_alive_seconds` (a request's
+    # keep_alive overrides it; < 0 = never). Requests for a loading model wait while the load
+    # progresses, failing once `model_load_timeout_seconds` pass without progress.
+    max_loaded_models: int = attrs.field(default=2, validator=_non_negative)
+    keep_alive_seconds: float = 300.0
+    model_load_timeout_seconds: float = attrs.field(default=600.0, validator=_positive)
+
+    def device_split(self, weights_bytes: int) -> DeviceSplit:
+        """How the one device budget is shared: the weights, then what they leave split between
+        live caches and the prefix cache's device tier (`device_cache_bytes`, capped at what is
+        left; 0 = half of it). weights + live + prefix <= device budget whenever the weights
+        fit at all."""
+        room = max(0, self.device_budget_bytes - weights_bytes)
+        prefix = min(self.device_cache_bytes, room) if self.device_cache_bytes else room // 2
+        return DeviceSplit(weights_bytes, room - prefix, prefix)
 
     def prefix_device_budget_bytes(self, weights_bytes: int) -> int:
-        if self.device_cache_bytes:
-            return self.device_cache_bytes
-        return max(0, self.device_budget_bytes - weights_bytes) // 2
+        return self.device_split(weights_bytes).prefix_bytes
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -174,6 +207,9 @@ _HELP = {
     "max_predict_tokens": "largest num_predict / max_tokens; also caps 'until the limit'",
     "device_cache_bytes": "device-tier budget of the prefix cache (0 = half what weights leave)",
     "kv_cache_dir": "folder of the prefix cache's disk tier (default ~/.cache/kvgrove/kv)",
+    "max_loaded_models": "other models loaded on demand at once (0 = serve --model only)",
+    "keep_alive_seconds": "how long an idle on-demand model stays loaded (< 0 = forever)",
+    "model_load_timeout_seconds": "how long a request waits for a load making no progress",
 }
 
 

@@ -30,6 +30,7 @@ from kvgrove import faults
 from kvgrove.actors.accountant import Accountant
 from kvgrove.actors.executor import Executor
 from kvgrove.actors.pager import Pager
+from kvgrove.actors.registry import ModelRegistry
 from kvgrove.actors.runtime import Runtime
 from kvgrove.actors.scheduler import Scheduler
 from kvgrove.config import Settings, add_serve_arguments, settings_from_args
@@ -105,7 +106,8 @@ async def serve(
 ) -> None:
     """Run the server until `shutdown` is set (or a signal arrives); report a `Server` once bound.
 
-    `loader` replaces `kvgrove.models.loading.load` (tests use it to hold the load open).
+    `loader` replaces `kvgrove.models.loading.load`, for the server's model and those loaded on
+    demand (tests use it to hold a load open).
     """
     warn_if_exposed(settings)
     runtime = Runtime(settings)
@@ -154,6 +156,10 @@ async def serve(
                 settings, executor=executor.inbox.clone(), pager=pager.inbox.clone()
             )
             await actors.start(scheduler.run)
+            if settings.max_loaded_models:
+                registry = ModelRegistry(settings, loader=loader, own_path=loaded.info.path)
+                await actors.start(registry.run)
+                runtime.registry = registry
             runtime.loaded = loaded
             runtime.scheduler_inbox = scheduler.inbox
             runtime.accountant_inbox = accountant.inbox

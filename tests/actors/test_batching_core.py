@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import attrs
+
 from kvgrove.actors.messages import Failed, ItemResult, Submit, Token
 from kvgrove.actors.plan import SchedulerCore
 from kvgrove.sampling import SamplingParams
@@ -149,3 +151,69 @@ def test_an_item_error_fails_only_that_sequence():
     (item,) = [i for i in core.plan_step() if i.request_id == 2]
     assert [s.request_id for s in core.fail_items((item,), "oom")] == [2]
     assert not core.get(3).finished
+
+
+def test_a_preempted_sequence_resumes_from_what_the_prefix_cache_kept():
+    core = SchedulerCore(chunk_tokens=64, max_running=4, kv_budget_bytes=1000)
+    core.admit(submit(1, 10, max_tokens=None))
+    core.admit(submit(2, 10, max_tokens=None))
+    for _ in range(4):
+        run_step(core, nbytes_per_token=40)  # the fourth goes over budget
+    items = core.plan_step()
+    assert core.take_preempt() == (2,)
+    # The executor stored 2's 13 fed tokens (10 prompt + 3 generated) in the prefix cache.
+    core.on_preempted(2, 13)
+    core.on_result(items[0], ItemResult(1, 9, None, None, 0.01, 520))
+    core.remove(1, cancelled=True)
+    (resume,) = core.plan_step()
+    assert resume.request_id == 2 and resume.start is None and resume.sample
+    assert resume.resume_tokens == 13
+    assert resume.tokens == (9,)  # only the last sampled token is fed
+    seq = core.on_result(resume, ItemResult(2, 7, None, None, 0.01, 560))
+    assert seq.fed == 14 and list(seq.outbox)[-1] == Token(7) and seq.generated == 5
+    # Later items carry no restore.
+    seq.outbox.clear()
+    (item,) = core.plan_step()
+    assert item.resume_tokens == 0 and item.tokens == (7,)
+
+
+def _in(namespace: str, rid: int, n_prompt: int) -> Submit:
+    return attrs.evolve(submit(rid, n_prompt), namespace=namespace)
+
+
+def test_a_sequence_waits_for_a_running_prefill_of_its_prefix_in_its_namespace_only():
+    core = SchedulerCore(chunk_tokens=16, max_running=8, share_prefills=True)
+    core.admit(_in("a", 1, 100))
+    core.admit(_in("a", 2, 60))  # shares 60 tokens with 1 (59 usable): waits
+    core.admit(_in("b", 3, 100))  # another namespace: never waits on 1
+    core.admit(_in("a", 4, 100), cached_tokens=99)  # has it all cached already: no wait
+    items = core.plan_step()
+    assert sorted(i.request_id for i in items) == [1, 4]  # 3 waits for budget, 2 for 1
+    assert core.get(2).waits_for == 1 and core.get(2).wait_until == 59
+    assert core.get(3).waits_for is None and core.get(4).waits_for is None
+    assert core.statistics().prefill_waits == 1
+    seq1 = core.get(1)
+    for _ in range(8):  # 1 feeds 16 tokens a step until it has fed 59
+        (item,) = [i for i in items if i.request_id == 1]
+        core.on_result(item, ItemResult(1, None, None, None, 0.01, 0))
+        assert core.take_rematch() == ()
+        items = core.plan_step()
+        if seq1.fed >= 59:
+            break
+    assert core.take_rematch() == (2,)
+    assert core.get(2).rematching and not core.get(2).runnable
+    core.rematched(2, 59)
+    seq2 = core.get(2)
+    assert seq2.runnable and seq2.fed == seq2.cached_tokens == 59
+
+
+def test_caches_started_in_one_step_count_together_against_the_live_budget():
+    core = SchedulerCore(chunk_tokens=1000, max_running=8, kv_budget_bytes=1000)
+    core.admit(submit(1, 10, max_tokens=None))
+    run_step(core, nbytes_per_token=40)  # 1 holds 400 bytes; 40 bytes a token is now known
+    for rid in (2, 3, 4):
+        core.admit(submit(rid, 10, max_tokens=None))
+    items = core.plan_step()
+    started = [i.request_id for i in items if i.start is not None]
+    assert started == [2]  # 400 + 400 fits; a third 400 would not
+    assert core.take_preempt() == ()

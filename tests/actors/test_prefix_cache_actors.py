@@ -30,7 +30,7 @@ from kvgrove.sampling import SamplingParams
 from tiny_models import write_tiny_model
 
 GREEDY = SamplingParams(temperature=0)
-ARCHS = ["llama", "qwen3_next", "glm4_moe_lite", "default"]
+ARCHS = ["llama", "qwen3_next", "glm4_moe_lite", "window", "gemma3", "default"]
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +126,7 @@ async def check_clean(accountant, pager, executor):
     accountant.ledger.check_integrity()
     assert memory["live_cache_bytes"] == 0
     assert summary["locked_requests"] == 0
+    assert summary["integrity"]["clean"], summary["integrity"]
     assert memory["cached_kv_bytes"] == summary["bytes"]
     assert executor.statistics().live_sequences == 0
     return summary, memory
@@ -219,5 +220,32 @@ async def test_cancelled_requests_unlock_and_keep_what_they_computed(tiny, tmp_p
         await check_clean(accountant, pager, executor)
         _, done = await run(scheduler, 3, prompt, 2)
         assert done.cached_tokens >= 39
+        await check_clean(accountant, pager, executor)
+        nursery.cancel_scope.cancel()
+
+
+async def test_integrity_check_through_the_pager_repairs_a_folder_that_disagrees(tiny, tmp_path):
+    folder = tiny("llama")
+    prompt = tuple((5 * i) % 240 + 10 for i in range(40))
+    settings = Settings(
+        model=folder, device_cache_bytes=1, host_budget_bytes=1, kv_cache_dir=str(tmp_path)
+    )
+    async with trio.open_nursery() as nursery:
+        accountant, executor, pager, scheduler = await start(nursery, settings)
+        first, _ = await run(scheduler, 1, prompt, 3)
+        await ask(executor.inbox, ExecutorQuery)
+        files = list(tmp_path.rglob("*.safetensors"))
+        assert files  # the tiny budgets sent the prompt's KV to disk
+        for f in files:
+            f.unlink()  # the folder no longer matches the trie
+        (files[0].parent / "feedface-0.safetensors").write_bytes(b"stray")
+        summary = await ask(pager.inbox, lambda r: CacheQuery(r, check=True))
+        report = summary["integrity"]
+        assert not report["clean"] and not report["unrepaired"], report
+        assert any("vanished" in p for p in report["problems"])
+        assert any("stray" in p for p in report["problems"])
+        # The pager is still there, the cache consistent, and requests are answered right.
+        again, done = await run(scheduler, 2, prompt, 3)
+        assert again == first and done.cached_tokens == 0
         await check_clean(accountant, pager, executor)
         nursery.cancel_scope.cancel()

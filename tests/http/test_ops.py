@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from functools import partial
 
@@ -74,8 +75,9 @@ async def test_health_is_503_while_loading_then_ok(tiny_llama):
         server.shutdown.set()
 
 
-async def test_graceful_shutdown_lets_a_stream_finish():
-    settings = Settings(port=0, shutdown_grace_seconds=8)
+async def test_graceful_shutdown_lets_a_stream_finish(tmp_path):
+    # Its own cache folder: the session's live server owns the default one.
+    settings = Settings(port=0, shutdown_grace_seconds=8, kv_cache_dir=str(tmp_path))
     async with trio.open_nursery() as nursery:
         server = await nursery.start(partial(serve, settings, handle_signals=False))
         await server.ready.wait()
@@ -106,3 +108,61 @@ async def test_tokens_the_tokenizer_cannot_decode_end_the_stream_with_an_error(t
             r = await c.get("/health")  # and the server goes on
             assert r.status_code == 200
         server.shutdown.set()
+
+
+async def test_cache_check_reports_and_repairs_over_http(tiny_llama, tmp_path):
+    settings = Settings(
+        port=0,
+        model=tiny_llama,
+        device_cache_bytes=1,
+        host_budget_bytes=1,
+        kv_cache_dir=str(tmp_path),
+        shutdown_grace_seconds=0.5,
+    )
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(partial(serve, settings, handle_signals=False))
+        await server.ready.wait()
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            req = {"model": "llama", "prompt": "a prompt long enough to cache", "raw": True}
+            req |= {"stream": False, "options": {"num_predict": 2}}
+            assert (await c.post("/api/generate", json=req)).status_code == 200
+            with trio.fail_after(30):  # the sequence's KV is stored when the executor releases it
+                while not (await c.get("/api/cache")).json()["bytes"]["disk"]:
+                    await trio.sleep(0.05)
+            files = list(tmp_path.rglob("*.safetensors"))
+            assert files
+            for f in files:
+                f.unlink()
+            r = await c.get("/api/cache", params={"check": "1"})
+            assert r.status_code == 200
+            report = r.json()["integrity"]
+            assert not report["clean"] and report["repaired"] and not report["unrepaired"]
+            assert (await c.get("/api/cache", params={"check": "1"})).json()["integrity"]["clean"]
+            assert (await c.get("/health")).json() == {"status": "ok"}
+            assert (await c.post("/api/generate", json=req)).status_code == 200
+            text = (await c.get("/metrics")).text
+            assert 'kvgrove_prefix_cache_disk_degraded{tier="disk"} 0' in text, text
+        server.shutdown.set()
+
+
+async def test_a_second_server_on_a_cache_folder_fails_at_start_naming_it(tiny_llama, tmp_path):
+    from kvgrove.memory.ledger import Budgets
+    from kvgrove.memory.prefix_cache import CacheDirBusy, PrefixCache
+
+    fingerprint = load(tiny_llama).info.fingerprint
+    owner = PrefixCache(("span",), Budgets(1, 1, 1), fingerprint=fingerprint, cache_dir=tmp_path)
+    settings = Settings(port=0, model=tiny_llama, kv_cache_dir=str(tmp_path))
+    try:
+        with pytest.raises(BaseException) as caught:  # a trio exception group
+            async with trio.open_nursery() as nursery:
+                server = await nursery.start(partial(serve, settings, handle_signals=False))
+                with trio.fail_after(60):
+                    await server.ready.wait()
+                raise AssertionError("the server started on a folder another one owns")
+        where = re.escape(str(tmp_path / fingerprint))
+        if isinstance(caught.value, BaseExceptionGroup):
+            assert caught.group_contains(CacheDirBusy, match=where), caught.value
+        else:
+            assert isinstance(caught.value, CacheDirBusy) and caught.match(where)
+    finally:
+        owner.close()

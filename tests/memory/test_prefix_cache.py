@@ -54,7 +54,7 @@ def test_a_split_after_the_match_still_restores_the_matched_prefix(model, tmp_pa
     ]
     assert got == expected
     cache.release(1)
-    cache.check_integrity()
+    assert cache.check_integrity().clean
 
 
 def test_namespaces_are_separate_tries_under_one_lru(model, tmp_path):
@@ -77,7 +77,7 @@ def test_namespaces_are_separate_tries_under_one_lru(model, tmp_path):
     assert cache.tiers("alice").tier_bytes("device") > 0
     stats = cache.statistics()
     assert stats["namespaces"] == 2 and stats["moved_bytes"] == {"device->host": moves[0].nbytes}
-    cache.check_integrity()
+    assert cache.check_integrity().clean
 
 
 def test_namespace_folders_are_safe_names():

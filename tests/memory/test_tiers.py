@@ -89,14 +89,14 @@ def test_restore_is_exact_through_every_tier_and_a_restart(models, arch, tmp_pat
         assert mx.array_equal(next_logits(model, cache, prompt[40]), want_logits).item()
         cache, _ = restored(t, model, prompt, 40)
         assert greedy(model, prompt, cache, 40) == want
-        t.check_integrity()
+        assert t.check_integrity().clean
 
     check(tiers)
     for target in ("host", "disk"):
         for node in tiers.trie.lru_nodes():
             tiers.demote(node, target)
         assert tiers.tier_bytes(target) == tiers.trie.size_info().bytes_by_tier[target] > 0
-        tiers.check_integrity()
+        assert tiers.check_integrity().clean
         ledger.check_integrity()
         check(tiers)
     tiers.flush()
@@ -125,7 +125,7 @@ def test_shared_prefix_reuse_and_fork_point_snapshot(models, arch, tmp_path):
     tiers.insert(b[: hit.matched_tokens], cache)
     assert greedy(model, b, cache, hit.matched_tokens) == greedy(model, b)
     assert tiers.lookup(b, max_tokens=34).usable_tokens == 20
-    tiers.check_integrity()
+    assert tiers.check_integrity().clean
 
 
 def test_budgets_rebalance_lru_and_ledger_returns_to_baseline(models, tmp_path):
@@ -143,7 +143,7 @@ def test_budgets_rebalance_lru_and_ledger_returns_to_baseline(models, tmp_path):
         for tier in ("device", "host", "disk"):
             assert tiers.tier_bytes(tier) <= budgets.of(tier)
             assert ledger.total(tier) == tiers.tier_bytes(tier)
-        tiers.check_integrity()
+        assert tiers.check_integrity().clean
         ledger.check_integrity()
     # LRU: the newest is on device, the oldest were dropped.
     for prompt, usable in ((prompts[-1], 32), (prompts[0], 0)):
@@ -185,7 +185,7 @@ def test_corrupted_file_is_dropped_and_recomputed(models, tmp_path, where, resta
     tiers.release(hit)
     prefill(model, cache, prompt, 16, 40)
     assert greedy(model, prompt, cache, 40) == greedy(model, prompt)
-    tiers.check_integrity()
+    assert tiers.check_integrity().clean
 
 
 def test_bfloat16_round_trips_bitwise_through_host_and_disk(tmp_path):

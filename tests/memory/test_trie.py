@@ -307,6 +307,12 @@ class TrieMachine(RuleBasedStateMachine):
         check(self.trie, self.ops)
         self.ledger.check_integrity()
         assert self.trie.size_info().tokens == len(self.prefixes)
+        # The heap LRU agrees with a full sort, and the totals with a recount.
+        for tier in ("device", "host", "disk"):
+            lru = self.trie.lru_nodes(tier)
+            assert self.trie.oldest(tier) is (lru[0] if lru else None), tier
+            assert self.trie.tier_bytes(tier) == sum(n.nbytes for n in self.trie.nodes()
+                                                     if n.tier == tier)  # fmt: skip
         for q in self.ends | self.prefixes:
             m = self.trie.match_prefix(q, touch=False)
             assert (m.matched_tokens, m.usable_tokens) == self.expected(q, len(q)), q

@@ -62,8 +62,8 @@ def reference_model() -> llama.Model:
         ),
     )
     model.load_weights(list(renamed.items()))
+    model.set_dtype(mx.float32)  # dequantize in float32, as llama.cpp does
     model = dequantize_model(model)
-    model.set_dtype(mx.float32)
     return model
 
 

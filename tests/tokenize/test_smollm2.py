@@ -52,6 +52,7 @@ def test_special_tokens_decode(smollm2: Tokenizer) -> None:
 
 def test_mx_load_metadata_gives_the_same_tokenizer(smollm2_gguf_path: Path) -> None:
     import mlx.core as mx
+
     _, metadata = mx.load(str(smollm2_gguf_path), return_metadata=True)
     via_mx = tokenizer_from_gguf(metadata)
     via_reader = tokenizer_from_gguf(read_gguf_metadata(smollm2_gguf_path))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import trio
 
-from kvgrove.actors.messages import Charge, MemoryQuery
+from kvgrove.actors.messages import Charge, Charges, MemoryQuery
 from kvgrove.config import Settings
 from kvgrove.memory.ledger import Budgets, Ledger
 
@@ -37,6 +37,8 @@ class Accountant:
                 disk_bytes=settings.disk_budget_bytes,
             )
         )
+        # The most device bytes (weights + live + reserved + cached KV) any reading has shown.
+        self.peak_device_bytes = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve ledger updates and queries until every sender is closed or cancelled."""
@@ -45,7 +47,18 @@ class Accountant:
             match msg:
                 case Charge(category=category, owner=owner, nbytes=nbytes):
                     self.ledger.set(category, owner, nbytes)
+                    self.peak_device_bytes = max(self.peak_device_bytes, self.ledger.device_bytes)
+                case Charges(charges=charges):
+                    for c in charges:
+                        self.ledger.set(c.category, c.owner, c.nbytes)
+                    self.peak_device_bytes = max(self.peak_device_bytes, self.ledger.device_bytes)
                 case MemoryQuery(reply=reply):
-                    reply.send_nowait({**self.ledger.snapshot(), "mlx": mlx_memory()})
+                    reply.send_nowait(
+                        {
+                            **self.ledger.snapshot(),
+                            "device_peak_bytes": self.peak_device_bytes,
+                            "mlx": mlx_memory(),
+                        }
+                    )
                 case _:
                     raise AssertionError(f"accountant: unexpected message {msg!r}")

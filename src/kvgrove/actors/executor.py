@@ -28,6 +28,7 @@ import trio
 
 from kvgrove.actors.messages import (
     Charge,
+    Charges,
     ExecutorQuery,
     ItemResult,
     Step,
@@ -108,6 +109,7 @@ class _Live:
     in_batch: bool = False
     namespace: str = ""  # where the prefix cache stores its KV
     prompt_tokens: int = 0
+    restored_tokens: int | None = None  # prompt tokens restored from the prefix cache
 
     @property
     def has_cache(self) -> bool:
@@ -145,6 +147,7 @@ class Executor:
         self.step_log: collections.deque[tuple[int, float, float]] = collections.deque(
             maxlen=100_000
         )
+        self._charged: dict[tuple[str, str], int] = {}  # what the accountant was last told
         self._steps = 0
         self._items = 0
         self._tokens = 0
@@ -169,6 +172,27 @@ class Executor:
                     except Exception:
                         log.exception("writing the prefix cache to disk failed")
             self._thread.stop()
+
+    async def _send_charges(self, charges: dict[tuple[str, str], int]) -> None:
+        """Tell the accountant in one message: no reading ever shows half a step's update."""
+        batch = tuple(Charge(category, owner, n) for (category, owner), n in charges.items())
+        await self._accountant.send(Charges(batch))
+        for key, nbytes in charges.items():
+            if nbytes:
+                self._charged[key] = nbytes
+            else:
+                self._charged.pop(key, None)
+
+    def _fit_prefix(self, live_bytes: int) -> dict[str, int]:
+        """On the MLX thread: the prefix cache's device tier gets its share of the device
+        budget, less whatever live caches took beyond theirs (one budget for weights, live
+        caches and cached KV), and rebalances into it. Returns the tiers' bytes."""
+        split = self.settings.device_split(self.loaded.info.nbytes)
+        cap = max(0, min(split.prefix_bytes, split.room_bytes - live_bytes))
+        if self._prefix.budgets.device_bytes != cap:
+            self._prefix.budgets = attrs.evolve(self._prefix.budgets, device_bytes=cap)
+        self._prefix.rebalance()
+        return self._prefix.tier_bytes()
 
     @property
     def mlx(self) -> MLXThread:
@@ -198,14 +222,16 @@ class Executor:
         match msg:
             case Step():
                 result = await self._thread.call(self._run_step, msg)
-                for rid in (*msg.release, *msg.preempt):
-                    await self._accountant.send(Charge("live", str(rid), 0))
+                charges = {("live", str(rid)): 0 for rid in (*msg.release, *msg.preempt)}
                 for r in result.results:
-                    await self._accountant.send(Charge("live", str(r.request_id), r.cache_bytes))
+                    charges[("live", str(r.request_id))] = r.cache_bytes
                 if self._prefix is not None:
-                    tiers = await self._thread.call(self._prefix.tier_bytes)
+                    live = {**{k: n for k, n in self._charged.items() if k[0] == "live"}, **charges}
+                    live_total = sum(n for (c, _), n in live.items() if c == "live")
+                    tiers = await self._thread.call(self._fit_prefix, live_total)
                     for tier, nbytes in tiers.items():
-                        await self._accountant.send(Charge(tier, "prefix", nbytes))
+                        charges[(tier, "prefix")] = nbytes
+                await self._send_charges(charges)
                 msg.reply.send_nowait(result)
             case UsePrefixCache(cache=cache):
                 self._prefix = cache
@@ -235,22 +261,67 @@ class Executor:
                 sampler, namespace=s.namespace, prompt_tokens=len(s.prompt_tokens)
             )
         assert not live.has_cache
-        live.cache = make_cache(self.loaded.model)
+        cache = make_cache(self.loaded.model)
+        rid = item.request_id
         if first and item.start.cached_tokens:
             # The pager locked this prefix at admission: stitch it in instead of computing it.
-            from kvgrove.models.generate import prefill_chunks
-
-            promised = item.start.cached_tokens
-            restored = self._prefix.restore(item.request_id, live.cache)
-            if restored < promised:
-                # A cache file failed to verify: compute what it should have held.
-                log.warning("prefix cache gave %d of %d tokens; recomputing", restored, promised)
-                if restored == 0:
-                    live.cache = make_cache(self.loaded.model)
-                gap = item.start.prompt_tokens[restored:promised]
-                for _ in prefill_chunks(self.loaded.model, live.cache, gap, chunk_tokens=2048):
-                    pass
+            promised, tokens = item.start.cached_tokens, item.start.prompt_tokens
+            cache, live.restored_tokens = self._restore_prefix(rid, tokens, promised, cache)
+        elif not first and item.resume_tokens:
+            # A preempted sequence resumes from what it stored when it was preempted.
+            history, promised = tuple(live.sampler.history), item.resume_tokens
+            cache, _ = self._restore_prefix(rid, history, promised, cache, live.namespace)
+        live.cache = cache  # only now: a failure above leaves no half-built cache behind
         return live
+
+    def _restore_prefix(
+        self,
+        request_id: int,
+        tokens: tuple[int, ...],
+        promised: int,
+        cache: list[Any],
+        match_in: str | None = None,
+    ) -> tuple[list[Any], int]:
+        """Fill `cache` with the first `promised` of `tokens`: restored from the prefix cache
+        where it can be (the prefix the pager locked for the request; with `match_in`, the
+        longest one matched in that namespace now), the rest (all of it, from a fresh cache,
+        if the restore failed in any way) recomputed, so the answer is the one the cache-off
+        run gives. Returns the cache and the tokens actually restored. No lock is left held."""
+        from kvgrove.models.caches import cache_tokens, make_cache
+        from kvgrove.models.generate import prefill_chunks
+
+        try:
+            if match_in is not None:
+                self._prefix.match(request_id, match_in, tokens[: promised + 1])
+            restored = min(self._prefix.restore(request_id, cache), promised)
+            if restored and cache_tokens(cache) != restored:
+                raise RuntimeError(f"restored {cache_tokens(cache)} tokens, not {restored}")
+        except Exception:
+            self.prefix_errors += 1
+            log.exception("restoring %d cached tokens failed; recomputing them", promised)
+            if self._prefix is not None:  # idempotent: never leave the path locked
+                self._prefix.release(request_id)
+            restored = 0
+        if restored < promised:
+            if restored:
+                log.warning("prefix cache gave %d of %d tokens; recomputing", restored, promised)
+            else:
+                cache = make_cache(self.loaded.model)
+            gap = tokens[restored:promised]
+            for _ in prefill_chunks(self.loaded.model, cache, gap, chunk_tokens=2048):
+                pass
+            self._tokens += len(gap)
+        return cache, restored
+
+    def _preempt_sequence(self, request_id: int) -> int:
+        """Give up a preempted sequence's cache into the prefix cache (sampler kept); returns
+        the tokens of its history the prefix cache now holds for its resume."""
+        live = self._live.get(request_id)
+        if live is None or live.cache is None:
+            self._close_sequence(request_id)
+            return 0
+        cache, live.cache = live.cache, None
+        return self._store_prefix(request_id, live, cache)
 
     def _close_sequence(self, request_id: int) -> list[Any] | None:
         """Give up the sequence's cache (it has left the batch); returns it, None if none.
@@ -271,13 +342,14 @@ class Executor:
             self._prefix.release(request_id)
         return cache
 
-    def _store_prefix(self, request_id: int | None, live: _Live, cache: list[Any]) -> None:
+    def _store_prefix(self, request_id: int | None, live: _Live, cache: list[Any]) -> int:
         """Keep what the cache holds in the prefix cache (and unlock the request's prefix).
+        Returns the tokens now cached (0 if none or the store failed).
 
         Never fails the sequence: a snapshot that cannot be taken only costs a later recompute.
         """
         if self._prefix is None:
-            return
+            return 0
         from kvgrove.models.caches import cache_tokens
 
         n = cache_tokens(cache)
@@ -292,6 +364,8 @@ class Executor:
             log.exception("storing %d tokens in the prefix cache failed", n)
             if request_id is not None:
                 self._prefix.release(request_id)
+            return 0
+        return n
 
     def _flush_prefix(self) -> None:
         for rid, live in list(self._live.items()):
@@ -323,6 +397,10 @@ class Executor:
                 self._live.pop(rid, None)
             self._batch.__init__()
 
+    @property
+    def _whole_layers(self) -> bool:
+        return self._prefix is not None and self._prefix.has_whole_layers
+
     def _is_decode(self, item: StepItem) -> bool:
         live = self._live.get(item.request_id)
         return (
@@ -346,8 +424,7 @@ class Executor:
             self._detach(
                 [rid for rid in self._batch.ids if rid not in decode_ids or rid in leaving]
             )
-            for rid in step.preempt:
-                self._close_sequence(rid)
+            kept = [(rid, self._preempt_sequence(rid)) for rid in step.preempt]
             for rid in step.release:
                 self._close_sequence(rid)
                 self._live.pop(rid, None)
@@ -370,7 +447,12 @@ class Executor:
             self._finish_decode(*batch, results)
         if together is not None:
             self._finish_prefill_together(*together, results)
-        return StepResult(tuple(results[it.request_id] for it in step.items))
+        for it in step.items:  # a first item reports the prompt tokens actually restored
+            live, result = self._live.get(it.request_id), results[it.request_id]
+            if it.start is not None and live is not None and result.error is None:
+                restored = live.restored_tokens or 0
+                results[it.request_id] = attrs.evolve(result, cached_tokens=restored)
+        return StepResult(tuple(results[it.request_id] for it in step.items), kept=tuple(kept))
 
     def _launch_decode(self, decode: list[StepItem], results: dict) -> tuple | None:
         import mlx.core as mx
@@ -475,6 +557,14 @@ class Executor:
             self.step_log.append((it.request_id, start, end))
         self._items += len(fresh)
         self._tokens += sum(len(it.tokens) for it in fresh)
+        if self._prefix is not None:  # the prompts' KV is shared at once (a copy per row)
+            for it in fresh:
+                try:
+                    rows = self._batch.row_copy(it.request_id)
+                except Exception:
+                    log.exception("copying a prefilled row for the prefix cache failed")
+                    continue
+                self._store_prefix(None, self._live[it.request_id], rows)
 
     def _has_cache(self, request_id: int) -> bool:
         live = self._live.get(request_id)
@@ -513,6 +603,12 @@ class Executor:
                     self.loaded.model, live.cache, feed, chunk_tokens=len(feed)
                 ):
                     pass
+                prompt_end = len(live.sampler.history) == live.prompt_tokens
+                if item.sample and prompt_end and self._whole_layers:
+                    # Whole-state layers restore only where a snapshot stands: one just before
+                    # the last prompt token is what a request with this same prompt can use
+                    # (it must feed that token itself).
+                    self._store_prefix(None, live, live.cache)
             token = logprob = top = None
             if item.sample:
                 last = mx.array(tokens[-1:], dtype=mx.uint32)[None]
@@ -520,9 +616,11 @@ class Executor:
                 choice = sample_batch(logits, [live.sampler]).row(0)
                 live.sampler.accept(choice.token)
                 token, logprob, top = choice.token, choice.logprob, choice.top_logprobs
-            if self._prefix is not None and self._prefix.has_whole_layers:
-                # Recurrent / windowed layers restore only where a snapshot ends: take one after
-                # every prefill chunk and at the prompt's end, where the cache stands now.
+            if self._prefix is not None:
+                # Share the prompt's KV at once: after every prefill chunk and at the prompt's
+                # end (where recurrent / windowed layers can be snapshotted: the cache stands
+                # there now), so a request with the same prefix need not wait for this one to
+                # finish, nor compute it again.
                 generated = len(live.sampler.history) - live.prompt_tokens
                 if not item.sample or generated == 1:
                     self._store_prefix(None, live, live.cache)

@@ -61,6 +61,9 @@ class Token:
     token: int
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    # On the first token only: the prompt tokens restored from the prefix cache (so a stop
+    # string that ends the stream before `Done` still reports them). Not part of equality.
+    cached_tokens: int | None = attrs.field(default=None, eq=False)
 
 
 @attrs.frozen
@@ -103,6 +106,9 @@ class StepItem:
     tokens: tuple[int, ...]
     sample: bool
     start: Start | None = None  # set on the sequence's first item
+    # A preempted sequence resuming: restore its first `resume_tokens` history tokens from the
+    # prefix cache (recomputing whatever is no longer there) before feeding `tokens`.
+    resume_tokens: int = 0
 
 
 @attrs.frozen
@@ -111,8 +117,9 @@ class Step:
 
     Items with one token, `sample` set and a cache already in the executor decode together in
     one batched forward pass; the others (prefill chunks) run one by one in the same step.
-    `preempt` drops a sequence's cache but keeps its sampler: it resumes by re-feeding its
-    tokens (a later item with no `start`).
+    `preempt` drops a sequence's cache but keeps its sampler: its KV goes into the prefix
+    cache (`StepResult.kept` says how many tokens) and it resumes from there (a later item with
+    no `start` and `resume_tokens`), re-feeding only the rest.
     """
 
     items: tuple[StepItem, ...]
@@ -130,12 +137,17 @@ class ItemResult:
     seconds: float
     cache_bytes: int
     error: str | None = None  # this item failed; its sequence ends with this message
+    # On a sequence's first item: the prompt tokens restored from the prefix cache (fewer than
+    # `Start.cached_tokens` promised when a restore fell back to recomputing).
+    cached_tokens: int | None = None
 
 
 @attrs.frozen
 class StepResult:
     results: tuple[ItemResult, ...]
     error: str | None = None  # the step failed as a whole (e.g. out of memory)
+    # (request_id, tokens) for each preempted sequence whose KV the prefix cache now holds.
+    kept: tuple[tuple[int, int], ...] = ()
 
 
 @attrs.frozen
@@ -153,6 +165,14 @@ class Charge:
     category: str  # "weights" | "live" | "reserved" | "device" | "host" | "disk"
     owner: str
     nbytes: int
+
+
+@attrs.frozen
+class Charges:
+    """Several `Charge`s applied at once: no reading ever shows some of them without the rest
+    (the executor's per-step update of live caches and tiers)."""
+
+    charges: tuple[Charge, ...]
 
 
 @attrs.frozen

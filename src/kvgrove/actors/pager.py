@@ -86,6 +86,13 @@ class Pager:
             await self._executor.send(UsePrefixCache(self.cache))
         await self._charge()
         task_status.started()
+        try:
+            await self._serve()
+        finally:
+            if self.cache is not None:
+                self.cache.close()  # give up the cache folder's lock (the files stay)
+
+    async def _serve(self) -> None:
         async for msg in self._inbox:
             match msg:
                 case Match(request_id=rid, namespace=ns, tokens=tokens, reply=reply):
@@ -111,9 +118,21 @@ class Pager:
             return {"enabled": False}
 
         def summarize() -> dict:
+            out: dict = {"enabled": True}
             if check:
-                self.cache.check_integrity()
-            return {"enabled": True, **self.cache.statistics()}
+                # A report (what disagreed, what was repaired); a failure of the check itself
+                # is reported too, and never leaves the pager.
+                try:
+                    out["integrity"] = self.cache.check_integrity().to_dict()
+                except Exception as exc:
+                    log.exception("prefix cache integrity check failed")
+                    out["integrity"] = {
+                        "clean": False,
+                        "problems": [f"the check failed: {exc!r}"],
+                        "repaired": [],
+                        "unrepaired": [f"the check failed: {exc!r}"],
+                    }
+            return {**out, **self.cache.statistics()}
 
         return await self._mlx.call(summarize)
 

@@ -10,8 +10,9 @@ Admission: at most `max_running` sequences run (the batch); the rest wait. Among
 the one with the longest cached prefix goes first, aged by `aging_tokens_per_step` per step
 waited so nothing starves (`priority`). A sequence only starts its prefill while the live
 caches fit `kv_budget_bytes`; when they outgrow it, the newest sequence is preempted: its cache
-is dropped (the prefix cache will keep it as a snapshot) and it later resumes by re-feeding its
-prompt and the tokens generated so far, with its sampler (penalty history, random stream) kept.
+is dropped (the prefix cache keeps it as a snapshot) and it later resumes from what the prefix
+cache kept, re-feeding only the tokens after it, with its sampler (penalty history, random
+stream) kept.
 
 A sequence whose outbox is not empty is *parked*: its reply channel was full (a slow reader)
 and it is not planned until the outbox drains. Outboxes hold at most the messages of one step.
@@ -59,6 +60,13 @@ class Sequence:
     decode_seconds: float = 0.0
     cache_bytes: int = 0
     preemptions: int = 0
+    resume_tokens: int = 0  # preempted: the prefix cache kept this much of its history
+    # Not started yet, and another running sequence is prefilling the prefix it lacks: wait
+    # until that one has fed `wait_until` tokens (they are in the trie then), then match again.
+    waits_for: int | None = None
+    wait_until: int = 0
+    rematching: bool = False  # asked the pager again; not planned until it answers
+    waited: bool = False  # waits at most once
 
     def __attrs_post_init__(self) -> None:
         if not self.history:
@@ -78,7 +86,11 @@ class Sequence:
 
     @property
     def runnable(self) -> bool:
-        return not self.finished and not self.outbox
+        return not self.finished and not self.outbox and not self.waiting_for_prefill
+
+    @property
+    def waiting_for_prefill(self) -> bool:
+        return self.waits_for is not None or self.rematching
 
     @property
     def pending(self) -> int:
@@ -114,6 +126,15 @@ class SchedulerStats:
     completed: int
     preempted: int = 0
     max_decode_rows: int = 0  # the most sequences decoded in one step so far
+    prefill_waits: int = 0  # sequences that waited for another's prefill of their prefix
+
+
+def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 # Aging: each step waited counts as this many cached tokens, so a request with nothing cached
@@ -131,12 +152,18 @@ class SchedulerCore:
         max_running: int,
         kv_budget_bytes: int | None = None,
         aging_tokens_per_step: int = DEFAULT_AGING_TOKENS_PER_STEP,
+        share_prefills: bool = False,
     ) -> None:
         assert chunk_tokens > 0 and max_running > 0 and aging_tokens_per_step >= 0
         self.chunk_tokens = chunk_tokens
         self.max_running = max_running
         self.kv_budget_bytes = kv_budget_bytes  # None = unbounded
         self.aging_tokens_per_step = aging_tokens_per_step
+        # A prompt's KV enters the prefix cache as it is prefilled: a sequence whose uncached
+        # prefix another is prefilling waits for it rather than compute it too.
+        self.share_prefills = share_prefills
+        self._rematch: list[int] = []
+        self.prefill_waits = 0
         self._waiting: list[Sequence] = []
         self._running: dict[int, Sequence] = {}  # insertion order = round-robin order
         self._cursor = 0
@@ -162,6 +189,7 @@ class SchedulerCore:
             submitted_step=self.steps_planned,
         )
         if submit.max_tokens == 0:
+            seq.cached_tokens = 0  # nothing is restored for it
             seq.outbox.append(seq.done("length"))
         self._waiting.append(seq)
         self._fill()
@@ -183,6 +211,56 @@ class SchedulerCore:
             self._admitted += 1
             seq.order = self._admitted
             self._running[seq.request_id] = seq
+            self._find_leader(seq)
+
+    def _find_leader(self, seq: Sequence) -> None:
+        """If a running sequence is prefilling (or about to) more of seq's prompt than seq has
+        cached, seq waits for it: the longest such shared prefix wins."""
+        if not self.share_prefills or seq.started or seq.waited or seq.finished:
+            return
+        usable = len(seq.prompt) - 1  # at least one prompt token is always fed
+        best, best_common = None, seq.cached_tokens
+        for other in self._running.values():
+            if other is seq or other.finished or other.waiting_for_prefill:
+                continue
+            if other.submit.namespace != seq.submit.namespace:
+                continue
+            common = min(_common_prefix(seq.prompt, other.prompt), usable)
+            if common > best_common and other.fed < common:
+                best, best_common = other, common
+        if best is not None:
+            seq.waits_for, seq.wait_until, seq.waited = best.request_id, best_common, True
+            self.prefill_waits += 1
+
+    def _check_waits(self) -> None:
+        """Sequences whose leader has fed the shared prefix (or is gone) ask the pager again."""
+        for seq in self._running.values():
+            if seq.waits_for is None:
+                continue
+            leader = self._running.get(seq.waits_for)
+            if (
+                leader is None
+                or leader.finished
+                or leader.fed >= seq.wait_until
+                or (leader.started and not leader.has_cache)  # preempted: don't wait on it
+            ):
+                seq.waits_for = None
+                seq.rematching = True
+                self._rematch.append(seq.request_id)
+
+    def take_rematch(self) -> tuple[int, ...]:
+        """Sequences to match against the prefix cache again (send `Match`, then `rematched`)."""
+        out, self._rematch = tuple(self._rematch), []
+        return out
+
+    def rematched(self, request_id: int, cached_tokens: int) -> None:
+        """The pager's new answer for a sequence that waited: it starts from there."""
+        seq = self._running.get(request_id)
+        if seq is None or not seq.rematching:
+            return
+        seq.rematching = False
+        if not seq.started and 0 <= cached_tokens < len(seq.prompt):
+            seq.cached_tokens = seq.fed = cached_tokens
 
     def get(self, request_id: int) -> Sequence | None:
         seq = self._running.get(request_id)
@@ -233,6 +311,7 @@ class SchedulerCore:
 
     def plan_step(self) -> tuple[StepItem, ...]:
         """This step's items: every decoding sequence, then prefill chunks up to `chunk_tokens`."""
+        self._check_waits()
         self._preempt_over_budget()
         runnable = [s for s in self._running.values() if s.runnable]
         items = [self._item_for(s, 1) for s in runnable if s.decoding]
@@ -241,11 +320,14 @@ class SchedulerCore:
         prefilling = [s for s in runnable if not s.decoding]
         prefilling.sort(key=lambda s: (not s.has_cache, -self.priority(s), s.order))
         budget = self.chunk_tokens
+        planned = 0.0  # the estimated bytes of the caches this step starts
         for seq in prefilling:
             if budget <= 0:
                 break
-            if not seq.has_cache and not self._fits(seq, running=bool(items)):
-                break
+            if not seq.has_cache:
+                if not self._fits(seq, running=bool(items), planned=planned):
+                    break
+                planned += self._bytes_per_token * len(seq.history)
             item = self._item_for(seq, budget)
             budget -= len(item.tokens)
             items.append(item)
@@ -253,15 +335,16 @@ class SchedulerCore:
             self.steps_planned += 1
         return tuple(items)
 
-    def _fits(self, seq: Sequence, *, running: bool) -> bool:
-        """Whether seq's cache can be built now without outgrowing the budget."""
+    def _fits(self, seq: Sequence, *, running: bool, planned: float = 0.0) -> bool:
+        """Whether seq's cache can be built now without outgrowing the budget, beside the live
+        caches and the `planned` bytes of those this step starts."""
         if self.kv_budget_bytes is None:
             return True
         holders = [s for s in self._running.values() if s.has_cache]
         if not holders and not running:
             return True  # alone it always runs: one sequence over budget is not refused
         estimate = self._bytes_per_token * len(seq.history)
-        return self.live_bytes + estimate <= self.kv_budget_bytes
+        return self.live_bytes + planned + estimate <= self.kv_budget_bytes
 
     def _preempt_over_budget(self) -> None:
         if self.kv_budget_bytes is None:
@@ -273,14 +356,24 @@ class SchedulerCore:
             self.preempt(max(holders, key=lambda s: s.order))
 
     def preempt(self, seq: Sequence) -> None:
-        """Drop seq's cache; it resumes later by re-feeding its history (sampler kept)."""
+        """Drop seq's cache (sampler kept). Its KV goes into the prefix cache; once the executor
+        says how much it kept (`on_preempted`), it resumes from there, else from token 0."""
         assert seq.has_cache
         seq.has_cache = False
         seq.fed = 0
+        seq.resume_tokens = 0
         seq.cache_bytes = 0
         seq.preemptions += 1
         self.preempted += 1
         self._preempt.append(seq.request_id)
+
+    def on_preempted(self, request_id: int, kept_tokens: int) -> None:
+        """The prefix cache holds the first `kept_tokens` of a preempted sequence's history: its
+        next item restores them (`StepItem.resume_tokens`) and feeds only the rest."""
+        seq = self._running.get(request_id)
+        if seq is None or seq.has_cache or seq.finished:
+            return  # gone, or already resuming from token 0
+        seq.fed = seq.resume_tokens = max(0, min(kept_tokens, len(seq.history) - 1))
 
     def next_item(self) -> StepItem | None:
         """The next unit of work, round-robin over runnable sequences; None when none can run."""
@@ -306,6 +399,9 @@ class SchedulerCore:
                 namespace=sub.namespace,
                 cached_tokens=seq.fed,
             )
+        resume = 0
+        if seq.started and not seq.has_cache:
+            resume, seq.resume_tokens = seq.resume_tokens, 0
         seq.has_cache = True
         remaining = seq.pending
         assert remaining >= 1
@@ -315,7 +411,7 @@ class SchedulerCore:
             # Stop one short of the end so the last token is fed with sampling.
             n = min(budget, remaining - 1)
             tokens, sample = tuple(seq.history[seq.fed : seq.fed + n]), False
-        return StepItem(seq.request_id, tokens, sample, start)
+        return StepItem(seq.request_id, tokens, sample, start, resume)
 
     # -- results --------------------------------------------------------------------------
 
@@ -330,6 +426,8 @@ class SchedulerCore:
             return seq
         seq.fed += len(item.tokens)
         seq.cache_bytes = result.cache_bytes
+        if result.cached_tokens is not None:  # what the executor actually restored
+            seq.cached_tokens = result.cached_tokens
         if seq.fed:
             self._bytes_per_token = max(self._bytes_per_token, result.cache_bytes / seq.fed)
         if result.token is None:
@@ -346,7 +444,8 @@ class SchedulerCore:
         seq.generated += 1
         seq.last_token = result.token
         seq.history.append(result.token)
-        seq.outbox.append(Token(result.token, result.logprob, result.top_logprobs))
+        cached = seq.cached_tokens if seq.generated == 1 else None
+        seq.outbox.append(Token(result.token, result.logprob, result.top_logprobs, cached))
         out_of_budget = sub.max_tokens is not None and seq.generated >= sub.max_tokens
         out_of_context = len(seq.prompt) + seq.generated >= sub.context_tokens
         if out_of_budget or out_of_context:
@@ -385,4 +484,5 @@ class SchedulerCore:
             completed=self.completed,
             preempted=self.preempted,
             max_decode_rows=self.max_decode_rows,
+            prefill_waits=self.prefill_waits,
         )

@@ -82,6 +82,7 @@ class Generation:
         stops = StopMatcher(req.stop)
         done_seen = False
         generated = 0
+        cached = 0  # prompt tokens restored from the prefix cache (told with the first token)
         first_at = last_at = None
         outcome = "cancelled"
         try:
@@ -102,6 +103,8 @@ class Generation:
                 match msg:
                     case Token(token=token):
                         generated += 1
+                        if msg.cached_tokens is not None:
+                            cached = msg.cached_tokens
                         if first_at is None:
                             first_at = now
                             self.metrics.ttft.observe(now - self.arrived_at)
@@ -118,7 +121,7 @@ class Generation:
                             yield TextChunk(text, (msg,))
                         if hit:
                             outcome = "ok"
-                            yield self._finish_early(generated, first_at, now)
+                            yield self._finish_early(generated, cached, first_at, now)
                             return
                     case Done():
                         done_seen = True
@@ -172,15 +175,16 @@ class Generation:
             total_seconds=now - self.arrived_at,
         )
 
-    def _finish_early(self, generated: int, first_at: float, now: float) -> Finished:
+    def _finish_early(self, generated: int, cached: int, first_at: float, now: float) -> Finished:
         # A stop string ended it before the scheduler's Done: time it from here.
         n = len(self.request.prompt_tokens)
-        self.metrics.inc("kvgrove_prompt_tokens_total", n, kind="computed")
+        self.metrics.inc("kvgrove_prompt_tokens_total", n - cached, kind="computed")
+        self.metrics.inc("kvgrove_prompt_tokens_total", cached, kind="reused")
         self.metrics.inc("kvgrove_generated_tokens_total", generated)
         return Finished(
             reason="stop",
             prompt_tokens=n,
-            cached_tokens=0,
+            cached_tokens=cached,
             generated_tokens=generated,
             prefill_seconds=first_at - self.arrived_at,
             decode_seconds=now - first_at,

@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+import contextvars
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import attrs
 import trio
 
 from kvgrove.actors.metrics import Metrics
-from kvgrove.actors.requests import Generation, GenerationRequest
+from kvgrove.actors.requests import Finished, Generation, GenerationRequest, TextChunk
 from kvgrove.config import Settings
+
+# The model group the current HTTP request picked (a registry Lease), None = the server's own.
+current_lease: contextvars.ContextVar[Any] = contextvars.ContextVar("kvgrove_lease", default=None)
+
+
+@attrs.define
+class LeasedGeneration(Generation):
+    """A generation on a registry model: its lease ends when the stream does."""
+
+    lease: Any = None
+
+    async def stream(self) -> AsyncIterator[TextChunk | Finished]:
+        try:
+            async for event in Generation.stream(self):
+                yield event
+        finally:
+            self.lease.release()
 
 
 @attrs.define
@@ -19,7 +37,7 @@ class Runtime:
     settings: Settings
     metrics: Metrics = attrs.field(factory=Metrics)
     state: str = "loading"  # "loading" | "ready" | "stopping"
-    loaded: Any = None  # LoadedModel once ready
+    default_loaded: Any = attrs.field(default=None, alias="loaded")  # the server's own model
     started_at: float = attrs.field(factory=time.time)
     ready_at: float | None = None
     scheduler_inbox: trio.MemorySendChannel | None = None
@@ -28,12 +46,34 @@ class Runtime:
     executor_inbox: trio.MemorySendChannel | None = None
     # The actor objects themselves, for statistics() in tests and /metrics; never mutated here.
     actors: dict[str, Any] = attrs.field(factory=dict)
+    registry: Any = None  # kvgrove.actors.registry.ModelRegistry: other models on demand
+
+    @property
+    def loaded(self) -> Any:
+        """The LoadedModel of the request's model: the leased one, else the server's own."""
+        lease = current_lease.get()
+        return self.default_loaded if lease is None else lease.group.loaded
+
+    @loaded.setter
+    def loaded(self, value: Any) -> None:
+        self.default_loaded = value
 
     @property
     def ready(self) -> bool:
         return self.state == "ready"
 
     def generation(self, request: GenerationRequest) -> Generation:
+        lease = current_lease.get()
+        if lease is not None:
+            lease.transferred = True
+            return LeasedGeneration(
+                request=request,
+                scheduler=lease.group.scheduler_inbox,
+                tokenizer=lease.group.loaded.tokenizer,
+                metrics=self.metrics,
+                reply_channel_items=self.settings.reply_channel_items,
+                lease=lease,
+            )
         assert self.scheduler_inbox is not None and self.loaded is not None
         return Generation(
             request=request,

@@ -40,8 +40,8 @@ PARKED_POLL_SECONDS = 0.05
 class Scheduler:
     """Admission, batched step planning and token routing. Other actors hold only `inbox`.
 
-    `kv_budget_bytes` bounds the live caches; None = the device budget less the weights (asked
-    of the executor when the scheduler starts).
+    `kv_budget_bytes` bounds the live caches; None = their share of the device budget
+    (`Settings.device_split`, with the weights asked of the executor when the scheduler starts).
     """
 
     def __init__(
@@ -58,6 +58,7 @@ class Scheduler:
             chunk_tokens=settings.prefill_chunk_tokens,
             max_running=settings.max_running_sequences,
             kv_budget_bytes=kv_budget_bytes,
+            share_prefills=pager is not None and settings.prefix_cache,
         )
         self._executor = executor
         self._pager = pager
@@ -65,6 +66,8 @@ class Scheduler:
         self._matching: dict[int, Submit] = {}
         # Releases the pager's full inbox refused; retried every loop.
         self._releases: list[int] = []
+        # Admitted sequences matched again after waiting for another's prefill.
+        self._rematching: set[int] = set()
         self._kv_budget_bytes = kv_budget_bytes
         self._results_send, self._results = trio.open_memory_channel[StepResult](1)
         # request id -> when its handler let go (for the cancellation tests), bounded.
@@ -77,7 +80,7 @@ class Scheduler:
                 send, recv = trio.open_memory_channel[ExecutorStats](1)
                 await self._executor.send(ExecutorQuery(send))
                 weights = (await recv.receive()).weights_bytes
-                self._kv_budget_bytes = max(0, self._settings.device_budget_bytes - weights)
+                self._kv_budget_bytes = self._settings.device_split(weights).live_bytes
             self.core.kv_budget_bytes = self._kv_budget_bytes
             task_status.started()
             while True:
@@ -86,6 +89,7 @@ class Scheduler:
                 self._deliver_all()
                 self._drop_abandoned()
                 items = self.core.plan_step()
+                self._send_rematches()
                 release = self.core.take_release()
                 preempt = self.core.take_preempt()
                 if not items and not release and not preempt:
@@ -114,6 +118,12 @@ class Scheduler:
         match msg:
             case Submit():
                 self._submit(msg)
+            case Matched(request_id=rid, cached_tokens=cached) if rid in self._rematching:
+                self._rematching.discard(rid)
+                if self.core.get(rid) is None:  # gone while the pager looked again
+                    self._release(rid)
+                else:
+                    self.core.rematched(rid, cached)
             case Matched(request_id=rid, cached_tokens=cached):
                 submit = self._matching.pop(rid, None)
                 gone = submit is None or submit.reply.statistics().open_receive_channels == 0
@@ -147,6 +157,20 @@ class Scheduler:
             self.core.admit(submit)
             return
         self._matching[submit.request_id] = submit
+
+    def _send_rematches(self) -> None:
+        """Sequences that waited for another's prefill ask the pager for the longer match."""
+        for rid in self.core.take_rematch():
+            seq = self.core.get(rid)
+            if seq is None:
+                continue
+            sub = seq.submit
+            try:
+                self._pager.send_nowait(Match(rid, sub.namespace, sub.prompt_tokens, self.inbox))
+            except trio.WouldBlock:  # the pager is swamped: start from what it has
+                self.core.rematched(rid, seq.cached_tokens)
+                continue
+            self._rematching.add(rid)
 
     def _remove(self, request_id: int, *, cancelled: bool) -> None:
         if self._matching.pop(request_id, None) is not None:
@@ -199,6 +223,8 @@ class Scheduler:
                 self._remove(seq.request_id, cancelled=True)
 
     def _on_step_result(self, items: tuple, result: StepResult) -> None:
+        for rid, kept in result.kept:
+            self.core.on_preempted(rid, kept)
         if result.error is not None:
             for seq in self.core.fail_items(items, result.error):
                 self._deliver(seq)

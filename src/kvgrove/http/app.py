@@ -10,7 +10,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from kvgrove.actors.runtime import Runtime
-from kvgrove.http import ollama, openai, openapi, ops
+from kvgrove.http import catalog, ollama, openai, openapi, ops
 from kvgrove.http.common import BadRequest, NotReady
 from kvgrove.http.guard import Guard
 
@@ -33,7 +33,7 @@ def create_app(runtime: Runtime) -> QuartTrio:
     app.config["RESPONSE_TIMEOUT"] = None  # streams last as long as generation does
     app.config["BODY_TIMEOUT"] = 60
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    for bp in (ollama.bp, openai.bp, ops.bp, openapi.bp):
+    for bp in (ollama.bp, openai.bp, ops.bp, openapi.bp, catalog.bp):
         app.register_blueprint(bp)
     guard = Guard(app.asgi_app, settings)
     app.asgi_app = guard  # type: ignore[method-assign]

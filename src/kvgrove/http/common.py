@@ -180,9 +180,17 @@ def require_ready(runtime: Runtime) -> None:
         raise NotReady("the model is loading" if runtime.state == "loading" else "shutting down")
 
 
+def tagged(name: str) -> str:
+    """Ollama's full form of a model name: `:latest` added when it names no tag."""
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
 def model_names(runtime: Runtime) -> set[str]:
     info = runtime.loaded.info
-    return {info.name, f"{info.name}:latest", info.path}
+    names = {info.name, tagged(info.name), info.name.removesuffix(":latest"), info.path}
+    if runtime.registry is not None and runtime.loaded is runtime.default_loaded:
+        names |= runtime.registry.own_aliases
+    return names
 
 
 def check_model(runtime: Runtime, body: dict, *, required: bool = True) -> str:

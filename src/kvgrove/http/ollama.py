@@ -13,6 +13,7 @@ from quart import Blueprint, Response, current_app
 import kvgrove
 from kvgrove.actors.requests import Finished, GenerationError, GenerationRequest, TextChunk
 from kvgrove.actors.runtime import Runtime
+from kvgrove.http import catalog
 from kvgrove.http.common import (
     BadRequest,
     check_messages,
@@ -29,6 +30,7 @@ from kvgrove.http.common import (
     read_json,
     render_chat,
     require_ready,
+    tagged,
 )
 from kvgrove.sampling import SamplingParams
 
@@ -56,7 +58,7 @@ def now_iso() -> str:
 
 def parse_options(body: dict) -> tuple[SamplingParams, int | None, int | None, tuple[str, ...]]:
     """Ollama's `options` -> (sampling params, max tokens or None, num_ctx or None, stop)."""
-    options = get_dict(body, "options")
+    options = {**_manifest_options(), **get_dict(body, "options")}
     kwargs: dict[str, Any] = {}
     for name in _FLOAT_OPTIONS:
         value = get_number(options, name, label=f"options.{name}")
@@ -80,6 +82,13 @@ def parse_options(body: dict) -> tuple[SamplingParams, int | None, int | None, t
         raise BadRequest(f"options.num_ctx must be > 0, got {num_ctx}", param="options.num_ctx")
     stop = get_stop(options, "stop", label="options.stop")
     return params, (None if num_predict < 0 else num_predict), num_ctx, stop
+
+
+def _manifest_options() -> dict[str, Any]:
+    """The default options of an Ollama store model's params layer (the request's win)."""
+    params = getattr(runtime().loaded.info, "params", None) or {}
+    known = {*_FLOAT_OPTIONS, *_INT_OPTIONS, "num_predict", "num_ctx", "stop"}
+    return {k: v for k, v in params.items() if k in known}
 
 
 def final_fields(done: Finished) -> dict[str, Any]:
@@ -220,9 +229,10 @@ def _param_size(n: int) -> str:
 def _model_entry(rt: Runtime) -> dict[str, Any]:
     info = rt.loaded.info
     modified = datetime.datetime.fromtimestamp(rt.started_at, datetime.UTC)
+    name = tagged(info.name)
     return {
-        "name": f"{info.name}:latest",
-        "model": f"{info.name}:latest",
+        "name": name,
+        "model": name,
         "modified_at": modified.isoformat().replace("+00:00", "Z"),
         "size": info.nbytes,
         "digest": info.fingerprint,
@@ -234,7 +244,8 @@ def _model_entry(rt: Runtime) -> dict[str, Any]:
 async def tags() -> Any:
     rt = runtime()
     require_ready(rt)
-    return {"models": [_model_entry(rt)]}
+    entry = _model_entry(rt)
+    return {"models": [entry, *catalog.store_entries({entry["name"]})]}
 
 
 @bp.post("/api/show")
@@ -248,8 +259,8 @@ async def show() -> Any:
     info = rt.loaded.info
     return {
         "modelfile": f"FROM {info.path}\n",
-        "parameters": "",
-        "template": rt.loaded.tokenizer.chat_template or "",
+        "parameters": catalog.modelfile_parameters(info),
+        "template": info.template or rt.loaded.tokenizer.chat_template or "",
         "details": _details(rt),
         "model_info": {
             "general.architecture": info.architecture,
@@ -275,7 +286,8 @@ async def ps() -> Any:
                 "expires_at": expires.isoformat().replace("+00:00", "Z"),
                 "size_vram": rt.loaded.info.nbytes,
                 "context_length": context_tokens(rt, None),
-            }
+            },
+            *catalog.ps_entries(rt),
         ]
     }
 

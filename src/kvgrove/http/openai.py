@@ -13,6 +13,7 @@ from quart import Blueprint, Response
 
 from kvgrove.actors.requests import Finished, GenerationError, GenerationRequest, TextChunk
 from kvgrove.actors.runtime import Runtime
+from kvgrove.http.catalog import store_entries
 from kvgrove.http.common import (
     BadRequest,
     check_messages,
@@ -27,6 +28,7 @@ from kvgrove.http.common import (
     read_json,
     render_chat,
     require_ready,
+    tagged,
 )
 from kvgrove.http.ollama import runtime
 from kvgrove.sampling import SamplingParams
@@ -211,6 +213,6 @@ async def models() -> Any:
                 "created": int(rt.started_at),
                 "owned_by": "kvgrove",
             }
-            for name in (info.name,)
+            for name in (info.name, *(e["name"] for e in store_entries({tagged(info.name)})))
         ],
     }

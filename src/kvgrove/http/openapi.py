@@ -35,6 +35,7 @@ def _errors(api: str, *codes: int) -> dict[str, Any]:
     text = {
         400: "Invalid request; the message names the field",
         401: "Missing or wrong API key (only when keys are configured)",
+        404: "Not a source kvgrove can fetch (the message says what to run instead)",
         413: "Request body over max_body_bytes",
         429: "Over the concurrency and queue limits; see Retry-After",
         500: "Internal error (always with a JSON error body)",
@@ -171,6 +172,15 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {"model": {"type": "string"}, "name": {"type": "string"}},
     },
+    "PullRequest": {
+        "type": "object",
+        "properties": {
+            "model": {"type": "string"},
+            "name": {"type": "string"},
+            "stream": {"type": "boolean"},
+            "insecure": {"type": "boolean"},
+        },
+    },
     "ChatCompletionRequest": {
         "type": "object",
         "required": ["model", "messages"],
@@ -230,6 +240,16 @@ PATHS: dict[str, Any] = {
             "Ollama show",
             {"200": _ok("Model details"), **_errors("ollama", 400, 401, 413, 503)},
             "ShowRequest",
+        )
+    },
+    "/api/pull": {
+        "post": _op(
+            "Ollama pull: bundled models and Hugging Face repos, with progress lines",
+            {
+                "200": _ok("Progress lines, then success", "application/x-ndjson"),
+                **_errors("ollama", 400, 401, 404, 413, 500),
+            },
+            "PullRequest",
         )
     },
     "/api/tags": _get("Models available"),

@@ -62,5 +62,16 @@ async def metrics() -> Any:
                 "Prefix-trie nodes, by tier.",
                 cache["nodes_by_tier"],
             )
+            gauges["kvgrove_prefix_cache_disk_degraded"] = (
+                "1 while the disk tier fails to write (nodes are dropped instead), else 0.",
+                {"disk": int(cache.get("disk_degraded", False))},
+            )
+            gauges["kvgrove_prefix_cache_disk_errors"] = (
+                "Disk-tier errors since start, by operation.",
+                {
+                    "write": cache.get("disk_write_errors", 0),
+                    "read": cache.get("disk_read_errors", 0),
+                },
+            )
     text = rt.metrics.render(gauges)
     return Response(text, mimetype="text/plain; version=0.0.4")

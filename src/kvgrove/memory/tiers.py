@@ -6,11 +6,17 @@ nodes never move down. Every copy is timed (`Move`) for metrics.
 
 The disk tier is a folder per model fingerprint and namespace, one safetensors file per node. A
 file's header carries everything needed to rebuild the trie after a restart (its span's tokens,
-where it starts, the key of the prefix it hangs from, the whole-state flag, the MLX dtypes) and a
-CRC-32 of the tensor bytes, verified on every load: a file that fails to parse or to verify is
-deleted and its node dropped, so the caller recomputes instead of answering from bad data. Files
-are written to a temporary name, fsynced and renamed, so a crash mid-write leaves nothing that
-is trusted; stray temporary files are removed at startup.
+where it starts, the key of the prefix it hangs from, its own key, the whole-state flag, the MLX
+dtypes, its last use) and a CRC-32 of the header and the tensor bytes, verified on every load; a
+file must also describe exactly the node (path) it is filed under. A file that fails to parse or
+to verify is deleted and its node dropped, so the caller recomputes instead of answering from bad
+data. Files are written to a temporary name, fsynced and renamed, so a crash mid-write leaves
+nothing that is trusted; stray temporary files are removed at startup.
+
+A disk that fails to write (full, I/O error, folder gone) never fails a request: the node that
+could not be written is dropped instead, the tier is marked degraded (`DiskHealth`: logged once,
+counted in statistics) and skipped (host demotes to dropped, so it stays within budget) until a
+back-off has passed; the next write that succeeds clears the flag.
 
 Sync and single-threaded: a pager actor calls these on the MLX thread. Only the explicit moves
 (`demote`, `promote`, `rebalance`, `flush`) and splits of disk payloads touch the disk.
@@ -21,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import time
 import zlib
@@ -37,9 +44,12 @@ from kvgrove import faults
 from kvgrove.memory import snapshots
 from kvgrove.memory.ledger import Budgets
 from kvgrove.memory.snapshots import Payload
-from kvgrove.memory.trie import InsertResult, Node, Trie
+from kvgrove.memory.trie import InsertResult, LruIndex, Node, Trie
 
-FORMAT = "kvgrove-kv-1"
+log = logging.getLogger(__name__)
+
+FORMAT = "kvgrove-kv-2"
+RECENCY = "recency.json"
 _ORDER = ("device", "host", "disk")
 
 
@@ -53,6 +63,33 @@ class Move(NamedTuple):
     target: str  # "device" | "host" | "disk" | "dropped"
     nbytes: int
     seconds: float
+
+
+@attrs.define
+class IntegrityReport:
+    """What a check found (`problems`), fixed (`repaired`) and could not fix (`unrepaired`)."""
+
+    problems: list[str] = attrs.Factory(list)
+    repaired: list[str] = attrs.Factory(list)
+    unrepaired: list[str] = attrs.Factory(list)
+
+    @property
+    def clean(self) -> bool:
+        """Nothing was wrong."""
+        return not self.problems
+
+    def extend(self, other: IntegrityReport) -> None:
+        self.problems += other.problems
+        self.repaired += other.repaired
+        self.unrepaired += other.unrepaired
+
+    def to_dict(self) -> dict:
+        return {
+            "clean": self.clean,
+            "problems": list(self.problems),
+            "repaired": list(self.repaired),
+            "unrepaired": list(self.unrepaired),
+        }
 
 
 @attrs.frozen
@@ -70,66 +107,163 @@ def path_key(tokens: Sequence[int]) -> str:
     return hashlib.blake2b(np.asarray(tokens, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
 
 
-def _crc(arrays: dict[str, np.ndarray]) -> int:
-    crc = 0
+def _crc(arrays: dict[str, np.ndarray], meta: dict[str, str]) -> int:
+    """CRC-32 of the header (every field but the checksum itself) and the tensor bytes."""
+    header = {k: v for k, v in meta.items() if k != "crc32"}
+    crc = zlib.crc32(json.dumps(header, sort_keys=True).encode())
     for key in sorted(arrays):
         crc = zlib.crc32(key.encode(), crc)
         crc = zlib.crc32(np.ascontiguousarray(arrays[key]).data, crc)
     return crc
 
 
+class DiskHealth:
+    """Whether the disk tier is writable: degraded after a failed write, retried after a
+    back-off (doubling up to `max_backoff`), cleared by the next write that succeeds. One per
+    prefix cache (shared by its namespaces); `clock` is injectable for tests."""
+
+    def __init__(
+        self, *, backoff: float = 1.0, max_backoff: float = 60.0, clock: Any = time.monotonic
+    ) -> None:
+        self.backoff, self.max_backoff, self.clock = backoff, max_backoff, clock
+        self.degraded = False
+        self.write_errors = 0
+        self.read_errors = 0
+        self.dropped_writes = 0  # nodes dropped because they could not be written
+        self.last_error = ""
+        self._delay = backoff
+        self._retry_at = 0.0
+
+    def writable(self) -> bool:
+        return not self.degraded or self.clock() >= self._retry_at
+
+    def failed(self, exc: BaseException, where: Path) -> None:
+        self.write_errors += 1
+        self.last_error = f"{where}: {exc}"
+        if not self.degraded:
+            log.warning("disk tier degraded (writes dropped until it works again): %s", exc)
+            self._delay = self.backoff
+        else:
+            self._delay = min(self._delay * 2, self.max_backoff)
+        self.degraded = True
+        self._retry_at = self.clock() + self._delay
+
+    def succeeded(self) -> None:
+        if self.degraded:
+            log.warning("disk tier writable again")
+        self.degraded = False
+
+    def statistics(self) -> dict:
+        return {
+            "disk_degraded": self.degraded,
+            "disk_write_errors": self.write_errors,
+            "disk_read_errors": self.read_errors,
+            "disk_dropped_writes": self.dropped_writes,
+            "disk_last_error": self.last_error,
+        }
+
+
 class DiskStore:
-    """One folder of safetensors files, written atomically and verified on load."""
+    """One folder of safetensors files, written atomically and verified on load. The folder is
+    made on the first write (an empty namespace leaves none)."""
 
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
-        for stray in self.root.glob("*.tmp"):
-            stray.unlink(missing_ok=True)
+        self.remove_strays()
+
+    def remove_strays(self) -> list[str]:
+        gone = []
+        with contextlib.suppress(OSError):
+            for stray in self.root.glob("*.tmp"):
+                stray.unlink(missing_ok=True)
+                gone.append(stray.name)
+        return gone
 
     def path(self, key: str) -> Path:
         return self.root / f"{key}.safetensors"
 
     def write(self, key: str, arrays: dict[str, np.ndarray], meta: dict[str, str]) -> int:
-        """Write atomically; returns the checksum recorded in the header."""
-        checksum = _crc(arrays)
+        """Write atomically; returns the checksum recorded in the header (raises OSError)."""
+        meta = {**meta, "format": FORMAT, "key": key}
+        checksum = _crc(arrays, meta)
         final = self.path(key)
         tmp = final.with_name(final.name + ".tmp")
-        save_file(arrays, str(tmp), metadata={**meta, "format": FORMAT, "crc32": str(checksum)})
-        if self.fsync:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        os.replace(tmp, final)
+        try:
+            faults.check("disk.write")
+            self.root.mkdir(parents=True, exist_ok=True)
+            save_file(arrays, str(tmp), metadata={**meta, "crc32": str(checksum)})
+            if self.fsync:
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            os.replace(tmp, final)
+        except Exception as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise
+            raise OSError(f"writing {final}: {exc}") from exc  # safetensors wraps some errors
         return checksum
 
-    def read(self, key: str, checksum: int | None) -> dict[str, np.ndarray]:
-        """Load and verify; raises CorruptEntry on any failure."""
+    def read(self, key: str, checksum: int | None) -> tuple[dict[str, np.ndarray], dict]:
+        """Load and verify (checksum over header and tensors, the header's own key); returns
+        (arrays, header). Raises CorruptEntry on any failure, an I/O error included."""
         try:
+            faults.check("disk.read")
             arrays = load_file(str(self.path(key)))
             meta = self.header(key)
         except Exception as exc:
             raise CorruptEntry(f"{key}: {exc}") from exc
         recorded = int(meta.get("crc32", "-1"))
-        if _crc(arrays) != recorded or (checksum is not None and recorded != checksum):
+        if _crc(arrays, meta) != recorded or (checksum is not None and recorded != checksum):
             raise CorruptEntry(f"{key}: checksum mismatch")
-        return arrays
+        return arrays, meta
 
     def header(self, key: str) -> dict[str, str]:
         with safe_open(str(self.path(key)), framework="numpy") as f:
             meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
             raise CorruptEntry(f"{key}: not a {FORMAT} file")
+        if meta.get("key") != key:
+            raise CorruptEntry(f"{key}: the file says it is {meta.get('key')!r}")
         return meta
 
     def delete(self, key: str) -> None:
-        self.path(key).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a folder gone (or not one) holds no file to delete
+            self.path(key).unlink(missing_ok=True)
 
     def stored_keys(self) -> list[str]:
-        return sorted(p.name.removesuffix(".safetensors") for p in self.root.glob("*.safetensors"))
+        try:
+            names = [p.name for p in self.root.glob("*.safetensors")]
+        except OSError:
+            return []
+        return sorted(n.removesuffix(".safetensors") for n in names)
+
+    def read_recency(self) -> dict[str, int]:
+        try:
+            data = json.loads((self.root / RECENCY).read_text())
+            return {str(k): int(v) for k, v in data.items()}
+        except (OSError, ValueError, TypeError, AttributeError):
+            return {}
+
+    def write_recency(self, recency: dict[str, int]) -> None:
+        """Last use per key (rewritten at flush: disk nodes touched since they were written)."""
+        final = self.root / RECENCY
+        tmp = final.with_name(final.name + ".tmp")
+        faults.check("disk.write")
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(recency))
+        os.replace(tmp, final)
+
+    def remove_folder(self) -> None:
+        """Remove the folder if nothing of ours is left in it."""
+        with contextlib.suppress(OSError):
+            (self.root / RECENCY).unlink(missing_ok=True)
+            self.remove_strays()
+            self.root.rmdir()
 
 
 class Tiers:
@@ -146,12 +280,26 @@ class Tiers:
         ledger: Any = None,
         fsync: bool = True,
         clock: Any = None,
+        lru: LruIndex | None = None,
+        totals: dict[str, int] | None = None,
+        health: DiskHealth | None = None,
     ) -> None:
+        """`clock`, `lru`, `totals` and `health` are shared by the namespaces of one
+        PrefixCache (one LRU order, O(1) byte totals, one disk state)."""
         self.kinds = kinds
         self.budgets = budgets
         self.fingerprint = fingerprint
         self.namespace = namespace
-        self.trie = Trie(self, name=f"prefix:{fingerprint}:{namespace}", ledger=ledger, clock=clock)
+        self.trie = Trie(
+            self,
+            name=f"prefix:{fingerprint}:{namespace}",
+            ledger=ledger,
+            clock=clock,
+            lru=lru,
+            totals=totals,
+            owner=self,
+        )
+        self.health = health if health is not None else DiskHealth()
         self.disk: DiskStore | None = None
         if cache_dir is not None and budgets.disk_bytes > 0:
             self.disk = DiskStore(Path(cache_dir) / fingerprint / namespace, fsync=fsync)
@@ -244,7 +392,8 @@ class Tiers:
         release the hit (the live cache holds its own copy).
 
         Returns the tokens restored: `hit.usable_tokens`, or 0 when a file on the path failed
-        to verify (it is dropped where no one else holds it; the caller recomputes)."""
+        to verify (it is dropped where no one else holds it; the caller recomputes). Any other
+        failure (an allocation in promote or stitch) releases the hit and propagates."""
         try:
             for node in self.trie.path(hit.node):
                 if node.start < hit.usable_tokens and node.tier != "device":
@@ -256,6 +405,10 @@ class Tiers:
             with contextlib.suppress(RuntimeError):
                 self._drop_corrupt(exc)
             return 0
+        except BaseException:  # e.g. an allocation failure: unlock; the caller recomputes
+            self.stats["hit_tokens"] -= hit.usable_tokens
+            self.release(hit)
+            raise
         try:
             self.restore(cache, hit)
         finally:
@@ -269,6 +422,7 @@ class Tiers:
         # A split since the match (another sequence stored a diverging continuation) leaves the
         # hit's node holding only the tokens after the cut: pieces past the usable end drop off.
         pieces = [n.payload for n in self.trie.path(hit.node) if n.start < hit.usable_tokens]
+        faults.check("tiers.stitch")
         seconds = snapshots.restore(cache, pieces, hit.usable_tokens)
         self.stats["restore_seconds"] += seconds
         return seconds
@@ -298,9 +452,10 @@ class Tiers:
     def promote(self, node: Node) -> Move:
         """Bring a node's payload to the device tier (raises CorruptEntry for a bad file)."""
         t0 = time.perf_counter()
+        faults.check("tiers.promote")
         p, source = node.payload, node.tier
         if source == "disk":
-            p = self._read(p)
+            p = self._read(p, node)
             self.disk.delete(node.payload.key)
         if p.tier == "host":
             p = snapshots.to_device(p)
@@ -326,7 +481,16 @@ class Tiers:
         if p.tier == "device":
             p = snapshots.to_host(p)
         if target == "disk":
-            p = self._write(p, node)
+            try:
+                p = self._write(p, node)
+            except OSError as exc:  # the disk failed: drop the node instead, never the request
+                self.health.failed(exc, self.disk.root)
+                self.health.dropped_writes += 1
+                nbytes = sum(r.nbytes for r in self.trie.remove(node))
+                seconds = time.perf_counter() - t0
+                self._count(source, "dropped", nbytes, seconds)
+                return Move(node.id, source, "dropped", nbytes, seconds)
+            self.health.succeeded()
         old = node.payload
         self.trie.set_payload(node, p)
         old.arrays = {}
@@ -337,27 +501,37 @@ class Tiers:
         moves: list[Move] = []
         for tier in _ORDER:
             while self.tier_bytes(tier) > self.budgets.of(tier):
-                lru = self.trie.lru_nodes(tier)
-                if not lru:
+                oldest = self.trie.oldest(tier)
+                if oldest is None:
                     break
-                moves.append(self.demote(lru[0]))
+                moves.append(self.demote(oldest))
         return moves
 
     def flush(self) -> list[Move]:
         """Write every unlocked node to disk (graceful shutdown), then rebalance."""
         if self.disk is None:
             return []
-        moves = [
-            self.demote(n, "disk")
-            for n in sorted(self.trie.nodes(), key=lambda n: n.start)
-            if n.tier != "disk" and n.lock_count == 0
-        ]
+        moves = []
+        for n in sorted(self.trie.nodes(), key=lambda n: n.start):
+            if n.attached and n.tier != "disk" and n.lock_count == 0 and self.health.writable():
+                moves.append(self.demote(n, "disk"))
+        recency = {n.payload.key: n.last_use for n in self.trie.nodes() if n.tier == "disk"}
+        if recency:
+            try:
+                self.disk.write_recency(recency)
+            except OSError as exc:
+                self.health.failed(exc, self.disk.root)
         return moves + self.rebalance()
 
     # -- views and checks ------------------------------------------------------------------
 
     def tier_bytes(self, tier: str) -> int:
-        return self.trie.size_info().bytes_by_tier[tier]
+        return self.trie.tier_bytes(tier)
+
+    @property
+    def empty(self) -> bool:
+        """Holds no node and no lock (so its namespace can be collected)."""
+        return not self.trie.root.children and not self.trie._handles
 
     def statistics(self) -> dict:
         info = self.trie.size_info()
@@ -373,25 +547,57 @@ class Tiers:
             "moved_seconds": {f"{s}->{t}": x for (s, t), x in self.moved_seconds.items()},
         }
 
-    def check_integrity(self) -> None:
-        self.trie.check_integrity()
+    def check_integrity(self, *, repair: bool = True, with_lru: bool = True) -> IntegrityReport:
+        """What disagrees (trie structure, totals, LRU, payloads, the disk folder against the
+        trie), and with `repair` what was fixed: disk nodes whose file vanished are dropped
+        (unless locked), stray files removed, totals recounted, the LRU index rebuilt."""
+        report = IntegrityReport()
+        trie_problems = self.trie.problems(with_lru=with_lru)
+        report.problems += [f"{self.namespace}: {p}" for p in trie_problems]
+        if repair and any(
+            p.startswith(("byte totals", "node counts", "tokens/")) for p in trie_problems
+        ):
+            self.trie.repair_totals()
+            report.repaired.append(f"{self.namespace}: totals recounted")
+        if repair and with_lru and any("LRU" in p for p in trie_problems):
+            self.trie.lru.rebuild(dict.fromkeys(self.trie.nodes(), self))
+            report.repaired.append(f"{self.namespace}: LRU index rebuilt")
+        vanished = []
         for node in self.trie.nodes():
             p = node.payload
+            if p is None:
+                continue
             if p.tier == "disk":
-                assert not p.arrays and p.key is not None
-                assert self.disk is not None and self.disk.path(p.key).exists(), p.key
-            else:
-                assert p.key is None and set(p.arrays) == set(p.shapes), node
+                if p.arrays or p.key is None:
+                    report.problems.append(f"{self.namespace}: {node!r} on disk holds arrays")
+                elif self.disk is None or not self.disk.path(p.key).exists():
+                    report.problems.append(f"{self.namespace}: the file of {node!r} vanished")
+                    vanished.append(node)
+            elif p.key is not None or set(p.arrays) != set(p.shapes):
+                report.problems.append(f"{self.namespace}: {node!r} arrays differ from shapes")
+        for node in vanished:
+            if not repair or not node.attached:
+                continue
+            if node.lock_count:
+                report.unrepaired.append(f"{self.namespace}: {node!r} is locked")
+                continue
+            gone = self.trie.remove(node)
+            report.repaired.append(f"{self.namespace}: dropped {len(gone)} nodes of a lost file")
         if self.disk is not None:
             on_disk = {n.payload.key for n in self.trie.nodes() if n.tier == "disk"}
-            assert set(self.disk.stored_keys()) == on_disk, "disk files and trie disagree"
+            for key in sorted(set(self.disk.stored_keys()) - on_disk):
+                report.problems.append(f"{self.namespace}: stray file {key}")
+                if repair:
+                    self.disk.delete(key)
+                    report.repaired.append(f"{self.namespace}: removed stray file {key}")
+        return report
 
     # -- internals -------------------------------------------------------------------------
 
     def _below(self, tier: str) -> str:
         if tier == "device" and self.budgets.host_bytes > 0:
             return "host"
-        if tier in ("device", "host") and self.disk is not None:
+        if tier in ("device", "host") and self.disk is not None and self.health.writable():
             return "disk"
         return "dropped"
 
@@ -417,17 +623,29 @@ class Tiers:
             "restore_point": "1" if node.restore_point else "0",
             "kinds": json.dumps(list(p.kinds)),
             "dtypes": json.dumps(p.dtypes),
+            "last_use": str(node.last_use),
         }
         checksum = self.disk.write(key, p.arrays, meta)
         return attrs.evolve(p, arrays={}, tier="disk", key=key, checksum=checksum)
 
-    def _read(self, p: Payload) -> Payload:
+    def _read(self, p: Payload, node: Node | None = None) -> Payload:
+        """Load a disk payload; with `node`, the file must describe exactly that node's span."""
         assert self.disk is not None and p.key is not None
         try:
-            arrays = self.disk.read(p.key, p.checksum)
+            arrays, meta = self.disk.read(p.key, p.checksum)
             if {k: tuple(a.shape) for k, a in arrays.items()} != p.shapes:
                 raise CorruptEntry(f"{p.key}: shapes differ from the index")
+            if node is not None:
+                path = self.trie.path_tokens(node)
+                if (
+                    meta.get("tokens") != json.dumps(list(node.tokens))
+                    or meta.get("start") != str(node.start)
+                    or p.key != f"{path_key(path)}-{node.start}"
+                ):
+                    raise CorruptEntry(f"{p.key}: the file is not the node it is filed under")
         except CorruptEntry as exc:
+            if isinstance(exc.__cause__, OSError):
+                self.health.read_errors += 1
             raise CorruptEntry(str(exc), p) from exc
         return attrs.evolve(p, arrays=arrays, tier="host", key=None, checksum=None)
 
@@ -437,7 +655,7 @@ class Tiers:
         bad = exc.args[1] if len(exc.args) > 1 else None
         node = next((n for n in self.trie.nodes() if n.payload is bad), None)
         if node is None:
-            raise AssertionError("a corrupt entry outside the trie") from exc
+            raise RuntimeError("a corrupt entry outside the trie") from exc
         if node.lock_count:
             raise RuntimeError(f"corrupt {node!r} is locked by another user")
         self.trie.remove(node)
@@ -446,6 +664,7 @@ class Tiers:
         """Rebuild the trie from the disk folder; unreadable or orphaned files are deleted."""
         assert self.disk is not None
         entries = []
+        recency = self.disk.read_recency()
         for key in self.disk.stored_keys():
             try:
                 meta = self.disk.header(key)
@@ -477,10 +696,21 @@ class Tiers:
             if parent is None or parent.end != start or tokens[0] in parent.children:
                 self.disk.delete(payload.key)  # its prefix did not survive: useless
                 continue
-            node = self.trie.attach(
-                parent, tokens, payload, restore_point=meta["restore_point"] == "1"
-            )
             full = paths[prefix] + tokens
+            if payload.key != f"{path_key(full)}-{start}":
+                # The header's tokens (or start, or prefix) are not those the file is filed
+                # under: a tampered or misplaced file never serves another prompt.
+                self.stats["corrupt_entries"] += 1
+                self.disk.delete(payload.key)
+                continue
+            last_use = recency.get(payload.key, int(meta.get("last_use", "0")))
+            node = self.trie.attach(
+                parent,
+                tokens,
+                payload,
+                restore_point=meta["restore_point"] == "1",
+                last_use=last_use,
+            )
             paths[path_key(full)] = full
             by_path[path_key(full)] = node
             loaded += 1

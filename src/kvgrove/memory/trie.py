@@ -25,6 +25,7 @@ recompute the path from its `node` (`path(node)`) after other work.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, Protocol
@@ -65,6 +66,84 @@ class PayloadOps(Protocol):
 PayloadFactory = Callable[[int, int], Any]  # (start, end) -> payload for tokens [start, end)
 
 
+class LruIndex:
+    """Unlocked nodes per tier in LRU order (last use, deepest first): a heap per tier with lazy
+    invalidation. Each node points at its one current entry; older entries are skipped when they
+    surface and the heaps are compacted when stale entries outnumber live ones. Several tries
+    may share one index (and one clock): then the order is global across them."""
+
+    def __init__(self) -> None:
+        self.heaps: dict[str, list] = {t: [] for t in TIERS}
+        self.live = dict.fromkeys(TIERS, 0)
+        self._serial = itertools.count()
+
+    def update(self, node: Node, owner: Any) -> None:
+        """(Re)file `node` after its last use, tier, span or lock state changed."""
+        self.forget(node)
+        if node.lock_count or not node.attached or node.parent is None:
+            return
+        entry = (node.last_use, -node.end, next(self._serial), node, owner, node.tier)
+        node.lru_entry = entry
+        heap = self.heaps[node.tier]
+        heapq.heappush(heap, entry)
+        self.live[node.tier] += 1
+        if len(heap) > 64 and len(heap) > 4 * self.live[node.tier]:
+            heap[:] = [e for e in heap if e[3].lru_entry is e]
+            heapq.heapify(heap)
+
+    def forget(self, node: Node) -> None:
+        entry = node.lru_entry
+        if entry is not None:
+            node.lru_entry = None
+            self.live[entry[5]] -= 1
+
+    def oldest(self, tier: str, owner: Any = None) -> tuple[Node, Any] | None:
+        """The least recently used unlocked node of `tier` (of `owner`'s trie, if given)."""
+        heap = self.heaps[tier]
+        while heap and heap[0][3].lru_entry is not heap[0]:
+            heapq.heappop(heap)
+        if not heap:
+            return None
+        if owner is None or heap[0][4] is owner:
+            return heap[0][3], heap[0][4]
+        found = [e for e in heap if e[3].lru_entry is e and e[4] is owner]
+        if not found:
+            return None
+        e = min(found)
+        return e[3], e[4]
+
+    def problems(self, nodes: dict[Node, Any]) -> list[str]:
+        """Disagreements with `nodes` (every attached node of the tries sharing this index)."""
+        out = []
+        valid = 0
+        for tier, heap in self.heaps.items():
+            for e in heap:
+                n = e[3]
+                if n.lru_entry is not e:
+                    continue
+                valid += 1
+                if n not in nodes or nodes[n] is not e[4]:
+                    out.append(f"LRU entry for {n!r}, which is not in its trie")
+                elif n.lock_count:
+                    out.append(f"LRU entry for locked {n!r}")
+                elif (e[0], -e[1], e[5]) != (n.last_use, n.end, n.tier) or tier != n.tier:
+                    out.append(f"stale LRU entry for {n!r}")
+        unlocked = sum(1 for n in nodes if not n.lock_count)
+        if valid != unlocked:
+            out.append(f"LRU index files {valid} nodes, the tries have {unlocked} unlocked")
+        if sum(self.live.values()) != valid:
+            out.append(f"LRU live counts {self.live} disagree with {valid} entries")
+        return out
+
+    def rebuild(self, nodes: dict[Node, Any]) -> None:
+        for n in nodes:
+            n.lru_entry = None
+        self.heaps = {t: [] for t in TIERS}
+        self.live = dict.fromkeys(TIERS, 0)
+        for n, owner in nodes.items():
+            self.update(n, owner)
+
+
 class Node:
     __slots__ = (
         "attached",
@@ -72,6 +151,7 @@ class Node:
         "id",
         "last_use",
         "lock_count",
+        "lru_entry",
         "nbytes",
         "parent",
         "payload",
@@ -94,6 +174,7 @@ class Node:
         self.last_use = 0
         self.restore_point = False
         self.attached = True
+        self.lru_entry: tuple | None = None
 
     @property
     def end(self) -> int:
@@ -153,9 +234,18 @@ class Trie:
         name: str = "prefix",
         ledger: Any = None,
         clock: Callable[[], int] | None = None,
+        lru: LruIndex | None = None,
+        totals: dict[str, int] | None = None,
+        owner: Any = None,
     ) -> None:
-        """`clock` (optional) stamps last use; several tries sharing one are LRU-comparable."""
+        """`clock` (optional) stamps last use; several tries sharing one are LRU-comparable,
+        and sharing one `lru` index (entries tagged with `owner`) are ordered together.
+        `totals` (optional, shared) gets every byte change per tier, so the sum over several
+        tries is one lookup."""
         self.ops = ops
+        self.lru = lru if lru is not None else LruIndex()
+        self.owner = owner if owner is not None else self
+        self.totals = totals
         self._clock = clock
         self.name = name
         self.ledger = ledger
@@ -209,7 +299,11 @@ class Trie:
         return tuple(reversed(out))
 
     def path_tokens(self, node: Node) -> tuple[int, ...]:
-        return tuple(t for n in self.path(node) for t in n.tokens)
+        spans = []
+        while node.parent is not None:
+            spans.append(node.tokens)
+            node = node.parent
+        return tuple(itertools.chain.from_iterable(reversed(spans)))
 
     def nodes(self) -> Iterator[Node]:
         """Every node but the root, parents before children."""
@@ -230,6 +324,14 @@ class Trie:
         ]
         found.sort(key=lambda n: (n.last_use, -n.end))
         return found
+
+    def oldest(self, tier: str) -> Node | None:
+        """The least recently used unlocked node of `tier` (O(log n) amortized)."""
+        found = self.lru.oldest(tier, self.owner)
+        return found[0] if found is not None else None
+
+    def tier_bytes(self, tier: str) -> int:
+        return self._bytes[tier]
 
     def size_info(self) -> SizeInfo:
         locked = sum(n.nbytes for n in self.nodes() if n.lock_count)
@@ -281,15 +383,27 @@ class Trie:
     insert = insert_prefix
 
     def attach(
-        self, parent: Node, tokens: Sequence[int], payload: Any, *, restore_point: bool = False
+        self,
+        parent: Node,
+        tokens: Sequence[int],
+        payload: Any,
+        *,
+        restore_point: bool = False,
+        last_use: int | None = None,
     ) -> Node:
-        """Hang an existing payload (e.g. found on disk at startup) under `parent`."""
+        """Hang an existing payload (e.g. found on disk at startup) under `parent`, last used
+        at `last_use` (recovered recency) or now."""
         tokens = tuple(tokens)
         if not tokens or tokens[0] in parent.children:
             raise ValueError("attach needs a non-empty span whose first token is free")
         node = self._new_node(parent, tokens, parent.end, payload)
         node.restore_point = restore_point
-        self._touch([node])
+        if last_use is None:
+            self._touch([node])
+        else:
+            node.last_use = last_use
+            self._tick = max(self._tick, last_use)
+            self.lru.update(node, self.owner)
         return node
 
     def _end_inside(
@@ -338,6 +452,8 @@ class Trie:
         n: Node | None = node
         while n is not None and n.parent is not None:
             n.lock_count += delta
+            if n.lock_count == (0 if unlock else 1):
+                self.lru.update(n, self.owner)
             n = n.parent
 
     @contextlib.contextmanager
@@ -375,6 +491,7 @@ class Trie:
             self._account(n, -1)
             self.ops.drop(n.payload)
             n.payload, n.attached = None, False
+            self.lru.forget(n)
         parent = node.parent
         assert parent is not None
         del parent.children[node.tokens[0]]
@@ -399,45 +516,86 @@ class Trie:
     # -- integrity -------------------------------------------------------------------------
 
     def check_integrity(self) -> None:
-        """Structure, spans, locks and byte accounting (against the ledger when there is one)."""
+        """Raise AssertionError listing every problem `problems()` finds."""
+        found = self.problems()
+        if found:
+            raise AssertionError("; ".join(found))
+
+    def problems(self, *, with_lru: bool = True) -> list[str]:
+        """Structure, spans, locks, the incremental totals against a recount, the LRU index
+        (unless shared: the sharer checks it) and the ledger: what disagrees, never raising."""
+        out: list[str] = []
         tiers_bytes = dict.fromkeys(TIERS, 0)
         tiers_count = dict.fromkeys(TIERS, 0)
         tokens = nodes = 0
         handles_below: dict[Node, int] = {}
         order: list[Node] = []
-        assert self.root.payload is None and not self.root.tokens and self.root.lock_count == 0
+        if self.root.payload is not None or self.root.tokens or self.root.lock_count:
+            out.append("the root holds tokens, a payload or a lock")
         stack = [self.root]
         while stack:
             node = stack.pop()
             order.append(node)
             for first, child in node.children.items():
-                assert child.attached, f"{child!r} detached but reachable"
-                assert child.parent is node, f"{child!r} has the wrong parent"
-                assert child.tokens and child.tokens[0] == first, f"{child!r} keyed by {first}"
-                assert child.start == node.end, f"{child!r} not contiguous with its parent"
-                assert child.payload is not None, f"{child!r} has no payload"
-                assert self.ops.nbytes(child.payload) == child.nbytes, f"{child!r} bytes"
-                assert self.ops.tier(child.payload) == child.tier, f"{child!r} tier"
-                assert child.lock_count >= 0
-                tiers_bytes[child.tier] += child.nbytes
-                tiers_count[child.tier] += 1
+                if not child.attached:
+                    out.append(f"{child!r} detached but reachable")
+                if child.parent is not node:
+                    out.append(f"{child!r} has the wrong parent")
+                if not child.tokens or child.tokens[0] != first:
+                    out.append(f"{child!r} keyed by {first}")
+                if child.start != node.end:
+                    out.append(f"{child!r} not contiguous with its parent")
+                if child.payload is None:
+                    out.append(f"{child!r} has no payload")
+                else:
+                    if self.ops.nbytes(child.payload) != child.nbytes:
+                        out.append(f"{child!r} bytes")
+                    if self.ops.tier(child.payload) != child.tier:
+                        out.append(f"{child!r} tier")
+                if child.lock_count < 0:
+                    out.append(f"{child!r} negative lock count")
+                tiers_bytes[child.tier] = tiers_bytes.get(child.tier, 0) + child.nbytes
+                tiers_count[child.tier] = tiers_count.get(child.tier, 0) + 1
                 tokens += len(child.tokens)
                 nodes += 1
                 stack.append(child)
         for node, held in self._handles.items():
-            assert held > 0 and node.attached, f"a lock handle on evicted {node!r}"
+            if held <= 0 or not node.attached:
+                out.append(f"a lock handle on evicted {node!r}")
         for node in reversed(order):  # children before parents
             handles_below[node] = self._handles.get(node, 0) + sum(
                 handles_below[c] for c in node.children.values()
             )
-            if not node.is_root:
-                assert node.lock_count == handles_below[node], f"{node!r} lock count"
-        assert tiers_bytes == self._bytes, (tiers_bytes, self._bytes)
-        assert tiers_count == self._counts, (tiers_count, self._counts)
-        assert (tokens, nodes) == (self._tokens, self._nodes)
+            if not node.is_root and node.lock_count != handles_below[node]:
+                out.append(f"{node!r} lock count")
+        if tiers_bytes != self._bytes:
+            out.append(f"byte totals {self._bytes} != recount {tiers_bytes}")
+        if tiers_count != self._counts:
+            out.append(f"node counts {self._counts} != recount {tiers_count}")
+        if (tokens, nodes) != (self._tokens, self._nodes):
+            out.append(f"tokens/nodes {(self._tokens, self._nodes)} != recount {(tokens, nodes)}")
         if self.ledger is not None:
             for tier in TIERS:
-                assert self.ledger.get(tier, self.name) == self._bytes[tier], f"ledger {tier}"
+                if self.ledger.get(tier, self.name) != self._bytes[tier]:
+                    out.append(f"ledger {tier}")
+        if with_lru:
+            out += self.lru.problems(dict.fromkeys(order[1:], self.owner))
+        return out
+
+    def repair_totals(self) -> None:
+        """Reset the incremental totals to a recount (after `problems` found them off)."""
+        old = dict(self._bytes)
+        self._bytes = dict.fromkeys(TIERS, 0)
+        self._counts = dict.fromkeys(TIERS, 0)
+        self._tokens = self._nodes = 0
+        for n in self.nodes():
+            self._bytes[n.tier] += n.nbytes
+            self._counts[n.tier] += 1
+            self._tokens += len(n.tokens)
+            self._nodes += 1
+        if self.totals is not None:
+            for tier in TIERS:
+                self.totals[tier] += self._bytes[tier] - old[tier]
 
     # -- internals -------------------------------------------------------------------------
 
@@ -445,6 +603,7 @@ class Trie:
         self._tick = self._clock() if self._clock is not None else self._tick + 1
         for node in path:
             node.last_use = self._tick
+            self.lru.update(node, self.owner)
 
     def _new_node(self, parent: Node, tokens: tuple[int, ...], start: int, payload: Any) -> Node:
         node = Node(next(self._ids), tokens, start, parent)
@@ -467,6 +626,10 @@ class Trie:
         self._counts[node.tier] += sign
         self._tokens += sign * len(node.tokens)
         self._nodes += sign
+        if self.totals is not None:
+            self.totals[node.tier] += sign * node.nbytes
+        if sign > 0:
+            self.lru.update(node, self.owner)
         if self.ledger is not None:
             self.ledger.set(node.tier, self.name, self._bytes[node.tier])
 
@@ -507,6 +670,7 @@ class Trie:
         child.last_use = max(child.last_use, node.last_use)
         parent.children[child.tokens[0]] = child
         node.payload, node.attached, node.children, node.parent = None, False, {}, None
+        self.lru.forget(node)
         self._account(child, +1)
 
 

@@ -133,6 +133,14 @@ class RunningBatch:
         self._evaluate()
         return out
 
+    def row_copy(self, rid: int) -> list[Any]:
+        """A per-sequence copy of one row's cache (the row stays in the batch)."""
+        assert self.cache is not None
+        row = self.ids.index(rid)
+        out = [_extract_layer(c, row, self.tokens[row]) for c in self.cache]
+        mx.eval([_arrays(c) for c in out])
+        return out
+
     def forward(self, model: nn.Module, tokens: Sequence[int] | mx.array) -> mx.array:
         """One decode step: row i is fed tokens[i]; returns (B, V) logits, lazily."""
         assert self.cache is not None and len(tokens) == len(self.ids)

@@ -89,7 +89,15 @@ class RecurrentCache(_WholeState, mlx_cache.ArraysCache):
 
 
 class WindowKVCache(_WholeState, mlx_cache.RotatingKVCache):
-    """Sliding-window attention: the ring buffer is restored whole, at span ends."""
+    """Sliding-window attention: the ring buffer is restored whole, at span ends.
+
+    Once the ring has wrapped, the buffer's slots are out of temporal order (`_idx` is where the
+    next token goes, not how many are held). A snapshot is the held tokens in temporal order —
+    what mlx-lm's own `_temporal_order` gives before a multi-token update — and a restore puts
+    that buffer back with `_idx` at its end and the sequence's offset, which is exactly the
+    state mlx-lm's next update (in place or concatenating) expects: it trims to the window, and
+    its masks depend only on `offset` and the buffer's length.
+    """
 
     @property
     def tokens_seen(self) -> int:
@@ -98,10 +106,19 @@ class WindowKVCache(_WholeState, mlx_cache.RotatingKVCache):
     def _state_arrays(self) -> list[mx.array]:
         if self.keys is None:
             return []
-        return [self.keys[..., : self._idx, :], self.values[..., : self._idx, :]]
+        return [self._temporal_order(self.keys), self._temporal_order(self.values)]
 
     def restore(self, state: Snapshot, tokens_seen: int) -> None:
+        if not state:
+            self.keys = self.values = None
+            self.offset = self._idx = 0
+            return
         keys, values = (mx.array(a) for a in state)
+        if keys.shape[2] > tokens_seen or keys.shape[2] < min(tokens_seen, self.max_size):
+            raise ValueError(
+                f"a window of {keys.shape[2]} tokens cannot stand at {tokens_seen} "
+                f"(window {self.max_size})"
+            )
         self.keys, self.values = keys, values
         self.offset = tokens_seen
         self._idx = keys.shape[2]

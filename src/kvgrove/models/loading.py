@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from mlx_lm.utils import dequantize_model, infer_quant_config
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from kvgrove.models import bundled
-from kvgrove.models.gguf import read_gguf
+from kvgrove.models.gguf import apply_rope_factors, gguf_summary, read_gguf
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,12 @@ class ModelInfo:
     num_layers: int
     fingerprint: str  # identifies weights + dtype: keys the on-disk KV cache
     load_seconds: float
+    # GGUF only: tensor type -> "N tensors: what loading did with them" (kvgrove show).
+    tensor_types: dict[str, str] = attrs.field(factory=dict)
+    origin: str = "path"  # "path" | "bundled" | "ollama" | "huggingface"
+    # From an Ollama manifest: default options (Ollama's names) and its Go template text.
+    params: dict[str, Any] = attrs.field(factory=dict)
+    template: str | None = None
 
 
 @attrs.define
@@ -63,28 +70,72 @@ def on_gpu() -> bool:
     return mx.default_device() == mx.gpu
 
 
-def resolve(name: str | os.PathLike | None) -> tuple[str, Path]:
-    """A short name or path -> (display name, path). Pulls the bundled default if needed."""
+@attrs.frozen
+class Source:
+    """Where a model name led: its display name, its file or folder, and for a model from
+    Ollama's store the manifest's default options and template."""
+
+    name: str
+    path: Path
+    params: dict[str, Any] = attrs.field(factory=dict)
+    template: str | None = None
+    origin: str = "path"  # "path" | "bundled" | "ollama" | "huggingface"
+
+
+def find(name: str | os.PathLike | None, *, paths: bool = True) -> Source:
+    """A name -> its source: a path, a bundled short name (pulled if needed), a model in
+    Ollama's store (`llama3.2:3b`, `hf.co/org/repo:Q4_K_M`), or a repo in the local Hugging
+    Face cache (`org/repo`). Never touches the network except to pull a bundled model.
+    paths=False: names only (what an HTTP request may ask for), never a file or folder."""
+    from kvgrove.models import hf_hub, ollama_store
+
     if name is None or str(name) == "":
         spec = bundled.DEFAULT
-        return spec.name, bundled.pull(spec)
+        return Source(spec.name, bundled.pull(spec), origin="bundled")
     path = Path(name).expanduser()
-    if path.exists():
-        return path.stem if path.is_file() else path.name, path
-    spec = bundled.lookup(str(name))
+    if paths and path.exists():
+        return Source(path.stem if path.is_file() else path.name, path)
+    text = str(name)
+    spec = bundled.lookup(text.removesuffix(":latest"))
     if spec is not None:
-        return spec.name, bundled.pull(spec)
+        return Source(spec.name, bundled.pull(spec), origin="bundled")
+    stored = ollama_store.lookup(text)
+    if stored is not None:
+        return Source(stored.name, stored.gguf, stored.params, stored.template, "ollama")
+    cached = hf_hub.lookup(text)
+    if cached is not None:
+        return Source(text, cached, origin="huggingface")
     known = ", ".join(sorted(bundled.BUNDLED))
     raise FileNotFoundError(
-        f"model {str(name)!r} not found: give a GGUF file, a model folder, or one of: {known}"
+        f"model {text!r} not found: give a GGUF file, a model folder, one of: {known}, a model "
+        f"in Ollama's store ({ollama_store.store_root()}), or a Hugging Face repo in the local "
+        "cache (`kvgrove pull org/repo` downloads one)"
     )
+
+
+def resolve(name: str | os.PathLike | None) -> tuple[str, Path]:
+    """A short name or path -> (display name, path). Pulls the bundled default if needed."""
+    source = find(name)
+    return source.name, source.path
+
+
+def is_gguf(path: Path) -> bool:
+    """A .gguf file, or a file starting with GGUF's magic (Ollama's blobs have no suffix)."""
+    if not path.is_file():
+        return False
+    if path.suffix.lower() == ".gguf":
+        return True
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def _fingerprint(path: Path, dtype: str) -> str:
     files = (
         [path] if path.is_file() else [*sorted(path.glob("*.safetensors")), path / "config.json"]
     )
-    h = hashlib.sha256(dtype.encode())
+    # ":f32-dequant": quantized weights are dequantized in float32 since this version, so KV
+    # cached on disk by earlier versions (float16-rounded weights) is not served to it.
+    h = hashlib.sha256(f"{dtype}:f32-dequant".encode())
     for f in files:
         if f.exists():
             st = f.stat()
@@ -100,10 +151,14 @@ def _context_length(config: dict[str, Any]) -> int:
     return DEFAULT_CONTEXT_TOKENS
 
 
-def _build_gguf(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    weights, config = read_gguf(path)
+def _build_gguf(
+    path: Path, requantize: bool, progress: Any = None
+) -> tuple[nn.Module, dict[str, Any], Any]:
+    read = read_gguf(path, requantize=requantize, progress=progress)
+    weights, config = read.weights, read.config
     arch = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     model = arch.Model(arch.ModelArgs.from_dict(config))
+    apply_rope_factors(model, config)
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
 
@@ -115,7 +170,7 @@ def _build_gguf(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     nn.quantize(model, class_predicate=quantized_here)
     model.eval()
     model.load_weights(list(weights.items()), strict=True)
-    return model, config
+    return model, config, read
 
 
 def _is_quantized(model: nn.Module) -> bool:
@@ -148,15 +203,20 @@ def _float_dtype(model: nn.Module) -> mx.Dtype:
     return mx.float32
 
 
-def _dequantized_fits(model: nn.Module, fraction: float = 0.25) -> bool:
-    """Would float32 weights take under `fraction` of physical memory?"""
-    _, count = _nbytes(model)
+def _float32_fits(weights: int, fraction: float = 0.25) -> bool:
+    """Would `weights` float32 values take under `fraction` of physical memory?"""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         return False
+    return weights * 4 < total * fraction
+
+
+def _dequantized_fits(model: nn.Module, fraction: float = 0.25) -> bool:
+    """Would float32 weights take under `fraction` of physical memory?"""
+    _, count = _nbytes(model)
     # Packed uint32 counts 32/bits weights per element; assume 4 bits, the worst case.
-    return count * 8 * 4 < total * fraction
+    return _float32_fits(count * 8, fraction)
 
 
 def load(
@@ -164,19 +224,29 @@ def load(
     *,
     dtype: str | None = None,
     dequantize: bool | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> LoadedModel:
     """Load a model and its tokenizer.
 
     dtype: "float32", "float16" or "bfloat16" for the unquantized weights (default: float32 on
-    CPU, the checkpoint's own dtype on GPU). dequantize: None = the policy above.
+    CPU, the checkpoint's own dtype on GPU). dequantize: None = the policy above. progress:
+    called (on the loading thread) with the fraction done as reading advances.
     """
     from kvgrove.tokenize import load_tokenizer, tokenizer_from_gguf
 
     start = time.perf_counter()
-    display, path = resolve(name)
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        model, config = _build_gguf(path)
-        tokenizer = tokenizer_from_gguf(config.pop("_gguf"))
+    found = find(name)
+    display, path = found.name, found.path
+    tensor_types: dict[str, str] = {}
+    if is_gguf(path):
+        if dequantize is None:
+            _, elements = gguf_summary(path)
+            requantize = on_gpu() or not _float32_fits(elements)
+        else:
+            requantize = not dequantize
+        model, config, read = _build_gguf(path, requantize, progress)
+        tokenizer = tokenizer_from_gguf(read.metadata)
+        tensor_types = dict(read.tensor_types)
         source = "gguf"
     elif path.is_dir() and (path / "config.json").exists():
         model, config = mlx_lm_load_model(path)
@@ -189,6 +259,9 @@ def load(
     if dequantize is None:
         dequantize = quantized and not on_gpu() and _dequantized_fits(model)
     if quantized and dequantize:
+        if dtype in (None, "float32") and not on_gpu():
+            # Dequantize in float32: float16 scales times 4/8-bit codes round in float16.
+            model.set_dtype(mx.float32)
         model = dequantize_model(model)
         quantized = False
     if dtype is None and not on_gpu():
@@ -196,6 +269,13 @@ def load(
     if dtype is not None:
         model.set_dtype(getattr(mx, dtype))
     mx.eval(model.parameters())
+    if progress is not None:
+        progress(1.0)
+    final = _quantization_label(model) if quantized else None
+    tail = f"; model kept {final}" if final else f"; model in {_float_dtype(model)}"
+    tensor_types = {
+        kind: what + tail.replace("mlx.core.", "") for kind, what in tensor_types.items()
+    }
 
     nbytes, count = _nbytes(model)
     dtype_name = str(_float_dtype(model)).removeprefix("mlx.core.")
@@ -212,6 +292,10 @@ def load(
         num_layers=len(getattr(model, "layers", [])),
         fingerprint=_fingerprint(path, dtype_name),
         load_seconds=time.perf_counter() - start,
+        tensor_types=tensor_types,
+        origin=found.origin,
+        params=dict(found.params),
+        template=found.template,
     )
     log.info(
         "loaded %s (%s, %s%s): %d layers, context %d tokens, %.1f MiB in %.2fs",
