@@ -519,7 +519,9 @@ class Run:
                     f"{done.cached_tokens}"
                 )
             self.out.restored_tokens += done.cached_tokens
-            if rec.promised:
+            # Where the executor reports what it restored on the first token, that figure is
+            # checked against Done above; otherwise (older executors) infer it from the promise.
+            if rec.promised and rec.first_cached is None:
                 by_promise[rec.promised].append(rec)
         # Reported = restored: the promise, less what a logged fallback recomputed. Fallbacks
         # carry the promise, not the request: compare per promised size, where every request
