@@ -23,6 +23,7 @@ import attrs
 import mlx.core as mx
 import numpy as np
 
+from kvgrove import faults
 from kvgrove.models.caches import cache_tokens
 
 SPAN = "span"
@@ -93,6 +94,7 @@ def take(
     """Snapshot tokens [start, end) of a live (batch 1) cache: spans of sliceable layers, plus the
     whole state of the others iff the cache stands exactly at `end`."""
     kinds = kinds if kinds is not None else layout(cache)
+    faults.check("snapshot.take")
     live = cache_tokens(cache)
     if not 0 <= start <= end <= live:
         raise ValueError(f"span [{start}, {end}) outside the cache's {live} tokens")

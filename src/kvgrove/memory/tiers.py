@@ -477,6 +477,7 @@ class Tiers:
         if _ORDER.index(target) <= _ORDER.index(source):
             raise ValueError(f"cannot demote from {source} to {target}")
         p = node.payload
+        faults.check("tiers.demote")
         if p.tier == "device":
             p = snapshots.to_host(p)
         if target == "disk":
