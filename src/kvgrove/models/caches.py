@@ -50,13 +50,11 @@ class SpanKVCache(mlx_cache.KVCache):
         n = sum(s[0].shape[2] for s in spans)
         room = (n // self.step + 1) * self.step
         k0, v0 = spans[0]
-        keys = mx.zeros((*k0.shape[:2], room, k0.shape[3]), k0.dtype)
-        values = mx.zeros((*v0.shape[:2], room, v0.shape[3]), v0.dtype)
-        at = 0
-        for k, v in spans:
-            keys[..., at : at + k.shape[2], :] = k
-            values[..., at : at + v.shape[2], :] = v
-            at += k.shape[2]
+        pad_k = mx.zeros((*k0.shape[:2], room - n, k0.shape[3]), k0.dtype)
+        pad_v = mx.zeros((*v0.shape[:2], room - n, v0.shape[3]), v0.dtype)
+        # One concatenation: a single pass that writes a fresh array.
+        keys = mx.concatenate([*(s[0] for s in spans), pad_k], axis=2)
+        values = mx.concatenate([*(s[1] for s in spans), pad_v], axis=2)
         mx.eval(keys, values)
         self.keys, self.values, self.offset = keys, values, n
 
