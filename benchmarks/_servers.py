@@ -53,12 +53,18 @@ def mlx_folder(model: str | None) -> tuple[str, Path]:
     return lm.info.name, folder
 
 
+def _pythonpath() -> str:
+    """This checkout's src first, then whatever PYTHONPATH the run already has (its
+    dependencies may come from there)."""
+    return os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
+
+
 def start_kvgrove(
     port: int, model: str | None, flags: Sequence[str] = (), env: dict | None = None
 ) -> subprocess.Popen:
     argv = [sys.executable, "-m", "kvgrove.serve", "--port", str(port)]
     argv += ["--model", model] if model else []
-    environ = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})}
+    environ = {**os.environ, "PYTHONPATH": _pythonpath(), **(env or {})}
     return subprocess.Popen(
         [*argv, *flags], env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -67,7 +73,7 @@ def start_kvgrove(
 def start_mlx_lm(port: int, folder: Path) -> subprocess.Popen:
     argv = [sys.executable, "-c", MLX_LM_SERVER, "--model", str(folder)]
     argv += ["--host", "127.0.0.1", "--port", str(port)]
-    environ = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    environ = {**os.environ, "PYTHONPATH": _pythonpath()}
     return subprocess.Popen(argv, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

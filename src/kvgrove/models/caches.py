@@ -44,12 +44,19 @@ class SpanKVCache(mlx_cache.KVCache):
             self.keys = self.values = None
             self.offset = 0
             return
-        keys = mx.concatenate([s[0] for s in spans], axis=2) if len(spans) > 1 else spans[0][0]
-        values = mx.concatenate([s[1] for s in spans], axis=2) if len(spans) > 1 else spans[0][1]
-        # Fresh arrays: the cache writes in place, which must never touch the stored snapshot.
-        keys, values = mx.array(keys), mx.array(values)
+        # Into fresh buffers (the cache writes in place, which must never touch a stored
+        # snapshot) with room to grow to the next `step` boundary, so the next prefill chunk or
+        # decode step writes in place instead of concatenating a copy of the whole prefix.
+        n = sum(s[0].shape[2] for s in spans)
+        room = (n // self.step + 1) * self.step
+        k0, v0 = spans[0]
+        pad_k = mx.zeros((*k0.shape[:2], room - n, k0.shape[3]), k0.dtype)
+        pad_v = mx.zeros((*v0.shape[:2], room - n, v0.shape[3]), v0.dtype)
+        # One concatenation: a single pass that writes a fresh array.
+        keys = mx.concatenate([*(s[0] for s in spans), pad_k], axis=2)
+        values = mx.concatenate([*(s[1] for s in spans), pad_v], axis=2)
         mx.eval(keys, values)
-        self.keys, self.values, self.offset = keys, values, keys.shape[2]
+        self.keys, self.values, self.offset = keys, values, n
 
 
 class _WholeState:

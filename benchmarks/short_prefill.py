@@ -1,0 +1,88 @@
+"""Where a later turn's short prefill over a long cached context goes (SmolLM2-135M, CPU).
+
+Restores a 1,700-token context into kvgrove's live caches and times 20 new tokens fed the ways
+the executor could: one 19-token chunk then a 1-token forward (the executor today), one
+20-token forward, the chunk alone; against 1 token at that context and 20 with no context.
+Usage: PYTHONPATH=src python benchmarks/short_prefill.py [variant ...]
+"""
+
+import random
+import statistics
+import sys
+import time
+
+# isort: off
+import kvgrove  # noqa: F401  (must come first: it loads OpenBLAS before mlx is imported)
+import mlx.core as mx
+
+# isort: on
+from kvgrove.models.caches import make_cache
+from kvgrove.models.generate import forward, generation_stream, prefill_chunks
+from kvgrove.models.loading import load
+
+lm = load(None)
+model = lm.model
+N, T = 1700, 20
+
+random.seed(0)
+ctx = [random.randrange(1000, 20000) for _ in range(N)]
+new = [random.randrange(1000, 20000) for _ in range(T)]
+
+with mx.stream(generation_stream()):
+    base = make_cache(model)
+    for _ in prefill_chunks(model, base, ctx, chunk_tokens=2048):
+        pass
+    snaps = [c.snapshot(0, N) for c in base]
+
+    def fresh():
+        c = make_cache(model)
+        for layer, s in zip(c, snaps, strict=True):
+            layer.restore([s])
+        return c
+
+    def variant(name):
+        c = fresh()
+        t0 = time.perf_counter()
+        if name == "forward_all20":
+            lg = forward(model, c, mx.array(new, dtype=mx.uint32)[None])
+            mx.eval(lg)
+        elif name == "chunks19+1":
+            for _ in prefill_chunks(model, c, new[:-1], chunk_tokens=T):
+                pass
+            lg = forward(model, c, mx.array(new[-1:], dtype=mx.uint32)[None])
+            mx.eval(lg)
+        elif name == "prefill20_only":
+            for _ in prefill_chunks(model, c, new, chunk_tokens=T):
+                pass
+        elif name == "decode1":
+            lg = forward(model, c, mx.array(new[:1], dtype=mx.uint32)[None])
+            mx.eval(lg)
+        elif name == "nocontext20":
+            c = make_cache(model)
+            t0 = time.perf_counter()
+            for _ in prefill_chunks(model, c, new, chunk_tokens=T):
+                pass
+        elif name == "decode_after":
+            for _ in prefill_chunks(model, c, new, chunk_tokens=T):
+                pass
+            t0 = time.perf_counter()
+            lg = forward(model, c, mx.array(new[:1], dtype=mx.uint32)[None])
+            mx.eval(lg)
+        return (time.perf_counter() - t0) * 1000
+
+    names = sys.argv[1:] or [
+        "decode1",
+        "nocontext20",
+        "prefill20_only",
+        "chunks19+1",
+        "forward_all20",
+        "decode_after",
+    ]
+    res = {n: [] for n in names}
+    for n in names:
+        variant(n)  # warm
+    for _ in range(5):
+        for n in names:
+            res[n].append(variant(n))
+    for n in names:
+        print(f"{n:16s} median {statistics.median(res[n]):7.1f} ms  {[round(x) for x in res[n]]}")
