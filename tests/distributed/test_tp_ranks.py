@@ -124,3 +124,41 @@ def test_two_ranks_give_the_tokens_one_rank_gives(runs, arch):
     # Several requests shared batched decode steps, and rank 1 ran every step rank 0 planned.
     assert rank0["max_batch_rows"] >= 3
     assert rank1["steps"] >= rank0["steps"] > 0
+
+
+def test_killing_rank_1_mid_stream_fails_the_requests_and_stops_rank_0(tmp_path):
+    """Rank 1 SIGKILLs itself after drawing 10 tokens. Rank 0 (started here without
+    mlx.launch, so its exit code is its own) fails every in-flight request with an error
+    naming the lost rank, and exits with 2 within the deadline."""
+    model = write_tiny_model(tmp_path / "llama", "llama")
+    base = _free_ports(2)
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{base}"], [f"127.0.0.1:{base + 1}"]]))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(_pythonpath())}
+    cmd = [sys.executable, str(RANKS), str(tmp_path), str(model), "--die-after=10"]
+    procs = []
+    try:
+        for rank in range(2):
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    env={**env, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(rank)},
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    start_new_session=True,
+                )
+            )
+        outputs = [p.communicate(timeout=DEADLINE_S)[0] for p in procs]
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert procs[1].returncode == -signal.SIGKILL, outputs[1]
+    assert procs[0].returncode == 2, outputs[0]
+    rank0 = read(tmp_path, 0, 0)
+    assert "lost the other ranks" in rank0["lost"]
+    for rid in ("1", "2", "3", "4", "5"):  # (9 may have been cancelled before)
+        assert rank0[rid].startswith("failed: tensor parallel: lost the other ranks"), rid

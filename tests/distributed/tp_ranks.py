@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -55,6 +56,12 @@ def submit(rid, n, params, max_tokens, reply) -> Submit:
 
 async def drive(settings: Settings, group, plain: bool) -> dict:
     out: dict[str, list[int] | str] = {}
+    lost = trio.Event()
+
+    def on_lost(message: str) -> None:
+        out["lost"] = message
+        lost.set()
+
     async with trio.open_nursery() as nursery:
         accountant = Accountant(settings)
         await nursery.start(accountant.run)
@@ -62,7 +69,11 @@ async def drive(settings: Settings, group, plain: bool) -> dict:
             executor = Executor(settings, accountant=accountant.inbox.clone(), loader=load)
         else:
             executor = TensorParallelExecutor(
-                settings, accountant=accountant.inbox.clone(), group=group, loader=load
+                settings,
+                accountant=accountant.inbox.clone(),
+                group=group,
+                loader=load,
+                on_lost=on_lost,
             )
         await nursery.start(executor.run)
         scheduler = Scheduler(settings, executor=executor.inbox.clone())
@@ -98,23 +109,28 @@ async def drive(settings: Settings, group, plain: bool) -> dict:
 
 
 def main() -> int:
-    args = [a for a in sys.argv[1:] if a != "--plain"]
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
     plain = "--plain" in sys.argv
+    die = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--die-after=")), None)
     out_dir, models = Path(args[0]), args[1:]
     group = mx.distributed.init()
     for i, model in enumerate(models):
-        result = run_model(model, group, plain)
+        result = run_model(model, group, plain, die)
         (out_dir / f"{i}-rank{group.rank()}.json").write_text(json.dumps(result))
+        if "lost" in result:
+            return 2  # as `kvgrove serve` does when it loses a rank
     return 0
 
 
-def run_model(model: str, group, plain: bool) -> dict:
+def run_model(model: str, group, plain: bool, die: int | None = None) -> dict:
     settings = Settings(model=model, prefill_chunk_tokens=16, prefix_cache=False)
     if group.rank() == 0:
         return trio.run(drive, settings, group, plain)
     drawn: dict[str, list[int]] = {}
 
     def record(step, step_result):
+        if die is not None and len(drawn) and sum(map(len, drawn.values())) >= die:
+            os.kill(os.getpid(), signal.SIGKILL)  # rank 1 dies mid-stream, no goodbye
         for r in step_result.results:
             if r.token is not None:
                 drawn.setdefault(str(r.request_id), []).append(r.token)

@@ -49,3 +49,29 @@ class PlanChannel:
         if rest:
             first = np.concatenate([first, self._all_sum(np.zeros(rest, dtype=np.int32))])
         return unframe(first)
+
+
+STATUS_BYTES = 2048  # room for one rank's startup error message
+
+
+def gather_status(group: Any, error: str | None) -> dict[int, str]:
+    """Every rank says whether it started (error None) or why not; every rank learns all.
+
+    Each rank writes its message into its own row of a (size, STATUS_BYTES) array and the
+    rows meet in one `all_sum`. Returns {rank: message} for the ranks that failed.
+    """
+    size, rank = group.size(), group.rank()
+    rows = np.zeros((size, 1 + STATUS_BYTES // 4), dtype=np.int32)
+    if error is not None:
+        data = error.encode("utf-8", "replace")[:STATUS_BYTES]
+        padded = data + b"\0" * (-len(data) % 4)
+        rows[rank, 0] = len(data) + 1  # 0 = started
+        rows[rank, 1 : 1 + len(padded) // 4] = np.frombuffer(padded, dtype=np.int32)
+    out = mx.distributed.all_sum(mx.array(rows), group=group, stream=mx.cpu)
+    summed = np.array(out, copy=True)
+    failed = {}
+    for r in range(size):
+        n = int(summed[r, 0])
+        if n:
+            failed[r] = summed[r, 1:].tobytes()[: n - 1].decode("utf-8", "replace")
+    return failed

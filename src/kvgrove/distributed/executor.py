@@ -25,14 +25,33 @@ import attrs
 from kvgrove.actors.executor import Executor, MLXThread
 from kvgrove.actors.messages import Step, StepItem, StepResult
 from kvgrove.config import Settings
-from kvgrove.distributed.broadcast import PlanChannel
+from kvgrove.distributed.broadcast import PlanChannel, gather_status
 from kvgrove.distributed.codec import STEP, STOP, decode_step, encode_step
 from kvgrove.distributed.shard import shard_loaded
 
 log = logging.getLogger(__name__)
 
 
-class DivergedError(RuntimeError):
+class RankError(RuntimeError):
+    """Another rank failed to start, died, or the ranks no longer agree."""
+
+
+def load_with_peers(load: Callable[[], Any], group: Any) -> Any:
+    """Run this rank's `load`, then meet every rank: if any failed, every rank raises, rank 0
+    with each failed rank's own message (so a follower's startup error surfaces there)."""
+    try:
+        loaded = load()
+    except Exception as e:
+        gather_status(group, f"{type(e).__name__}: {e}")
+        raise
+    failed = gather_status(group, None)
+    if failed:
+        lines = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failed.items()))
+        raise RankError(f"tensor parallel: {len(failed)} rank(s) failed to start: {lines}")
+    return loaded
+
+
+class DivergedError(RankError):
     """A follower drew a different token than rank 0 fed next: the ranks no longer agree."""
 
 
@@ -71,9 +90,10 @@ def sharding_loader(group: Any, loader: Callable[[str | None], Any] | None) -> C
 class _PlanThread(MLXThread):
     """The MLX thread; on stop it first tells the followers (on this thread) to leave."""
 
-    def __init__(self, plans: PlanChannel) -> None:
+    def __init__(self, plans: PlanChannel, lost: Callable[[], bool]) -> None:
         super().__init__()
         self._plans = plans
+        self._lost = lost  # no STOP once the other ranks are gone
 
     def stop(self) -> None:
         self._queue.put(self._send_stop)
@@ -82,6 +102,8 @@ class _PlanThread(MLXThread):
     def _send_stop(self) -> None:
         import numpy as np
 
+        if self._lost():
+            return
         try:
             self._plans.send(STOP, np.zeros(0, dtype=np.int32))
         except Exception:
@@ -98,6 +120,7 @@ class TensorParallelExecutor(Executor):
         accountant: Any,
         group: Any,
         loader: Callable[[str | None], Any] | None = None,
+        on_lost: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(
             tensor_parallel_settings(settings),
@@ -106,7 +129,15 @@ class TensorParallelExecutor(Executor):
         )
         self.group = group
         self.plans = PlanChannel(group)
-        self._thread = _PlanThread(self.plans)
+        self._thread = _PlanThread(self.plans, lambda: self.lost is not None)
+        # Set (on the MLX thread) once a collective failed: the ranks are out of step for
+        # good, so every later step fails at once and `on_lost` (trio side) hears it once.
+        self.lost: str | None = None
+        self._on_lost = on_lost
+        self._told = False
+
+    def _load(self) -> Any:
+        return load_with_peers(super()._load, self.group)
 
     async def _handle(self, msg: object) -> None:
         from kvgrove.actors.messages import UsePrefixCache
@@ -114,11 +145,31 @@ class TensorParallelExecutor(Executor):
         if isinstance(msg, UsePrefixCache):
             raise RuntimeError("tensor parallel runs without the prefix cache (not sharded yet)")
         await super()._handle(msg)
+        if self.lost is not None and not self._told:
+            self._told = True
+            log.error("%s", self.lost)
+            if self._on_lost is not None:
+                self._on_lost(self.lost)
 
     def _run_step(self, step: Step) -> StepResult:
-        step = fix_seeds(step)
-        self.plans.send(STEP, encode_step(step))
-        return super()._run_step(step)
+        if self.lost is None:
+            step = fix_seeds(step)
+            try:
+                self.plans.send(STEP, encode_step(step))
+            except Exception as e:  # a rank died (the ring reports its connection lost)
+                self.lost = f"tensor parallel: lost the other ranks ({e})"
+        if self.lost is not None:
+            # Release what the step lets go of, so the books return to baseline.
+            for rid in (*step.release, *step.preempt):
+                self._live.pop(rid, None)
+            return StepResult((), error=self.lost)
+        result = super()._run_step(step)
+        # A step that failed on this rank may not have failed on the others (or failed inside
+        # a collective they still wait in): from here the ranks' collectives no longer pair.
+        error = result.error or next((r.error for r in result.results if r.error), None)
+        if error is not None:
+            self.lost = f"tensor parallel: a step failed, the ranks are out of step ({error})"
+        return result
 
 
 @attrs.define
@@ -146,7 +197,7 @@ class Follower:
         from kvgrove.models.generate import generation_stream
 
         with mx.stream(generation_stream()):
-            self.executor.loaded = self.executor._load()
+            self.executor.loaded = load_with_peers(self.executor._load, self.plans.group)
             while True:
                 kind, payload = self.plans.receive()
                 if kind == STOP:
@@ -160,6 +211,12 @@ class Follower:
                     self._check(item)
                 result = self.executor._run_step(step)
                 self.steps += 1
+                error = result.error or next((r.error for r in result.results if r.error), None)
+                if error is not None:
+                    raise RankError(
+                        f"rank {self.plans.group.rank()}: a step failed, the ranks are out of "
+                        f"step ({error})"
+                    )
                 for r in result.results:
                     if r.token is not None:
                         self._drawn[r.request_id] = r.token
