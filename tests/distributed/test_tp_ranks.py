@@ -88,6 +88,37 @@ def read(out: Path, model: int, rank: int) -> dict:
 ARCHS = ("llama", "qwen3")
 
 
+def spawn_ranks(tmp_path: Path, args: list[str], n: int = 2):
+    """Start n ranks of tp_ranks.py on the loopback ring ourselves (no mlx.launch, so each
+    exit code is the rank's own); every one under the deadline, every group killed after."""
+    base = _free_ports(n)
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{base + r}"] for r in range(n)]))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(_pythonpath())}
+    cmd = [sys.executable, str(RANKS), *args]
+    procs = []
+    try:
+        for rank in range(n):
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    env={**env, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(rank)},
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    start_new_session=True,
+                )
+            )
+        outputs = [p.communicate(timeout=DEADLINE_S)[0] for p in procs]
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    return procs, outputs
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """One plain run and one 2-rank run, each over all ARCHS in the same processes."""
@@ -131,34 +162,30 @@ def test_killing_rank_1_mid_stream_fails_the_requests_and_stops_rank_0(tmp_path)
     mlx.launch, so its exit code is its own) fails every in-flight request with an error
     naming the lost rank, and exits with 2 within the deadline."""
     model = write_tiny_model(tmp_path / "llama", "llama")
-    base = _free_ports(2)
-    hostfile = tmp_path / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{base}"], [f"127.0.0.1:{base + 1}"]]))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(_pythonpath())}
-    cmd = [sys.executable, str(RANKS), str(tmp_path), str(model), "--die-after=10"]
-    procs = []
-    try:
-        for rank in range(2):
-            procs.append(
-                subprocess.Popen(
-                    cmd,
-                    env={**env, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(rank)},
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                    start_new_session=True,
-                )
-            )
-        outputs = [p.communicate(timeout=DEADLINE_S)[0] for p in procs]
-    finally:
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+    procs, outputs = spawn_ranks(tmp_path, [str(tmp_path), str(model), "--die-after=10"])
     assert procs[1].returncode == -signal.SIGKILL, outputs[1]
     assert procs[0].returncode == 2, outputs[0]
     rank0 = read(tmp_path, 0, 0)
     assert "lost the other ranks" in rank0["lost"]
     for rid in ("1", "2", "3", "4", "5"):  # (9 may have been cancelled before)
         assert rank0[rid].startswith("failed: tensor parallel: lost the other ranks"), rid
+
+
+def test_a_startup_error_on_rank_1_surfaces_on_rank_0(tmp_path):
+    model = write_tiny_model(tmp_path / "llama", "llama")
+    missing = tmp_path / "no-such-model"
+    args = [str(tmp_path), str(model), f"--rank1-model={missing}"]
+    procs, outputs = spawn_ranks(tmp_path, args)
+    assert procs[1].returncode != 0 and "FileNotFoundError" in outputs[1]
+    assert procs[0].returncode != 0
+    assert "1 rank(s) failed to start: rank 1: FileNotFoundError" in outputs[0]
+    assert str(missing) in outputs[0]
+
+
+def test_an_architecture_without_shard_is_refused_by_name(tmp_path):
+    model = write_tiny_model(tmp_path / "gemma3", "gemma3")
+    procs, outputs = spawn_ranks(tmp_path, [str(tmp_path), str(model)])
+    for proc, out in zip(procs, outputs, strict=True):
+        assert proc.returncode != 0
+        assert "mlx-lm's 'gemma3_text' model has no shard() method" in out
+    assert "ShardError" in outputs[0]
