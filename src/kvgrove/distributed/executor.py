@@ -56,10 +56,11 @@ class DivergedError(RankError):
 
 
 def tensor_parallel_settings(settings: Settings) -> Settings:
-    """What every rank runs with: the prefix cache off (not yet sharded across ranks)."""
+    """What every rank runs with: the prefix cache off (not yet sharded across ranks), and no
+    other models on demand (they would load on rank 0 alone)."""
     if settings.prefix_cache:
         log.warning("tensor parallel: the prefix cache is not sharded across ranks yet; off")
-    return attrs.evolve(settings, prefix_cache=False)
+    return attrs.evolve(settings, prefix_cache=False, max_loaded_models=0)
 
 
 def fix_seeds(step: Step) -> Step:
