@@ -31,6 +31,8 @@ import httpx
 from _common import median, table
 from _servers import ROOT, free_port
 
+TEXT = "the quick brown fox jumps over the lazy dog and keeps on running"
+
 
 @contextlib.contextmanager
 def server(model: str | None, ranks: int):
@@ -90,7 +92,7 @@ def main() -> None:
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    words = ("the quick brown fox jumps over the lazy dog and keeps on running").split(" ")
+    words = TEXT.split()
     prompt = " ".join(words[i % len(words)] for i in range(args.prompt_tokens))
     rows, texts = [], {}
     for ranks in (1, args.ranks):
