@@ -64,3 +64,23 @@ def test_heads_that_do_not_divide_are_refused_by_name(tiny_llama):
 def test_a_group_of_one_leaves_the_model_alone(tiny_llama):
     loaded = load(tiny_llama)
     assert shard_loaded(loaded, _Group(1)) is loaded
+
+
+def test_tensor_parallel_flags_and_environment(monkeypatch):
+    import argparse
+
+    from kvgrove.config import Settings, add_serve_arguments, settings_from_args
+    from kvgrove.distributed.executor import tensor_parallel_settings
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    monkeypatch.setenv("KVGROVE_HOSTFILE", "")
+    settings = settings_from_args(parser.parse_args(["--tensor-parallel", "3"]))
+    assert settings.tensor_parallel == 3 and settings.hostfile is None
+    settings = settings_from_args(parser.parse_args(["--hostfile", "hosts.json"]))
+    assert settings.hostfile == "hosts.json" and settings.tensor_parallel == 1
+    with pytest.raises(ValueError, match="tensor_parallel"):
+        Settings(tensor_parallel=0)
+    # Every rank runs without what is not sharded yet: the prefix cache, models on demand.
+    tp = tensor_parallel_settings(Settings(tensor_parallel=2))
+    assert not tp.prefix_cache and tp.max_loaded_models == 0 and tp.tensor_parallel == 2
