@@ -74,6 +74,15 @@ def tp_server(model: Path, n: int = 2):
         proc.wait()
 
 
+def _rank_pid(launcher: int, rank: int) -> int:
+    """The pid of the launcher's child that runs `rank` (by its MLX_RANK)."""
+    for pid in _children(launcher):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"MLX_RANK={rank}".encode() in environ:
+            return pid
+    raise AssertionError(f"no rank {rank} among the launcher's children")
+
+
 def _children(pid: int) -> list[int]:
     try:
         return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -108,7 +117,7 @@ def test_two_ranks_answer_what_one_rank_answers_and_stop_cleanly(tiny_llama):
 
 def test_killing_rank_1_mid_stream_errors_the_stream_and_exits_non_zero(tiny_llama):
     with tp_server(tiny_llama) as (proc, url):
-        rank1 = _children(proc.pid)[1]
+        rank1 = _rank_pid(proc.pid, 1)
         client = ollama.Client(host=url)
         stream = client.generate(
             model="llama", prompt=PROMPT, raw=True, options={"temperature": 0}, stream=True

@@ -32,13 +32,14 @@ from kvgrove.config import Settings
 log = logging.getLogger(__name__)
 
 
-def free_ports(n: int) -> int:
-    """A base port with n consecutive free loopback ports (the ring listens on base + rank)."""
+def free_ports(n: int, avoid: tuple[int, ...] = ()) -> int:
+    """A base port with n consecutive free loopback ports (the ring listens on base + rank),
+    none of them in `avoid` (the HTTP port, not bound yet when the ranks start)."""
     for _ in range(50):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             base = s.getsockname()[1]
-        if base + n > 65535:
+        if base + n > 65535 or any(base <= p < base + n for p in avoid):
             continue
         with contextlib.ExitStack() as stack:
             try:
@@ -64,7 +65,7 @@ def main(settings: Settings, argv: list[str]) -> int:
 
 def supervise(settings: Settings, command: list[str]) -> int:
     n = settings.tensor_parallel
-    base = free_ports(n)
+    base = free_ports(n, avoid=(settings.port,))
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump([[f"127.0.0.1:{base + r}"] for r in range(n)], f)
     procs: list[subprocess.Popen] = []
