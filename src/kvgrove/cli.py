@@ -147,7 +147,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from kvgrove import config, serve
 
-    serve.main(config.settings_from_args(args))
+    settings = config.settings_from_args(args)
+    if settings.tensor_parallel > 1:
+        from kvgrove.distributed import launch
+
+        return launch.main(settings, sys.argv[1:])
+    serve.main(settings)
     return 0
 
 

@@ -152,6 +152,11 @@ class Settings:
     max_loaded_models: int = attrs.field(default=2, validator=_non_negative)
     keep_alive_seconds: float = 300.0
     model_load_timeout_seconds: float = attrs.field(default=600.0, validator=_positive)
+    # Tensor parallel (kvgrove.distributed): split the model across this many ranks over
+    # mx.distributed; `serve` starts them (on this machine, or through mlx.launch on the hosts
+    # of `hostfile`). Rank 0 serves HTTP; the others follow its steps.
+    tensor_parallel: int = attrs.field(default=1, validator=_positive)
+    hostfile: str | None = None
 
     def device_split(self, weights_bytes: int) -> DeviceSplit:
         """How the one device budget is shared: the weights, then what they leave split between
@@ -202,7 +207,7 @@ def _parse(field: attrs.Attribute, raw: str) -> Any:
             return float(raw)
     except ValueError:
         raise ValueError(f"KVGROVE_{field.name.upper()}: not a number: {raw!r}") from None
-    return raw or None if field.name in ("model", "kv_cache_dir") else raw
+    return raw or None if field.name in ("model", "kv_cache_dir", "hostfile") else raw
 
 
 def _flag(name: str) -> str:
@@ -237,6 +242,8 @@ _HELP = {
     "max_loaded_models": "other models loaded on demand at once (0 = serve --model only)",
     "keep_alive_seconds": "how long an idle on-demand model stays loaded (< 0 = forever)",
     "model_load_timeout_seconds": "how long a request waits for a load making no progress",
+    "tensor_parallel": "ranks to split the model across (mx.distributed ring; 1 = off)",
+    "hostfile": "mlx.launch hostfile: run the --tensor-parallel ranks on these machines",
 }
 
 

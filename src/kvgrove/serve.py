@@ -121,16 +121,18 @@ async def serve(
     shutdown: trio.Event | None = None,
     handle_signals: bool = True,
     loader: Callable[[str | None], Any] | None = None,
+    executor_factory: Callable[..., Executor] = Executor,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the server until `shutdown` is set (or a signal arrives); report a `Server` once bound.
 
     `loader` replaces `kvgrove.models.loading.load`, for the server's model and those loaded on
-    demand (tests use it to hold a load open).
+    demand (tests use it to hold a load open). `executor_factory` makes the executor (tensor
+    parallel passes rank 0's, which broadcasts each step).
     """
     warn_if_exposed(settings)
     runtime = Runtime(settings)
-    shutdown = shutdown or trio.Event()
+    shutdown = shutdown if shutdown is not None else trio.Event()
     ready = trio.Event()
     http_done = trio.Event()
     app = create_app(runtime)
@@ -161,7 +163,9 @@ async def serve(
         async with trio.open_nursery() as actors:
             accountant = Accountant(settings)
             await actors.start(accountant.run)
-            executor = Executor(settings, accountant=accountant.inbox.clone(), loader=loader)
+            executor = executor_factory(
+                settings, accountant=accountant.inbox.clone(), loader=loader
+            )
             loaded = await actors.start(executor.run)
             pager = Pager(
                 settings,

@@ -1,0 +1,86 @@
+"""The sync parts of tensor parallel that need no second rank: seeds, shard checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvgrove.actors.messages import Start, Step, StepItem
+from kvgrove.distributed.executor import fix_seeds
+from kvgrove.distributed.shard import ShardError, shard_loaded
+from kvgrove.models.loading import load
+from kvgrove.sampling import SamplingParams
+from tiny_models import write_tiny_model
+
+
+def _start(seed: int) -> Start:
+    return Start(SamplingParams(temperature=0.7, seed=seed), (1, 2, 3), 100)
+
+
+def test_random_seeds_are_fixed_before_broadcast_and_the_rest_left_alone():
+    reply = object()
+    step = Step(
+        items=(
+            StepItem(1, (1, 2, 3), True, _start(-1)),
+            StepItem(2, (1, 2, 3), True, _start(42)),
+            StepItem(3, (7,), True),
+        ),
+        release=(9,),
+        reply=reply,
+    )
+    fixed = fix_seeds(step)
+    assert fixed.reply is reply and fixed.release == (9,)
+    assert 0 <= fixed.items[0].start.params.seed < 2**63
+    assert fixed.items[0].start.params == SamplingParams(
+        temperature=0.7, seed=fixed.items[0].start.params.seed
+    )
+    assert fixed.items[1:] == step.items[1:]
+    assert fix_seeds(fixed) is fixed  # nothing random left: the same object
+
+
+class _Group:
+    """The two methods of an mx.distributed.Group that the checks read (they run before any
+    collective, so no second rank is needed to reach them)."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+
+    def size(self) -> int:
+        return self._size
+
+    def rank(self) -> int:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("tp") / "llama", "llama")
+
+
+def test_heads_that_do_not_divide_are_refused_by_name(tiny_llama):
+    with pytest.raises(ShardError, match="n_heads=4, which does not divide by 3"):
+        shard_loaded(load(tiny_llama), _Group(3))
+
+
+def test_a_group_of_one_leaves_the_model_alone(tiny_llama):
+    loaded = load(tiny_llama)
+    assert shard_loaded(loaded, _Group(1)) is loaded
+
+
+def test_tensor_parallel_flags_and_environment(monkeypatch):
+    import argparse
+
+    from kvgrove.config import Settings, add_serve_arguments, settings_from_args
+    from kvgrove.distributed.executor import tensor_parallel_settings
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    monkeypatch.setenv("KVGROVE_HOSTFILE", "")
+    settings = settings_from_args(parser.parse_args(["--tensor-parallel", "3"]))
+    assert settings.tensor_parallel == 3 and settings.hostfile is None
+    settings = settings_from_args(parser.parse_args(["--hostfile", "hosts.json"]))
+    assert settings.hostfile == "hosts.json" and settings.tensor_parallel == 1
+    with pytest.raises(ValueError, match="tensor_parallel"):
+        Settings(tensor_parallel=0)
+    # Every rank runs without what is not sharded yet: the prefix cache, models on demand.
+    tp = tensor_parallel_settings(Settings(tensor_parallel=2))
+    assert not tp.prefix_cache and tp.max_loaded_models == 0 and tp.tensor_parallel == 2

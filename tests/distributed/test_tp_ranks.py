@@ -1,0 +1,191 @@
+"""Tensor parallel on this CPU: 2 ranks over the loopback ring answer what 1 rank answers.
+
+Each run is a real `mlx.launch --backend ring -n 2` of tests/distributed/tp_ranks.py (rank 0
+the real scheduler and TensorParallelExecutor, rank 1 the follower), against the same script
+alone with the plain Executor. Every process runs under a deadline in its own session, and the
+whole group is killed in a `finally`, so no rank outlives the test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tiny_models import write_tiny_model
+
+HERE = Path(__file__).parent
+RANKS = HERE / "tp_ranks.py"
+DEADLINE_S = 90
+LAUNCH = Path(sys.executable).parent / "mlx.launch"
+
+
+def _free_ports(n: int) -> int:
+    """A base port with `n` consecutive free ports after it (the ring listens on base + rank)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n > 65535:
+            continue
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(base, base + n):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return base
+    raise RuntimeError("no free consecutive ports")
+
+
+def run_group(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run cmd in a session of its own under DEADLINE_S; its whole process group is killed
+    afterwards whatever happened."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(_pythonpath())}
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=DEADLINE_S)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _pythonpath() -> list[str]:
+    import kvgrove
+
+    src = str(Path(kvgrove.__file__).parent.parent)
+    return [src, str(HERE.parent), *filter(None, os.environ.get("PYTHONPATH", "").split(":"))]
+
+
+def launch(n: int, args: list[str]) -> subprocess.CompletedProcess:
+    cmd = [str(LAUNCH), "--backend", "ring", "-n", str(n), "--starting-port"]
+    cmd += [str(_free_ports(n)), "--python", sys.executable, str(RANKS), *args]
+    return run_group(cmd)
+
+
+def read(out: Path, model: int, rank: int) -> dict:
+    return json.loads((out / f"{model}-rank{rank}.json").read_text())
+
+
+ARCHS = ("llama", "qwen3")
+
+
+def spawn_ranks(tmp_path: Path, args: list[str], n: int = 2):
+    """Start n ranks of tp_ranks.py on the loopback ring ourselves (no mlx.launch, so each
+    exit code is the rank's own); every one under the deadline, every group killed after."""
+    base = _free_ports(n)
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{base + r}"] for r in range(n)]))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(_pythonpath())}
+    cmd = [sys.executable, str(RANKS), *args]
+    procs = []
+    try:
+        for rank in range(n):
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    env={**env, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(rank)},
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    start_new_session=True,
+                )
+            )
+        outputs = [p.communicate(timeout=DEADLINE_S)[0] for p in procs]
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    return procs, outputs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """One plain run and one 2-rank run, each over all ARCHS in the same processes."""
+    tmp = tmp_path_factory.mktemp("tp")
+    models = [str(write_tiny_model(tmp / arch, arch)) for arch in ARCHS]
+    (tmp / "plain").mkdir()
+    (tmp / "tp").mkdir()
+    one = run_group([sys.executable, str(RANKS), str(tmp / "plain"), *models, "--plain"])
+    assert one.returncode == 0, one.stdout
+    two = launch(2, [str(tmp / "tp"), *models])
+    assert two.returncode == 0, two.stdout
+    return tmp
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_two_ranks_give_the_tokens_one_rank_gives(runs, arch):
+    i = ARCHS.index(arch)
+    reference, rank0, rank1 = (
+        read(runs / "plain", i, 0),
+        read(runs / "tp", i, 0),
+        read(runs / "tp", i, 1),
+    )
+
+    # Greedy requests of every prompt length, and the seeded sampled one: the same tokens.
+    for rid in ("1", "2", "3", "4"):
+        assert isinstance(reference[rid], list) and len(reference[rid]) > 0
+        assert rank0[rid] == reference[rid], rid
+    assert len(reference["3"]) == 10 and len(reference["1"]) == 12
+    # Rank 1 drew, from the all-reduced logits, exactly the tokens rank 0 sent out, the
+    # random-seed request (-1) included; the cancelled one only its first three before going.
+    for rid in ("1", "2", "3", "4", "5"):
+        assert rank1[rid] == rank0[rid], rid
+    assert rank0["9"] == reference["9"] == rank1["9"][:3]
+    # Several requests shared batched decode steps, and rank 1 ran every step rank 0 planned.
+    assert rank0["max_batch_rows"] >= 3
+    assert rank1["steps"] >= rank0["steps"] > 0
+
+
+def test_killing_rank_1_mid_stream_fails_the_requests_and_stops_rank_0(tmp_path):
+    """Rank 1 SIGKILLs itself after drawing 10 tokens. Rank 0 (started here without
+    mlx.launch, so its exit code is its own) fails every in-flight request with an error
+    naming the lost rank, and exits with 2 within the deadline."""
+    model = write_tiny_model(tmp_path / "llama", "llama")
+    procs, outputs = spawn_ranks(tmp_path, [str(tmp_path), str(model), "--die-after=10"])
+    assert procs[1].returncode == -signal.SIGKILL, outputs[1]
+    assert procs[0].returncode == 2, outputs[0]
+    rank0 = read(tmp_path, 0, 0)
+    assert "lost the other ranks" in rank0["lost"]
+    for rid in ("1", "2", "3", "4", "5"):  # (9 may have been cancelled before)
+        assert rank0[rid].startswith("failed: tensor parallel: lost the other ranks"), rid
+
+
+def test_a_startup_error_on_rank_1_surfaces_on_rank_0(tmp_path):
+    model = write_tiny_model(tmp_path / "llama", "llama")
+    missing = tmp_path / "no-such-model"
+    args = [str(tmp_path), str(model), f"--rank1-model={missing}"]
+    procs, outputs = spawn_ranks(tmp_path, args)
+    assert procs[1].returncode != 0 and "FileNotFoundError" in outputs[1]
+    assert procs[0].returncode != 0
+    assert "1 rank(s) failed to start: rank 1: FileNotFoundError" in outputs[0]
+    assert str(missing) in outputs[0]
+
+
+def test_an_architecture_without_shard_is_refused_by_name(tmp_path):
+    model = write_tiny_model(tmp_path / "gemma3", "gemma3")
+    procs, outputs = spawn_ranks(tmp_path, [str(tmp_path), str(model)])
+    for proc, out in zip(procs, outputs, strict=True):
+        assert proc.returncode != 0
+        assert "mlx-lm's 'gemma3_text' model has no shard() method" in out
+    assert "ShardError" in outputs[0]

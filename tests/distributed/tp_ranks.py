@@ -1,0 +1,152 @@
+"""One rank of a tensor-parallel run (started by mlx.launch, or alone with --plain):
+`tp_ranks.py OUT MODEL... [--plain]`, the models one after the other in the same processes.
+
+Rank 0 runs the real accountant, scheduler and executor (TensorParallelExecutor; the plain
+Executor with --plain) on a tiny model and serves a fixed set of requests at once: greedy
+ones of several prompt lengths (batched decode, prefill together, chunked prefill), a seeded
+sampled one, one with a random seed (-1) and one cancelled after three tokens. The other
+ranks follow. Each rank writes OUT/rank<r>.json: rank 0 the tokens each request received,
+the others the tokens they drew themselves for each request and the steps they ran
+(OUT/<i>-rank<r>.json for the i-th model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+# isort: off
+import kvgrove  # noqa: F401  (OpenBLAS before mlx)
+import mlx.core as mx
+
+# isort: on
+import trio
+
+from kvgrove.actors.accountant import Accountant
+from kvgrove.actors.executor import Executor
+from kvgrove.actors.messages import Cancel, Done, Failed, Submit, Token
+from kvgrove.actors.scheduler import Scheduler
+from kvgrove.config import Settings
+from kvgrove.distributed.executor import TensorParallelExecutor, follower
+from kvgrove.models.loading import load
+from kvgrove.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0)
+REQUESTS = {  # request id -> (prompt length, params, max tokens)
+    1: (5, GREEDY, 12),
+    2: (11, GREEDY, 12),
+    3: (40, GREEDY, 10),  # several prefill chunks
+    4: (11, SamplingParams(temperature=0.9, top_k=0, top_p=1.0, seed=1234), 12),
+    5: (7, SamplingParams(temperature=1.0, seed=-1), 12),
+}
+CANCELLED = 9
+
+
+def prompt(rid: int, n: int) -> tuple[int, ...]:
+    return tuple((rid * 37 + i * 11) % 300 + 10 for i in range(n))
+
+
+def submit(rid, n, params, max_tokens, reply) -> Submit:
+    return Submit(rid, prompt(rid, n), params, max_tokens, 400, frozenset(), reply)
+
+
+async def drive(settings: Settings, group, plain: bool) -> dict:
+    out: dict[str, list[int] | str] = {}
+    lost = trio.Event()
+
+    def on_lost(message: str) -> None:
+        out["lost"] = message
+        lost.set()
+
+    async with trio.open_nursery() as nursery:
+        accountant = Accountant(settings)
+        await nursery.start(accountant.run)
+        if plain:
+            executor = Executor(settings, accountant=accountant.inbox.clone(), loader=load)
+        else:
+            executor = TensorParallelExecutor(
+                settings,
+                accountant=accountant.inbox.clone(),
+                group=group,
+                loader=load,
+                on_lost=on_lost,
+            )
+        await nursery.start(executor.run)
+        scheduler = Scheduler(settings, executor=executor.inbox.clone())
+        await nursery.start(scheduler.run)
+
+        async def one(rid, n, params, max_tokens):
+            send, recv = trio.open_memory_channel(64)
+            await scheduler.inbox.send(submit(rid, n, params, max_tokens, send))
+            tokens = []
+            async for msg in recv:
+                if isinstance(msg, Token):
+                    tokens.append(msg.token)
+                    if rid == CANCELLED and len(tokens) == 3:
+                        recv.close()
+                        await scheduler.inbox.send(Cancel(rid, time.monotonic()))
+                        break
+                elif isinstance(msg, Failed):
+                    out[str(rid)] = f"failed: {msg.message}"
+                    return
+                elif isinstance(msg, Done):
+                    break
+            out[str(rid)] = tokens
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as requests:
+                for rid, (n, params, max_tokens) in REQUESTS.items():
+                    requests.start_soon(one, rid, n, params, max_tokens)
+                requests.start_soon(one, CANCELLED, 9, GREEDY, 50)
+        out["steps"] = executor.statistics().steps
+        out["max_batch_rows"] = executor.statistics().max_batch_rows
+        nursery.cancel_scope.cancel()
+    return out
+
+
+def main() -> int:
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    plain = "--plain" in sys.argv
+    die = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--die-after=")), None)
+    out_dir, models = Path(args[0]), args[1:]
+    group = mx.distributed.init()
+    for a in sys.argv:  # --rank1-model=PATH: rank 1 loads another model (a startup error)
+        if a.startswith("--rank1-model=") and group.rank() == 1:
+            models = [a.split("=", 1)[1]] * len(models)
+    for i, model in enumerate(models):
+        result = run_model(model, group, plain, die)
+        (out_dir / f"{i}-rank{group.rank()}.json").write_text(json.dumps(result))
+        if "lost" in result:
+            return 2  # as `kvgrove serve` does when it loses a rank
+    return 0
+
+
+def run_model(model: str, group, plain: bool, die: int | None = None) -> dict:
+    settings = Settings(model=model, prefill_chunk_tokens=16, prefix_cache=False)
+    if group.rank() == 0:
+        return trio.run(drive, settings, group, plain)
+    drawn: dict[str, list[int]] = {}
+
+    def record(step, step_result):
+        if die is not None and len(drawn) and sum(map(len, drawn.values())) >= die:
+            os.kill(os.getpid(), signal.SIGKILL)  # rank 1 dies mid-stream, no goodbye
+        for r in step_result.results:
+            if r.token is not None:
+                drawn.setdefault(str(r.request_id), []).append(r.token)
+
+    f = follower(settings, group, loader=load, on_result=record)
+    return {"steps": f.run(), **drawn}
+
+
+if __name__ == "__main__":
+    code = main()
+    # Skip the interpreter's teardown (as `kvgrove serve` does): destroying MLX's stream
+    # threads during finalization intermittently aborts ("terminate called without an
+    # active exception") after a clean run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
