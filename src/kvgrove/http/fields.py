@@ -5,9 +5,8 @@ Each generation route checks its body against its table: a field the table does 
 drops them, kvgrove is stricter so nothing is silently ignored). A field marked REJECT is a 400
 naming it unless it holds its neutral value (absent, null, or the value in `neutral`). IGNORE
 fields are accepted and have no effect, each with its reason. SUPPORTED fields are parsed by
-the routes. ISSUE_11 fields belong to structured output / tools / reasoning / logprobs (the
-`agents` work): the routes pass them on as they are and this table neither checks nor rejects
-them; that work moves them to SUPPORTED as it lands.
+the routes. Tool calls and the reasoning split (issue 11) are not implemented yet: their fields
+are REJECT, so a client that relies on them hears so instead of getting free text.
 
 Also here: chat roles, `keep_alive` (Go durations, as Ollama parses them) and images.
 """
@@ -24,7 +23,6 @@ from kvgrove.http.common import BadRequest
 SUPPORTED = "supported"
 IGNORE = "accepted, ignored"
 REJECT = "rejected (400) unless neutral"
-ISSUE_11 = "issue 11 (structured output, tools, reasoning, logprobs)"
 
 # field -> (state, note; for REJECT the neutral values as a tuple in `NEUTRAL`)
 Table = dict[str, tuple[str, str]]
@@ -47,10 +45,11 @@ OLLAMA_GENERATE: Table = {
     "height": (REJECT, "image generation is not implemented"),
     "steps": (REJECT, "image generation is not implemented"),
     "cache_salt": (SUPPORTED, "kvgrove: prefix-cache namespace"),
-    "format": (ISSUE_11, ""),
-    "think": (ISSUE_11, ""),
-    "logprobs": (ISSUE_11, ""),
-    "top_logprobs": (ISSUE_11, ""),
+    "format": (SUPPORTED, '"json" or a JSON schema: constrained decoding (llguidance)'),
+    "grammar": (SUPPORTED, 'kvgrove: {"lark": ...} or {"regex": ...}, constrained decoding'),
+    "think": (REJECT, "the reasoning split is not implemented yet (issue 11)"),
+    "logprobs": (SUPPORTED, ""),
+    "top_logprobs": (SUPPORTED, "0-20"),
 }
 
 OLLAMA_CHAT: Table = {
@@ -62,20 +61,21 @@ OLLAMA_CHAT: Table = {
     "truncate": (REJECT, "a prompt over the context is 400, never truncated"),
     "shift": (REJECT, "no context shifting: generation stops at the context limit"),
     "cache_salt": (SUPPORTED, "kvgrove: prefix-cache namespace"),
-    "tools": (ISSUE_11, "rendered by the chat template"),
-    "format": (ISSUE_11, ""),
-    "think": (ISSUE_11, ""),
-    "logprobs": (ISSUE_11, ""),
-    "top_logprobs": (ISSUE_11, ""),
+    "tools": (REJECT, "tool calls are not implemented yet (issue 11)"),
+    "format": (SUPPORTED, '"json" or a JSON schema: constrained decoding (llguidance)'),
+    "grammar": (SUPPORTED, 'kvgrove: {"lark": ...} or {"regex": ...}, constrained decoding'),
+    "think": (REJECT, "the reasoning split is not implemented yet (issue 11)"),
+    "logprobs": (SUPPORTED, ""),
+    "top_logprobs": (SUPPORTED, "0-20"),
 }
 
 OLLAMA_MESSAGE: Table = {
     "role": (SUPPORTED, ""),
     "content": (SUPPORTED, ""),
     "images": (REJECT, "no model served has a vision tower: 400 says so"),
-    "tool_calls": (ISSUE_11, "rendered by the chat template"),
-    "tool_name": (ISSUE_11, "rendered by the chat template"),
-    "thinking": (ISSUE_11, ""),
+    "tool_calls": (REJECT, "tool calls are not implemented yet (issue 11)"),
+    "tool_name": (REJECT, "tool calls are not implemented yet (issue 11)"),
+    "thinking": (REJECT, "the reasoning split is not implemented yet (issue 11)"),
 }
 
 OLLAMA_OPTIONS: Table = {
@@ -149,15 +149,16 @@ OPENAI_CHAT: Table = {
     "prediction": (REJECT, "predicted outputs are not implemented"),
     "web_search_options": (REJECT, "no web search"),
     "verbosity": (REJECT, "not implemented"),
-    "response_format": (ISSUE_11, ""),
-    "tools": (ISSUE_11, "rendered by the chat template"),
-    "tool_choice": (ISSUE_11, ""),
-    "parallel_tool_calls": (ISSUE_11, ""),
-    "functions": (ISSUE_11, ""),
-    "function_call": (ISSUE_11, ""),
-    "logprobs": (ISSUE_11, ""),
-    "top_logprobs": (ISSUE_11, ""),
-    "reasoning_effort": (ISSUE_11, ""),
+    "response_format": (SUPPORTED, "text, json_object, json_schema: constrained decoding"),
+    "grammar": (SUPPORTED, 'kvgrove: {"lark": ...} or {"regex": ...}, constrained decoding'),
+    "tools": (REJECT, "tool calls are not implemented yet (issue 11)"),
+    "tool_choice": (REJECT, "tool calls are not implemented yet (issue 11)"),
+    "parallel_tool_calls": (REJECT, "tool calls are not implemented yet (issue 11)"),
+    "functions": (REJECT, "tool calls are not implemented yet (issue 11)"),
+    "function_call": (REJECT, "tool calls are not implemented yet (issue 11)"),
+    "logprobs": (SUPPORTED, ""),
+    "top_logprobs": (SUPPORTED, "0-20, with logprobs"),
+    "reasoning_effort": (REJECT, "the reasoning split is not implemented yet (issue 11)"),
 }
 
 OPENAI_MESSAGE: Table = {
@@ -165,9 +166,9 @@ OPENAI_MESSAGE: Table = {
     "content": (SUPPORTED, "a string, or text parts; image/audio/file parts are 400"),
     "name": (IGNORE, "the chat templates have no participant names"),
     "refusal": (IGNORE, "history only"),
-    "tool_calls": (ISSUE_11, "rendered by the chat template"),
-    "tool_call_id": (ISSUE_11, "rendered by the chat template"),
-    "function_call": (ISSUE_11, ""),
+    "tool_calls": (REJECT, "tool calls are not implemented yet (issue 11)"),
+    "tool_call_id": (REJECT, "tool calls are not implemented yet (issue 11)"),
+    "function_call": (REJECT, "tool calls are not implemented yet (issue 11)"),
     "audio": (REJECT, "text only"),
 }
 
@@ -190,7 +191,8 @@ OPENAI_COMPLETIONS: Table = {
     "echo": (REJECT, "not implemented"),
     "suffix": (REJECT, "fill-in-the-middle is not implemented"),
     "logit_bias": (REJECT, "not implemented"),
-    "logprobs": (ISSUE_11, ""),
+    "logprobs": (SUPPORTED, "0-5"),
+    "grammar": (SUPPORTED, 'kvgrove: {"lark": ...} or {"regex": ...}, constrained decoding'),
 }
 
 # The neutral values of REJECT fields (besides absent and null): sending these is accepted.
@@ -210,6 +212,15 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "verbosity": ("medium",),
     "truncate": (False,),
     "shift": (False,),
+    # Clients send these empty when the caller gave none.
+    "tools": ([],),
+    "tool_calls": ([],),
+    "tool_name": ("",),
+    "tool_call_id": ("",),
+    "thinking": ("",),
+    "functions": ([],),
+    "think": (False,),
+    "tool_choice": ("none",),
 }
 
 OLLAMA_ROLES = ("system", "user", "assistant", "tool")
@@ -332,7 +343,6 @@ _STATE_WORDS = {
     SUPPORTED: "supported",
     IGNORE: "accepted, ignored",
     REJECT: "400 naming it",
-    ISSUE_11: "issue 11",
 }
 
 
