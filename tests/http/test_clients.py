@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -44,6 +45,9 @@ def _settings(model: Path, **overrides) -> Settings:
         keep_alive_timeout_seconds=0.5,
         body_timeout_seconds=1.0,
         shutdown_grace_seconds=0.5,
+        # Each server its own prefix-cache folder: a folder has one owner, and several of
+        # these servers (same model) run at once.
+        kv_cache_dir=tempfile.mkdtemp(prefix="kvgrove-test-clients-kv-"),
     )
     values.update(overrides)
     return Settings(**values)
