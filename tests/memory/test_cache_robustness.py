@@ -141,6 +141,21 @@ def test_disk_read_errors_recompute(model, tmp_path):
     assert cache.check_integrity().clean
 
 
+def test_a_failed_demotion_copy_drops_the_node_and_never_fails_the_store(model, tmp_path):
+    """Found by the cache oracle: an allocation failure while copying a node to host memory
+    (inside a rebalance) escaped the store and took the executor down. It now drops the node."""
+    small = per_token(model, tmp_path) * 30  # room for about one prompt on the device
+    cache = make(model, tmp_path, Budgets(small, 1 << 30, 1 << 30))
+    with faults.injected("tiers.demote"):
+        for i in range(4):
+            cache.store("", prompt(i), prefilled(model, prompt(i)))
+        assert faults.raised("tiers.demote") > 0
+    assert cache.tier_bytes()["device"] <= small
+    assert cache.tier_bytes()["host"] == 0  # every demotion failed: dropped, not half-moved
+    assert cache.check_integrity().clean
+    assert answer_with_cache(model, cache, 5, prompt(3)) == reference(model, prompt(3))
+
+
 # -- 2. the integrity check reports and repairs -----------------------------------------------
 
 

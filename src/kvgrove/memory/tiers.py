@@ -477,24 +477,31 @@ class Tiers:
         if _ORDER.index(target) <= _ORDER.index(source):
             raise ValueError(f"cannot demote from {source} to {target}")
         p = node.payload
-        faults.check("tiers.demote")
-        if p.tier == "device":
-            p = snapshots.to_host(p)
+        try:
+            faults.check("tiers.demote")
+            if p.tier == "device":
+                p = snapshots.to_host(p)
+        except Exception:  # the copy failed (an allocation): drop the node, never the request
+            log.warning("copying %r to host memory failed; dropping it", node, exc_info=True)
+            return self._drop_instead(node, source, t0)
         if target == "disk":
             try:
                 p = self._write(p, node)
             except OSError as exc:  # the disk failed: drop the node instead, never the request
                 self.health.failed(exc, self.disk.root)
                 self.health.dropped_writes += 1
-                nbytes = sum(r.nbytes for r in self.trie.remove(node))
-                seconds = time.perf_counter() - t0
-                self._count(source, "dropped", nbytes, seconds)
-                return Move(node.id, source, "dropped", nbytes, seconds)
+                return self._drop_instead(node, source, t0)
             self.health.succeeded()
         old = node.payload
         self.trie.set_payload(node, p)
         old.arrays = {}
         return self._moved(node, source, target, time.perf_counter() - t0)
+
+    def _drop_instead(self, node: Node, source: str, t0: float) -> Move:
+        nbytes = sum(r.nbytes for r in self.trie.remove(node))
+        seconds = time.perf_counter() - t0
+        self._count(source, "dropped", nbytes, seconds)
+        return Move(node.id, source, "dropped", nbytes, seconds)
 
     def rebalance(self) -> list[Move]:
         """Demote least recently used unlocked nodes until every tier is within its budget."""
