@@ -34,7 +34,10 @@ OLLAMA_GENERATE: Table = {
     "raw": (SUPPORTED, ""),
     "stream": (SUPPORTED, ""),
     "options": (SUPPORTED, "see the options table"),
-    "keep_alive": (IGNORE, "parsed and checked as Ollama does; the model stays loaded"),
+    "keep_alive": (
+        SUPPORTED,
+        "Go durations; idle time of a model loaded on demand (--model stays)",
+    ),
     "images": (REJECT, "no model served has a vision tower: 400 says so"),
     "suffix": (REJECT, "fill-in-the-middle is not implemented"),
     "template": (REJECT, "the model's own chat template is always used"),
@@ -57,7 +60,10 @@ OLLAMA_CHAT: Table = {
     "messages": (SUPPORTED, "roles system, user, assistant, tool"),
     "stream": (SUPPORTED, ""),
     "options": (SUPPORTED, "see the options table"),
-    "keep_alive": (IGNORE, "parsed and checked as Ollama does; the model stays loaded"),
+    "keep_alive": (
+        SUPPORTED,
+        "Go durations; idle time of a model loaded on demand (--model stays)",
+    ),
     "truncate": (REJECT, "a prompt over the context is 400, never truncated"),
     "shift": (REJECT, "no context shifting: generation stops at the context limit"),
     "cache_salt": (SUPPORTED, "kvgrove: prefix-cache namespace"),
