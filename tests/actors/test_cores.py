@@ -125,6 +125,25 @@ def test_a_stalled_sequence_gives_its_slot_back_and_resumes_once_drained():
     assert core.over_stall_limit(1e9, 10.0) == []
 
 
+def test_a_stalled_sequence_resumes_from_what_the_prefix_cache_kept():
+    """A parked stalled reader resumes from its stored KV (like any preempted sequence), not
+    by recomputing from token 0: on_preempted finds it while it waits out of the batch."""
+    core = SchedulerCore(chunk_tokens=8, max_running=1)
+    core.admit(submit(1, 2, max_tokens=None))
+    (item,) = core.plan_step()
+    core.on_result(item, result(item, 9))
+    one = core.get(1)
+    core.note_delivery(one, progressed=False, blocked=True, now=100.0)
+    assert core.park_stalled(102.0, stall_seconds=1.0) == [one]
+    assert core.take_preempt() == (1,)
+    core.on_preempted(1, 2)  # the executor stored the prompt's two tokens
+    one.outbox.clear()
+    core.note_delivery(one, progressed=True, blocked=False, now=103.0)
+    core.fill()
+    (item,) = core.plan_step()
+    assert item.request_id == 1 and item.resume_tokens == 2 and item.tokens == (9,)
+
+
 def test_cancel_releases_started_sequences_and_admits_waiting():
     core = SchedulerCore(chunk_tokens=8, max_running=1)
     core.admit(submit(1, 2))

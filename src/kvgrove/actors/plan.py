@@ -432,6 +432,8 @@ class SchedulerCore:
         """The prefix cache holds the first `kept_tokens` of a preempted sequence's history: its
         next item restores them (`StepItem.resume_tokens`) and feeds only the rest."""
         seq = self._running.get(request_id)
+        if seq is None:  # a stalled reader's sequence waits out of the batch
+            seq = next((s for s in self._waiting if s.request_id == request_id), None)
         if seq is None or seq.has_cache or seq.finished:
             return  # gone, or already resuming from token 0
         seq.fed = seq.resume_tokens = max(0, min(kept_tokens, len(seq.history) - 1))
