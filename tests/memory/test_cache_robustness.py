@@ -156,6 +156,29 @@ def test_a_failed_demotion_copy_drops_the_node_and_never_fails_the_store(model, 
     assert answer_with_cache(model, cache, 5, prompt(3)) == reference(model, prompt(3))
 
 
+def test_a_header_missing_a_field_is_deleted_at_recovery_not_fatal(model, tmp_path):
+    """A damaged header (a flipped byte can rename a key) is a corrupt file at recovery: it is
+    deleted and the cache starts, never a KeyError out of the start (seen by the oracle)."""
+    from safetensors.numpy import load_file, save_file
+
+    cache = make(model, tmp_path)
+    cache.store("", prompt(1), prefilled(model, prompt(1)))
+    cache.flush()
+    cache.close()
+    (path,) = (tmp_path / "t" / "default").glob("*.safetensors")
+    arrays = load_file(str(path))
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = dict(f.metadata())
+    meta["restore_poinT"] = meta.pop("restore_point")
+    save_file(arrays, str(path), metadata=meta)
+    again = make(model, tmp_path)  # starts
+    assert again.statistics()["nodes"] == 0 and not path.exists()
+    assert answer_with_cache(model, again, 2, prompt(1)) == reference(model, prompt(1))
+    assert again.check_integrity().clean
+
+
 # -- 2. the integrity check reports and repairs -----------------------------------------------
 
 

@@ -215,10 +215,11 @@ class DiskStore:
             faults.check("disk.read")
             arrays = load_file(str(self.path(key)))
             meta = self.header(key)
-        except Exception as exc:
+            recorded = int(meta.get("crc32", "-1"))
+            actual = _crc(arrays, meta)
+        except Exception as exc:  # unreadable, or a damaged header the checksum cannot parse
             raise CorruptEntry(f"{key}: {exc}") from exc
-        recorded = int(meta.get("crc32", "-1"))
-        if _crc(arrays, meta) != recorded or (checksum is not None and recorded != checksum):
+        if actual != recorded or (checksum is not None and recorded != checksum):
             raise CorruptEntry(f"{key}: checksum mismatch")
         return arrays, meta
 
@@ -692,6 +693,13 @@ class Tiers:
                     key,
                     int(meta["crc32"]),
                 )
+                # Every field recovery uses is parsed here: a damaged header is deleted, never
+                # left to fail the start (the checksum itself is verified at read).
+                meta = {
+                    **meta,
+                    "restore_point": str(meta["restore_point"]),
+                    "last_use": str(int(meta.get("last_use", "0"))),
+                }
                 entries.append((int(meta["start"]), meta["prefix"], tokens, meta, payload))
             except Exception:
                 self.disk.delete(key)
