@@ -76,6 +76,11 @@ def _dtype_name(dtype: mx.Dtype) -> str:
     return str(dtype).removeprefix("mlx.core.")
 
 
+def is_dtype_name(name: object) -> bool:
+    """Whether `name` (read from a file) names an MLX dtype."""
+    return isinstance(name, str) and isinstance(getattr(mx, name, None), mx.Dtype)
+
+
 def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
     return int(np.prod(shape, dtype=np.int64)) * getattr(mx, dtype).size
 

@@ -682,11 +682,15 @@ class Tiers:
                 kinds = tuple(json.loads(meta["kinds"]))
                 if kinds != self.kinds or not tokens:
                     raise CorruptEntry(f"{key}: another layout")
+                dtypes = json.loads(meta["dtypes"])
+                for name, dtype in dtypes.items():  # a flipped byte can name no dtype at all
+                    if not snapshots.is_dtype_name(dtype) or name not in shapes:
+                        raise CorruptEntry(f"{key}: {name} has no dtype {dtype!r} or no tensor")
                 payload = Payload(
                     len(tokens),
                     kinds,
                     {},
-                    json.loads(meta["dtypes"]),
+                    dtypes,
                     shapes,
                     meta["whole"] == "1",
                     "disk",
