@@ -126,6 +126,10 @@ CONFIGS: dict[str, dict] = {
 }
 
 ARCHITECTURES = tuple(CONFIGS)
+# Not in ARCHITECTURES: a llama whose 3 heads (1 KV head) do not split over 2 ranks, as the
+# bundled SmolLM2's 9 (3) do not (tensor parallel splits its MLP only).
+CONFIGS["llama_3heads"] = {**CONFIGS["llama"], "num_attention_heads": 3, "num_key_value_heads": 1}
+CONFIGS["llama_3heads"]["head_dim"] = 16
 
 
 def _write_tokenizer(folder: Path) -> None:

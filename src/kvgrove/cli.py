@@ -81,7 +81,19 @@ def cmd_show(args: argparse.Namespace) -> int:
     from kvgrove.models.loading import describe, load
 
     lm = load(args.model)
-    print(describe(lm.info))
+    info = lm.info
+    if args.tensor_parallel > 1:  # how `serve --tensor-parallel N` would split it
+        import attrs
+
+        from kvgrove.distributed.shard import ShardError, describe_layout, layout
+
+        n = args.tensor_parallel
+        try:
+            split = describe_layout(layout(lm.model, n, info.architecture), n)
+        except ShardError as exc:
+            split = f"cannot split: {exc}"
+        info = attrs.evolve(info, tensor_parallel=split)
+    print(describe(info))
     return 0
 
 
@@ -191,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("show", help="load a model and print what it is")
     p.add_argument("model", nargs="?", default=None)
+    p.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="also say how --tensor-parallel N would split the model",
+    )
     p.set_defaults(func=cmd_show)
     return parser
 

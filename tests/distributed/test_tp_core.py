@@ -61,6 +61,16 @@ def test_heads_that_do_not_divide_are_refused_by_name(tiny_llama):
         shard_loaded(load(tiny_llama), _Group(3))
 
 
+def test_heads_that_do_not_divide_split_the_mlp_alone(tmp_path):
+    from kvgrove.distributed.shard import layout
+
+    model = load(write_tiny_model(tmp_path / "odd", "llama_3heads")).model
+    assert layout(model, 2) == "mlp"  # 3 heads, MLP width 128
+    assert layout(model, 4) == "mlp"
+    with pytest.raises(ShardError, match="MLP width 128 does not divide by 3"):
+        layout(model, 3)
+
+
 def test_a_group_of_one_leaves_the_model_alone(tiny_llama):
     loaded = load(tiny_llama)
     assert shard_loaded(loaded, _Group(1)) is loaded

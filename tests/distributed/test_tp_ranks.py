@@ -85,7 +85,7 @@ def read(out: Path, model: int, rank: int) -> dict:
     return json.loads((out / f"{model}-rank{rank}.json").read_text())
 
 
-ARCHS = ("llama", "qwen3")
+ARCHS = ("llama", "qwen3", "llama_3heads")  # the last: MLP split, attention replicated
 
 
 def spawn_ranks(tmp_path: Path, args: list[str], n: int = 2):
@@ -155,6 +155,8 @@ def test_two_ranks_give_the_tokens_one_rank_gives(runs, arch):
     # Several requests shared batched decode steps, and rank 1 ran every step rank 0 planned.
     assert rank0["max_batch_rows"] >= 3
     assert rank1["steps"] >= rank0["steps"] > 0
+    split = "MLP split, attention replicated" if arch == "llama_3heads" else "heads and MLP split"
+    assert split in rank0["layout"] and split in rank1["layout"]
 
 
 def test_killing_rank_1_mid_stream_fails_the_requests_and_stops_rank_0(tmp_path):

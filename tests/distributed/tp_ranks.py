@@ -102,6 +102,7 @@ async def drive(settings: Settings, group, plain: bool) -> dict:
                 for rid, (n, params, max_tokens) in REQUESTS.items():
                     requests.start_soon(one, rid, n, params, max_tokens)
                 requests.start_soon(one, CANCELLED, 9, GREEDY, 50)
+        out["layout"] = executor.loaded.info.tensor_parallel
         out["steps"] = executor.statistics().steps
         out["max_batch_rows"] = executor.statistics().max_batch_rows
         nursery.cancel_scope.cancel()
@@ -139,7 +140,8 @@ def run_model(model: str, group, plain: bool, die: int | None = None) -> dict:
                 drawn.setdefault(str(r.request_id), []).append(r.token)
 
     f = follower(settings, group, loader=load, on_result=record)
-    return {"steps": f.run(), **drawn}
+    steps = f.run()
+    return {"steps": steps, "layout": f.executor.loaded.info.tensor_parallel, **drawn}
 
 
 if __name__ == "__main__":

@@ -297,6 +297,7 @@ async def show() -> Any:
             "general.parameter_count": info.parameters,
             f"{info.architecture}.context_length": info.context_length,
             f"{info.architecture}.block_count": info.num_layers,
+            **({"kvgrove.tensor_parallel": info.tensor_parallel} if info.tensor_parallel else {}),
         },
         "capabilities": ["completion"],
         "modified_at": _model_entry(rt)["modified_at"],

@@ -56,6 +56,8 @@ class ModelInfo:
     # From an Ollama manifest: default options (Ollama's names) and its Go template text.
     params: dict[str, Any] = attrs.field(factory=dict)
     template: str | None = None
+    # Tensor parallel: how this rank's shard splits the model ("" = not split).
+    tensor_parallel: str = ""
 
 
 @attrs.define
