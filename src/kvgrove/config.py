@@ -157,6 +157,9 @@ class Settings:
     # of `hostfile`). Rank 0 serves HTTP; the others follow its steps.
     tensor_parallel: int = attrs.field(default=1, validator=_positive)
     hostfile: str | None = None
+    # A step (or any collective) that takes longer means a rank is hung or stopped: rank 0
+    # fails the in-flight requests and exits non-zero; a follower exits.
+    tp_timeout_seconds: float = attrs.field(default=60.0, validator=_positive)
 
     def device_split(self, weights_bytes: int) -> DeviceSplit:
         """How the one device budget is shared: the weights, then what they leave split between
@@ -244,6 +247,7 @@ _HELP = {
     "model_load_timeout_seconds": "how long a request waits for a load making no progress",
     "tensor_parallel": "ranks to split the model across (mx.distributed ring; 1 = off)",
     "hostfile": "mlx.launch hostfile: run the --tensor-parallel ranks on these machines",
+    "tp_timeout_seconds": "a tensor-parallel step taking longer means a rank is hung: stop",
 }
 
 

@@ -38,6 +38,7 @@ params = st.builds(
     seed=st.integers(-(2**63), 2**63 - 1),
     logprobs=st.booleans(),
     top_logprobs=st.integers(0, MAX_TOP_LOGPROBS),
+    grammar=st.none() | st.text(max_size=30),
 )
 starts = st.builds(
     Start,

@@ -88,9 +88,10 @@ def read(out: Path, model: int, rank: int) -> dict:
 ARCHS = ("llama", "qwen3", "llama_3heads")  # the last: MLP split, attention replicated
 
 
-def spawn_ranks(tmp_path: Path, args: list[str], n: int = 2):
+def spawn_ranks(tmp_path: Path, args: list[str], n: int = 2, *, rank0_only: bool = False):
     """Start n ranks of tp_ranks.py on the loopback ring ourselves (no mlx.launch, so each
-    exit code is the rank's own); every one under the deadline, every group killed after."""
+    exit code is the rank's own); every one under the deadline, every group killed after
+    (with `rank0_only`, as soon as rank 0 has exited: a stopped rank never would)."""
     base = _free_ports(n)
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{base + r}"] for r in range(n)]))
@@ -110,7 +111,11 @@ def spawn_ranks(tmp_path: Path, args: list[str], n: int = 2):
                     start_new_session=True,
                 )
             )
-        outputs = [p.communicate(timeout=DEADLINE_S)[0] for p in procs]
+        first = procs[0].communicate(timeout=DEADLINE_S)[0]
+        if rank0_only:
+            for p in procs[1:]:
+                os.killpg(p.pid, signal.SIGKILL)
+        outputs = [first, *(p.communicate(timeout=DEADLINE_S)[0] for p in procs[1:])]
     finally:
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
@@ -142,15 +147,19 @@ def test_two_ranks_give_the_tokens_one_rank_gives(runs, arch):
         read(runs / "tp", i, 1),
     )
 
-    # Greedy requests of every prompt length, and the seeded sampled one: the same tokens.
-    for rid in ("1", "2", "3", "4"):
+    # Greedy requests of every prompt length, the seeded sampled one and the one under a
+    # grammar: the same tokens.
+    for rid in ("1", "2", "3", "4", "6"):
         assert isinstance(reference[rid], list) and len(reference[rid]) > 0
         assert rank0[rid] == reference[rid], rid
     assert len(reference["3"]) == 10 and len(reference["1"]) == 12
     # Rank 1 drew, from the all-reduced logits, exactly the tokens rank 0 sent out, the
     # random-seed request (-1) included; the cancelled one only its first three before going.
-    for rid in ("1", "2", "3", "4", "5"):
+    for rid in ("1", "2", "3", "4", "5", "6"):
         assert rank1[rid] == rank0[rid], rid
+    # The grammar that does not compile fails that request alone, as on one rank.
+    assert reference["7"].startswith("failed: ") and "grammar" in reference["7"].lower()
+    assert rank0["7"] == reference["7"] and "7" not in rank1 and "lost" not in rank0
     assert rank0["9"] == reference["9"] == rank1["9"][:3]
     # Several requests shared batched decode steps, and rank 1 ran every step rank 0 planned.
     assert rank0["max_batch_rows"] >= 3
@@ -171,6 +180,23 @@ def test_killing_rank_1_mid_stream_fails_the_requests_and_stops_rank_0(tmp_path)
     assert "lost the other ranks" in rank0["lost"]
     for rid in ("1", "2", "3", "4", "5"):  # (9 may have been cancelled before)
         assert rank0[rid].startswith("failed: tensor parallel: lost the other ranks"), rid
+
+
+def test_a_hung_rank_1_fails_the_requests_and_stops_rank_0_within_the_timeout(tmp_path):
+    """Rank 1 SIGSTOPs itself after drawing 10 tokens: its socket stays open, so rank 0's
+    collective just waits, until its watchdog (--tp-timeout 3 s) gives up on it: the
+    in-flight requests fail naming the hang, and rank 0 exits with 2 on its own."""
+    model = write_tiny_model(tmp_path / "llama", "llama")
+    args = [str(tmp_path), str(model), "--stop-after=10", "--tp-timeout=3"]
+    procs, outputs = spawn_ranks(tmp_path, args, rank0_only=True)
+    assert procs[0].returncode == 2, outputs[0]
+    rank0 = read(tmp_path, 0, 0)
+    assert "did not complete within 3s" in rank0["lost"] and "a rank is hung" in rank0["lost"]
+    failed = [rid for rid in ("1", "2", "3", "4", "5") if isinstance(rank0[rid], str)]
+    assert failed, rank0
+    for rid in failed:
+        assert rank0[rid].startswith("failed: tensor parallel: step "), rid
+    assert procs[1].returncode == -signal.SIGKILL  # still stopped when rank 0 had gone
 
 
 def test_a_startup_error_on_rank_1_surfaces_on_rank_0(tmp_path):

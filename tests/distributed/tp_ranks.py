@@ -32,6 +32,7 @@ from kvgrove.actors.messages import Cancel, Done, Failed, Submit, Token
 from kvgrove.actors.scheduler import Scheduler
 from kvgrove.config import Settings
 from kvgrove.distributed.executor import TensorParallelExecutor, follower
+from kvgrove.grammar import regex_grammar
 from kvgrove.models.loading import load
 from kvgrove.sampling import SamplingParams
 
@@ -42,6 +43,10 @@ REQUESTS = {  # request id -> (prompt length, params, max tokens)
     3: (40, GREEDY, 10),  # several prefill chunks
     4: (11, SamplingParams(temperature=0.9, top_k=0, top_p=1.0, seed=1234), 12),
     5: (7, SamplingParams(temperature=1.0, seed=-1), 12),
+    6: (9, SamplingParams(temperature=0, grammar=regex_grammar("[a-e]{4,9}")), 12),
+    # Refused on every rank before any compute (the grammar does not compile): only this
+    # request fails, the ranks stay in step.
+    7: (9, SamplingParams(temperature=0, grammar="%%% not a grammar"), 12),
 }
 CANCELLED = 9
 
@@ -113,6 +118,10 @@ def main() -> int:
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     plain = "--plain" in sys.argv
     die = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--die-after=")), None)
+    # --stop-after=N: rank 1 SIGSTOPs itself instead (a hung rank); --tp-timeout=S for rank 0.
+    stop = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--stop-after=")), None)
+    if stop is not None:
+        die = -stop
     out_dir, models = Path(args[0]), args[1:]
     group = mx.distributed.init()
     for a in sys.argv:  # --rank1-model=PATH: rank 1 loads another model (a startup error)
@@ -127,14 +136,18 @@ def main() -> int:
 
 
 def run_model(model: str, group, plain: bool, die: int | None = None) -> dict:
-    settings = Settings(model=model, prefill_chunk_tokens=16, prefix_cache=False)
+    timeout = next((float(a.split("=")[1]) for a in sys.argv if a.startswith("--tp-timeout=")), 60)
+    settings = Settings(
+        model=model, prefill_chunk_tokens=16, prefix_cache=False, tp_timeout_seconds=timeout
+    )
     if group.rank() == 0:
         return trio.run(drive, settings, group, plain)
     drawn: dict[str, list[int]] = {}
 
     def record(step, step_result):
-        if die is not None and len(drawn) and sum(map(len, drawn.values())) >= die:
-            os.kill(os.getpid(), signal.SIGKILL)  # rank 1 dies mid-stream, no goodbye
+        if die is not None and len(drawn) and sum(map(len, drawn.values())) >= abs(die):
+            # rank 1 dies mid-stream, no goodbye (or, die < 0, hangs: stopped)
+            os.kill(os.getpid(), signal.SIGKILL if die > 0 else signal.SIGSTOP)
         for r in step_result.results:
             if r.token is not None:
                 drawn.setdefault(str(r.request_id), []).append(r.token)

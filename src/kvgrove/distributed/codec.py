@@ -115,12 +115,17 @@ def _write_params(w: _Writer, p: SamplingParams) -> None:
     for name in _PARAM_FLOATS:
         w.float(getattr(p, name))
     w.int(int(bool(p.logprobs)))
+    w.int(int(p.grammar is not None))  # every rank samples under the same grammar
+    if p.grammar is not None:
+        w.text(p.grammar)
 
 
 def _read_params(r: _Reader) -> SamplingParams:
     ints = {name: r.int() for name in _PARAM_INTS}
     floats = {name: r.float() for name in _PARAM_FLOATS}
-    return SamplingParams(**ints, **floats, logprobs=bool(r.int()))
+    logprobs = bool(r.int())
+    grammar = r.text() if r.int() else None
+    return SamplingParams(**ints, **floats, logprobs=logprobs, grammar=grammar)
 
 
 def encode_step(step: Step) -> np.ndarray:

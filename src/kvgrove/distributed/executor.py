@@ -15,10 +15,13 @@ own heads under rank 0's keys), so tensor parallel runs with it off.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import secrets
+import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
@@ -28,8 +31,10 @@ from kvgrove.config import Settings
 from kvgrove.distributed.broadcast import PlanChannel, gather_status
 from kvgrove.distributed.codec import STEP, STOP, decode_step, encode_step
 from kvgrove.distributed.shard import shard_loaded
+from kvgrove.distributed.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class RankError(RuntimeError):
@@ -89,14 +94,62 @@ def sharding_loader(group: Any, loader: Callable[[str | None], Any] | None) -> C
 
 
 class _PlanThread(MLXThread):
-    """The MLX thread; on stop it first tells the followers (on this thread) to leave."""
+    """The MLX thread; on stop it first tells the followers (on this thread) to leave.
+
+    `abandon` gives up on the thread when it is stuck in a collective that will never complete
+    (a hung rank): every call waiting on it, and every later one, raises RankError at once."""
 
     def __init__(self, plans: PlanChannel, lost: Callable[[], bool]) -> None:
         super().__init__()
         self._plans = plans
         self._lost = lost  # no STOP once the other ranks are gone
+        self._waiting: list[tuple[Any, Any, dict]] = []  # (trio token, event, box) per call
+        self._guard = threading.Lock()
+        self.abandoned: str | None = None
+        self.watchdog: Watchdog | None = None
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        import trio
+
+        if self.abandoned is not None:
+            raise RankError(self.abandoned)
+        token = trio.lowlevel.current_trio_token()
+        finished = trio.Event()
+        box: dict[str, Any] = {}
+        entry = (token, finished, box)
+
+        def work() -> None:
+            try:
+                box["value"] = fn(*args)
+            except BaseException as e:
+                box["error"] = e
+            with self._guard:
+                if entry in self._waiting:
+                    self._waiting.remove(entry)
+                    token.run_sync_soon(finished.set)
+
+        with self._guard:
+            self._waiting.append(entry)
+        self._queue.put(work)
+        with trio.CancelScope(shield=True):  # work is never torn; abandon() ends the wait
+            await finished.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def abandon(self, message: str) -> None:
+        """Any thread: fail every waiting call with RankError(message), and every later one."""
+        with self._guard:
+            self.abandoned = message
+            waiting, self._waiting = self._waiting, []
+        for token, finished, box in waiting:
+            box["error"] = RankError(message)
+            with contextlib.suppress(RuntimeError):  # trio.RunFinishedError: nobody waits
+                token.run_sync_soon(finished.set)
 
     def stop(self) -> None:
+        if self.abandoned is not None:  # stuck in a collective: nothing to join (daemon)
+            return
         self._queue.put(self._send_stop)
         super().stop()
 
@@ -106,13 +159,41 @@ class _PlanThread(MLXThread):
         if self._lost():
             return
         try:
-            self._plans.send(STOP, np.zeros(0, dtype=np.int32))
+            with self.watchdog.guard("telling the other ranks to stop"):
+                self._plans.send(STOP, np.zeros(0, dtype=np.int32))
         except Exception:
             log.exception("telling the other ranks to stop failed")
 
 
-class TensorParallelExecutor(Executor):
-    """Rank 0's executor: loads its shard, broadcasts every step before running it."""
+class _RankSteps:
+    """What every rank's executor does alike: remember the items refused before any compute
+    (their sampler could not be built, e.g. a grammar that does not compile: every rank refuses
+    them the same way, no collective ran for them), so such a failure ends only that request."""
+
+    refused: set[int]
+
+    def _open_sequence(self, item: StepItem) -> Any:
+        known = item.request_id in self._live
+        try:
+            return super()._open_sequence(item)
+        except Exception:
+            if not known and item.request_id not in self._live:
+                self.refused.add(item.request_id)
+            raise
+
+    def _step_error(self, result: StepResult) -> str | None:
+        """The error that puts the ranks out of step (None: they are still in step)."""
+        if result.error is not None:
+            return result.error
+        return next(
+            (r.error for r in result.results if r.error and r.request_id not in self.refused),
+            None,
+        )
+
+
+class TensorParallelExecutor(_RankSteps, Executor):
+    """Rank 0's executor: loads its shard, broadcasts every step before running it, and gives
+    up on the other ranks when a step fails on their side or outlasts `tp_timeout_seconds`."""
 
     def __init__(
         self,
@@ -131,32 +212,70 @@ class TensorParallelExecutor(Executor):
         self.group = group
         self.plans = PlanChannel(group)
         self._thread = _PlanThread(self.plans, lambda: self.lost is not None)
-        # Set (on the MLX thread) once a collective failed: the ranks are out of step for
-        # good, so every later step fails at once and `on_lost` (trio side) hears it once.
+        self.watchdog = self._thread.watchdog = Watchdog(
+            self.settings.tp_timeout_seconds, self._timed_out
+        )
+        self.refused: set[int] = set()
+        # Set (on the MLX thread, or the watchdog's) once the ranks are out of step for good:
+        # every later step fails at once and `on_lost` (trio side) hears it once.
         self.lost: str | None = None
         self._on_lost = on_lost
         self._told = False
+        self._token: Any = None
+
+    async def run(self, **kwargs: Any) -> None:
+        import trio
+
+        self._token = trio.lowlevel.current_trio_token()
+        try:
+            await super().run(**kwargs)
+        finally:
+            self.watchdog.close()
 
     def _load(self) -> Any:
         return load_with_peers(super()._load, self.group)
 
-    async def _handle(self, msg: object) -> None:
-        from kvgrove.actors.messages import UsePrefixCache
+    def _timed_out(self, what: str, seconds: float) -> None:
+        """The watchdog's thread: a rank is hung. Give up on the MLX thread (stuck in the
+        collective) so the waiting step fails its requests, and tell the trio side."""
+        message = (
+            f"tensor parallel: {what} did not complete within {seconds:.0f}s "
+            f"(--tp-timeout-seconds {self.settings.tp_timeout_seconds:g}): a rank is hung"
+        )
+        if self.lost is None:
+            self.lost = message
+        self._thread.abandon(self.lost)
+        if self._token is not None:
+            with contextlib.suppress(RuntimeError):
+                self._token.run_sync_soon(self._tell)
 
-        if isinstance(msg, UsePrefixCache):
-            raise RuntimeError("tensor parallel runs without the prefix cache (not sharded yet)")
-        await super()._handle(msg)
+    def _tell(self) -> None:
         if self.lost is not None and not self._told:
             self._told = True
             log.error("%s", self.lost)
             if self._on_lost is not None:
                 self._on_lost(self.lost)
 
+    async def _handle(self, msg: object) -> None:
+        from kvgrove.actors.messages import UsePrefixCache
+
+        if isinstance(msg, UsePrefixCache):
+            raise RuntimeError("tensor parallel runs without the prefix cache (not sharded yet)")
+        try:
+            await super()._handle(msg)
+        except RankError:  # the MLX thread was abandoned (a hung rank)
+            if not isinstance(msg, Step):
+                raise
+            # The step's reply is the last thing _handle does: it was not sent.
+            msg.reply.send_nowait(StepResult((), error=self.lost))
+        self._tell()
+
     def _run_step(self, step: Step) -> StepResult:
         if self.lost is None:
             step = fix_seeds(step)
             try:
-                self.plans.send(STEP, encode_step(step))
+                with self.watchdog.guard(f"step {self._steps + 1}"):
+                    self.plans.send(STEP, encode_step(step))
             except Exception as e:  # a rank died (the ring reports its connection lost)
                 self.lost = f"tensor parallel: lost the other ranks ({e})"
         if self.lost is not None:
@@ -164,22 +283,46 @@ class TensorParallelExecutor(Executor):
             for rid in (*step.release, *step.preempt):
                 self._live.pop(rid, None)
             return StepResult((), error=self.lost)
-        result = super()._run_step(step)
+        self.refused = set()
+        with self.watchdog.guard(f"step {self._steps + 1}"):
+            result = super()._run_step(step)
         # A step that failed on this rank may not have failed on the others (or failed inside
         # a collective they still wait in): from here the ranks' collectives no longer pair.
-        error = result.error or next((r.error for r in result.results if r.error), None)
+        error = self._step_error(result)
         if error is not None:
             self.lost = f"tensor parallel: a step failed, the ranks are out of step ({error})"
         return result
 
 
+class _FollowerExecutor(_RankSteps, Executor):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.refused: set[int] = set()
+
+
+def _exit_hung(what: str, seconds: float) -> None:
+    """A follower's watchdog: a step outlasted the timeout, so another rank is hung. Nothing
+    can interrupt the collective this rank waits in: leave at once, non-zero."""
+    log.error(
+        "tensor parallel: %s did not complete within %.0fs: a rank is hung; exiting",
+        what,
+        seconds,
+    )
+    logging.shutdown()
+    os._exit(1)
+
+
 @attrs.define
 class Follower:
-    """A rank other than 0: its shard, and the executor code that runs rank 0's steps."""
+    """A rank other than 0: its shard, and the executor code that runs rank 0's steps.
 
-    executor: Executor
+    Waiting for rank 0's next plan is not timed (an idle server sends none); running a step
+    is, by `watchdog` (a hung peer: the process exits non-zero, no rank is left hanging)."""
+
+    executor: Any  # _FollowerExecutor
     plans: PlanChannel
     on_result: Callable[[Step, StepResult], None] | None = None
+    watchdog: Watchdog | None = None
     steps: int = 0
     _drawn: dict[int, int] = attrs.Factory(dict)  # request id -> token this rank drew last
 
@@ -197,34 +340,43 @@ class Follower:
 
         from kvgrove.models.generate import generation_stream
 
-        with mx.stream(generation_stream()):
-            self.executor.loaded = load_with_peers(self.executor._load, self.plans.group)
-            while True:
-                kind, payload = self.plans.receive()
-                if kind == STOP:
-                    return self.steps
-                if kind != STEP:
-                    raise RuntimeError(f"unknown plan message kind {kind}")
-                step = decode_step(payload)
-                for rid in (*step.release, *step.preempt):
-                    self._drawn.pop(rid, None)
-                for item in step.items:
-                    self._check(item)
-                result = self.executor._run_step(step)
-                self.steps += 1
-                error = result.error or next((r.error for r in result.results if r.error), None)
-                if error is not None:
-                    raise RankError(
-                        f"rank {self.plans.group.rank()}: a step failed, the ranks are out of "
-                        f"step ({error})"
-                    )
-                for r in result.results:
-                    if r.token is not None:
-                        self._drawn[r.request_id] = r.token
-                    else:
-                        self._drawn.pop(r.request_id, None)
-                if self.on_result is not None:
-                    self.on_result(step, result)
+        try:
+            with mx.stream(generation_stream()):
+                self.executor.loaded = load_with_peers(self.executor._load, self.plans.group)
+                while True:
+                    kind, payload = self.plans.receive()
+                    if kind == STOP:
+                        return self.steps
+                    if kind != STEP:
+                        raise RuntimeError(f"unknown plan message kind {kind}")
+                    self._step(decode_step(payload))
+        finally:
+            if self.watchdog is not None:
+                self.watchdog.close()
+
+    def _step(self, step: Step) -> None:
+        for rid in (*step.release, *step.preempt):
+            self._drawn.pop(rid, None)
+        for item in step.items:
+            self._check(item)
+        self.executor.refused = set()
+        guard = self.watchdog.guard if self.watchdog else contextlib.nullcontext
+        with guard(f"step {self.steps + 1}"):
+            result = self.executor._run_step(step)
+        self.steps += 1
+        error = self.executor._step_error(result)
+        if error is not None:
+            raise RankError(
+                f"rank {self.plans.group.rank()}: a step failed, the ranks are out of "
+                f"step ({error})"
+            )
+        for r in result.results:
+            if r.token is not None:
+                self._drawn[r.request_id] = r.token
+            else:
+                self._drawn.pop(r.request_id, None)
+        if self.on_result is not None:
+            self.on_result(step, result)
 
 
 def follower(
@@ -233,9 +385,10 @@ def follower(
     *,
     loader: Callable[[str | None], Any] | None = None,
     on_result: Callable[[Step, StepResult], None] | None = None,
+    on_timeout: Callable[[str, float], None] = _exit_hung,
 ) -> Follower:
     """A follower for this rank (no accountant: rank 0 keeps the books)."""
-    executor = Executor(
-        tensor_parallel_settings(settings), accountant=None, loader=sharding_loader(group, loader)
-    )
-    return Follower(executor, PlanChannel(group), on_result)
+    settings = tensor_parallel_settings(settings)
+    executor = _FollowerExecutor(settings, accountant=None, loader=sharding_loader(group, loader))
+    watchdog = Watchdog(settings.tp_timeout_seconds, on_timeout)
+    return Follower(executor, PlanChannel(group), on_result, watchdog)

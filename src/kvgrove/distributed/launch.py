@@ -9,8 +9,10 @@ The exit code is rank 0's if it failed, else 1 if any rank failed, else 0. With 
 it runs `mlx.launch --hostfile FILE` instead (ranks on several machines, started over ssh).
 
 With `MLX_RANK` set this process is a rank: rank 0 serves HTTP with `TensorParallelExecutor`
-and exits 1 when it loses the other ranks (after failing the in-flight requests); the others
-run the follower loop and exit 0 when rank 0 says stop, 1 on any error.
+and exits 1 when it loses the other ranks (a collective failed, or a step outlasted
+`tp_timeout_seconds`: a hung rank), after failing the in-flight requests, within
+`shutdown_grace_seconds` + 10 s at most; the others run the follower loop and exit 0 when
+rank 0 says stop, 1 on any error or a step outlasting the timeout.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from functools import partial
 from pathlib import Path
 
@@ -147,6 +150,12 @@ def _serve(settings: Settings, group) -> int:
     def on_lost(message: str) -> None:
         lost.append(message)
         shutdown.set()  # every step fails from now on: in-flight requests end with the error
+        # The graceful stop has its grace; past it (something still waits on a hung rank),
+        # leave regardless: rank 0 must not hang because another rank does.
+        limit = settings.shutdown_grace_seconds + 10
+        timer = threading.Timer(limit, _give_up, (limit,))
+        timer.daemon = True
+        timer.start()
 
     factory = partial(TensorParallelExecutor, group=group, on_lost=on_lost)
     try:
@@ -155,6 +164,11 @@ def _serve(settings: Settings, group) -> int:
         log.exception("rank 0 failed")
         return 1
     return 1 if lost else 0
+
+
+def _give_up(seconds: float) -> None:
+    log.error("rank 0 did not stop within %.0fs of losing the other ranks: exiting", seconds)
+    _exit(1)
 
 
 def _follow(settings: Settings, group) -> int:
