@@ -131,9 +131,9 @@ def runs(tmp_path_factory) -> Path:
     models = [str(write_tiny_model(tmp / arch, arch)) for arch in ARCHS]
     (tmp / "plain").mkdir()
     (tmp / "tp").mkdir()
-    one = run_group([sys.executable, str(RANKS), str(tmp / "plain"), *models, "--plain"])
+    one = run_group([sys.executable, str(RANKS), str(tmp / "plain"), *models, "--plain", "--turns"])
     assert one.returncode == 0, one.stdout
-    two = launch(2, [str(tmp / "tp"), *models])
+    two = launch(2, [str(tmp / "tp"), *models, "--turns"])
     assert two.returncode == 0, two.stdout
     return tmp
 
@@ -166,6 +166,33 @@ def test_two_ranks_give_the_tokens_one_rank_gives(runs, arch):
     assert rank1["steps"] >= rank0["steps"] > 0
     split = "MLP split, attention replicated" if arch == "llama_3heads" else "heads and MLP split"
     assert split in rank0["layout"] and split in rank1["layout"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_later_turns_hit_the_prefix_cache_on_every_rank_with_the_tokens_of_no_cache(runs, arch):
+    """tp_ranks.py's turns: the prefix cache on (every span to host memory at once, then to
+    disk at the first phase's end), against the same turns with it off on one rank."""
+    i = ARCHS.index(arch)
+    reference = json.loads((runs / "plain" / f"{i}-turns-rank0.json").read_text())
+    rank0 = json.loads((runs / "tp" / f"{i}-turns-rank0.json").read_text())
+    rank1 = json.loads((runs / "tp" / f"{i}-turns-rank1.json").read_text())
+    for phase, turns in (("1", ("a1", "a2", "b1")), ("2", ("a3", "b2"))):
+        for turn in turns:
+            assert rank0[phase][turn]["tokens"] == reference[phase][turn]["tokens"], turn
+            assert len(reference[phase][turn]["tokens"]) == 8
+            assert reference[phase][turn]["cached"] == 0
+    # A's second turn restored its prefix from the host tier, its third (the next start) from
+    # the disk tier, on both ranks.
+    assert rank0["1"]["a2"]["cached"] > 0 and rank0["2"]["a3"]["cached"] > 0
+    for rank in (rank0, rank1):
+        assert rank["1"]["cache"]["moved_bytes"]["host->device"] > 0
+        assert rank["2"]["cache"]["moved_bytes"]["disk->device"] > 0
+        assert rank["2"]["cache"]["recovered_nodes"] > 0
+    # Rank 1's files of B were damaged before the second start: rank 0 had B's prefix, rank 1
+    # read it back corrupt, so every rank recomputed it (0 cached), with the same tokens.
+    assert rank1["damaged_files"] > 0 and rank1["2"]["cache"]["corrupt_entries"] > 0
+    assert rank0["2"]["b2"]["cached"] == 0
+    assert rank0["2"]["cache"]["corrupt_entries"] == 0
 
 
 def test_killing_rank_1_mid_stream_fails_the_requests_and_stops_rank_0(tmp_path):

@@ -29,6 +29,7 @@ import trio
 from kvgrove.actors.accountant import Accountant
 from kvgrove.actors.executor import Executor
 from kvgrove.actors.messages import Cancel, Done, Failed, Submit, Token
+from kvgrove.actors.pager import Pager
 from kvgrove.actors.scheduler import Scheduler
 from kvgrove.config import Settings
 from kvgrove.distributed.executor import TensorParallelExecutor, follower
@@ -57,6 +58,86 @@ def prompt(rid: int, n: int) -> tuple[int, ...]:
 
 def submit(rid, n, params, max_tokens, reply) -> Submit:
     return Submit(rid, prompt(rid, n), params, max_tokens, 400, frozenset(), reply)
+
+
+async def ask(scheduler, rid: int, tokens: tuple[int, ...], namespace: str = "") -> dict:
+    """One greedy request of 8 tokens: its tokens and the prompt tokens it had cached."""
+    send, recv = trio.open_memory_channel(64)
+    await scheduler.inbox.send(
+        Submit(rid, tokens, GREEDY, 8, 400, frozenset(), send, namespace=namespace)
+    )
+    got: dict = {"tokens": []}
+    async for msg in recv:
+        if isinstance(msg, Token):
+            got["tokens"].append(msg.token)
+        elif isinstance(msg, Failed):
+            return {"failed": msg.message}
+        elif isinstance(msg, Done):
+            return {**got, "cached": msg.cached_tokens}
+    raise AssertionError("the reply channel closed")
+
+
+async def drive_turns(settings: Settings, group, plain: bool, phase: int, before: dict) -> dict:
+    """Later turns over the prefix cache (prefix_cache on; off for the reference). Phase 1:
+    A, then A's second turn (its prefix back from the host tier), then B in namespace
+    "damaged". Phase 2 (the next start, same folder): A's third turn (from the disk tier) and
+    B's second turn at once; rank 1 damaged its files of "damaged" in between."""
+    out: dict = {}
+    async with trio.open_nursery() as nursery:
+        accountant = Accountant(settings)
+        await nursery.start(accountant.run)
+        if plain:
+            executor = Executor(settings, accountant=accountant.inbox.clone(), loader=load)
+        else:
+            executor = TensorParallelExecutor(
+                settings, accountant=accountant.inbox.clone(), group=group, loader=load
+            )
+        loaded = await nursery.start(executor.run)
+        pager = Pager(
+            settings,
+            mlx=executor.mlx,
+            loaded=loaded,
+            executor=executor.inbox.clone(),
+            accountant=accountant.inbox.clone(),
+        )
+        await nursery.start(pager.run)
+        scheduler = Scheduler(settings, executor=executor.inbox.clone(), pager=pager.inbox.clone())
+        await nursery.start(scheduler.run)
+        with trio.fail_after(60):
+            if phase == 1:
+                a, b = prompt(11, 20), prompt(12, 20)
+                out["a1"] = {"prompt": a, **await ask(scheduler, 21, a)}
+                a2 = a + tuple(out["a1"]["tokens"]) + prompt(13, 5)
+                out["a2"] = {"prompt": a2, **await ask(scheduler, 22, a2)}
+                out["b1"] = {"prompt": b, **await ask(scheduler, 23, b, "damaged")}
+            else:
+                a3 = tuple(before["a2"]["prompt"]) + tuple(before["a2"]["tokens"])
+                a3 += prompt(14, 5)
+                b2 = tuple(before["b1"]["prompt"]) + tuple(before["b1"]["tokens"])
+                b2 += prompt(15, 5)
+
+                async def turn(name, rid, tokens, namespace=""):
+                    out[name] = {"prompt": tokens, **await ask(scheduler, rid, tokens, namespace)}
+
+                async with trio.open_nursery() as turns:  # batched
+                    turns.start_soon(turn, "a3", 24, a3)
+                    turns.start_soon(turn, "b2", 25, b2, "damaged")
+        if pager.cache is not None:
+            out["cache"] = await executor.mlx.call(pager.cache.statistics)
+        nursery.cancel_scope.cancel()
+    return out
+
+
+def damage(kv_dir: Path, rank: int, namespace: str) -> int:
+    """Flip the last byte of this rank's files of `namespace` (the tensors' data): each reads
+    back as corrupt. Returns the files damaged."""
+    n = 0
+    for path in kv_dir.glob(f"*+tp{rank}of*/{namespace}/*.safetensors"):
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF
+        path.write_bytes(bytes(data))
+        n += 1
+    return n
 
 
 async def drive(settings: Settings, group, plain: bool) -> dict:
@@ -132,7 +213,33 @@ def main() -> int:
         (out_dir / f"{i}-rank{group.rank()}.json").write_text(json.dumps(result))
         if "lost" in result:
             return 2  # as `kvgrove serve` does when it loses a rank
+        if "--turns" in sys.argv:
+            turns = run_turns(model, group, plain, out_dir / f"kv{i}")
+            (out_dir / f"{i}-turns-rank{group.rank()}.json").write_text(json.dumps(turns))
     return 0
+
+
+def run_turns(model: str, group, plain: bool, kv_dir: Path) -> dict:
+    # The device tier holds next to nothing: every stored span goes to host memory at once;
+    # the first phase's shutdown writes them to disk, where the second phase finds them.
+    settings = Settings(
+        model=model,
+        prefill_chunk_tokens=16,
+        prefix_cache=not plain,
+        kv_cache_dir=str(kv_dir),
+        device_cache_bytes=1,
+    )
+    out: dict = {}
+    for phase in (1, 2):
+        if group.rank() == 0:
+            out[phase] = trio.run(drive_turns, settings, group, plain, phase, out.get(1, {}))
+        else:
+            if phase == 2:
+                out["damaged_files"] = damage(kv_dir, group.rank(), "damaged")
+            f = follower(settings, group, loader=load)
+            f.run()
+            out[phase] = {"cache": f.executor._prefix.statistics()}
+    return out
 
 
 def run_model(model: str, group, plain: bool, die: int | None = None) -> dict:

@@ -307,6 +307,7 @@ class Executor:
             if self._prefix is not None:  # idempotent: never leave the path locked
                 self._prefix.release(request_id)
             restored = 0
+        restored = self._agreed_restore(restored)
         if restored < promised:
             if restored:
                 log.warning("prefix cache gave %d of %d tokens; recomputing", restored, promised)
@@ -317,6 +318,11 @@ class Executor:
                 pass
             self._tokens += len(gap)
         return cache, restored
+
+    def _agreed_restore(self, restored: int) -> int:
+        """The tokens restored, as every rank running this step agrees (tensor parallel: the
+        same on every rank, else none: every rank recomputes). One rank keeps its own."""
+        return restored
 
     def _preempt_sequence(self, request_id: int) -> int:
         """Give up a preempted sequence's cache into the prefix cache (sampler kept); returns

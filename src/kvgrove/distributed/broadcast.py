@@ -75,3 +75,15 @@ def gather_status(group: Any, error: str | None) -> dict[int, str]:
         if n:
             failed[r] = summed[r, 1:].tobytes()[: n - 1].decode("utf-8", "replace")
     return failed
+
+
+def agree(group: Any, value: int) -> tuple[int, list[int]]:
+    """Every rank's `value` (a count in [0, 2**31)) meets in one `all_sum`. Returns what every
+    rank can then do alike: the common value if all ranks hold the same, else 0; and each
+    rank's value."""
+    size, rank = group.size(), group.rank()
+    row = np.zeros(size, dtype=np.int32)
+    row[rank] = value
+    out = mx.distributed.all_sum(mx.array(row), group=group, stream=mx.cpu)
+    values = [int(v) for v in np.array(out, copy=True)]
+    return (value if all(v == value for v in values) else 0), values

@@ -9,8 +9,20 @@ sampler draws from its own generator seeded the same (rank 0 fixes a random seed
 broadcasting), so every rank samples the same token. A follower checks that: the token rank 0
 feeds next must be the one the follower drew, or it stops with an error naming the request.
 
-Not yet across ranks: the prefix cache (each rank would have to snapshot, page and restore its
-own heads under rank 0's keys), so tensor parallel runs with it off.
+The prefix cache runs on every rank: each rank's `PrefixCache` holds its shard of every span
+(its heads' KV, or all of it where attention is replicated) in its own folder (the shard's
+fingerprint names it, `+tp<rank>of<n>`, each with its own lock) under its own budgets. Rank 0's
+pager decides (match at admission; the step plan carries the tokens promised); every rank
+stores, pages and restores under the same keys, because every rank runs the same steps. A
+rank's copy can still go missing (evicted differently, a disk read failed, a file damaged),
+so before a restored prefix is used every rank says how much it restored (`agree`, one
+all-reduce): unless all restored the same, all recompute it, and the collectives of that
+prefill still pair up. The cache changes speed, never the tokens.
+
+Failure: a collective that fails (a rank died) or outlasts `tp_timeout_seconds` (`Watchdog`:
+a rank hung) puts the ranks out of step for good: rank 0 fails every in-flight and later
+step with the error, and `on_lost` stops the server; a follower exits. A request refused
+before any compute on every rank alike (its sampler cannot be built) fails alone.
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ import attrs
 from kvgrove.actors.executor import Executor, MLXThread
 from kvgrove.actors.messages import Step, StepItem, StepResult
 from kvgrove.config import Settings
-from kvgrove.distributed.broadcast import PlanChannel, gather_status
+from kvgrove.distributed.broadcast import PlanChannel, agree, gather_status
 from kvgrove.distributed.codec import STEP, STOP, decode_step, encode_step
 from kvgrove.distributed.shard import shard_loaded
 from kvgrove.distributed.watchdog import Watchdog
@@ -61,11 +73,9 @@ class DivergedError(RankError):
 
 
 def tensor_parallel_settings(settings: Settings) -> Settings:
-    """What every rank runs with: the prefix cache off (not yet sharded across ranks), and no
-    other models on demand (they would load on rank 0 alone)."""
-    if settings.prefix_cache:
-        log.warning("tensor parallel: the prefix cache is not sharded across ranks yet; off")
-    return attrs.evolve(settings, prefix_cache=False, max_loaded_models=0)
+    """What every rank runs with: no other models on demand (they would load on rank 0
+    alone)."""
+    return attrs.evolve(settings, max_loaded_models=0)
 
 
 def fix_seeds(step: Step) -> Step:
@@ -181,6 +191,17 @@ class _RankSteps:
                 self.refused.add(item.request_id)
             raise
 
+    def _agreed_restore(self, restored: int) -> int:
+        """Every rank says how many prefix tokens it restored (a rank's copy may be missing:
+        evicted differently, a disk read failed, a file damaged); unless all restored the same,
+        every rank recomputes the whole prefix, so the collectives of that prefill pair up."""
+        agreed, values = agree(self.group, restored)
+        if len(set(values)) > 1:
+            log.warning(
+                "prefix cache: the ranks restored %s tokens; every rank recomputes them", values
+            )
+        return agreed
+
     def _step_error(self, result: StepResult) -> str | None:
         """The error that puts the ranks out of step (None: they are still in step)."""
         if result.error is not None:
@@ -257,10 +278,6 @@ class TensorParallelExecutor(_RankSteps, Executor):
                 self._on_lost(self.lost)
 
     async def _handle(self, msg: object) -> None:
-        from kvgrove.actors.messages import UsePrefixCache
-
-        if isinstance(msg, UsePrefixCache):
-            raise RuntimeError("tensor parallel runs without the prefix cache (not sharded yet)")
         try:
             await super()._handle(msg)
         except RankError:  # the MLX thread was abandoned (a hung rank)
@@ -295,9 +312,45 @@ class TensorParallelExecutor(_RankSteps, Executor):
 
 
 class _FollowerExecutor(_RankSteps, Executor):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    """A follower's executor: its own prefix cache (its shard of every span, in its own
+    folder, under its own budgets), matched lazily where rank 0's pager matched at admission."""
+
+    def __init__(self, *args: Any, group: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.group = group
         self.refused: set[int] = set()
+        self._live_bytes: dict[int, int] = {}
+
+    def open_prefix_cache(self) -> None:
+        from kvgrove.actors.pager import build_prefix_cache
+
+        if self.settings.prefix_cache:
+            self._prefix = build_prefix_cache(self.settings, self.loaded)
+
+    def _restore_prefix(self, request_id, tokens, promised, cache, match_in=None):
+        # Rank 0's pager locked the prefix at admission; this rank matches its own trie now,
+        # at most as far (one more token than promised: a match leaves one to evaluate).
+        if match_in is None:
+            match_in = self._live[request_id].namespace
+        return super()._restore_prefix(request_id, tokens, promised, cache, match_in)
+
+    def after_step(self, step: Step, result: StepResult) -> None:
+        """Fit the prefix cache's device tier to what the live caches leave, as rank 0 does
+        after each step (same bytes per rank: the same decisions)."""
+        if self._prefix is None:
+            return
+        for rid in (*step.release, *step.preempt):
+            self._live_bytes.pop(rid, None)
+        for r in result.results:
+            self._live_bytes[r.request_id] = r.cache_bytes
+        self._fit_prefix(sum(self._live_bytes.values()))
+
+    def close_prefix_cache(self) -> None:
+        if self._prefix is not None:
+            try:
+                self._flush_prefix()
+            finally:
+                self._prefix.close()
 
 
 def _exit_hung(what: str, seconds: float) -> None:
@@ -343,9 +396,11 @@ class Follower:
         try:
             with mx.stream(generation_stream()):
                 self.executor.loaded = load_with_peers(self.executor._load, self.plans.group)
+                self.executor.open_prefix_cache()
                 while True:
                     kind, payload = self.plans.receive()
                     if kind == STOP:
+                        self.executor.close_prefix_cache()  # on disk for the next start
                         return self.steps
                     if kind != STEP:
                         raise RuntimeError(f"unknown plan message kind {kind}")
@@ -375,6 +430,7 @@ class Follower:
                 self._drawn[r.request_id] = r.token
             else:
                 self._drawn.pop(r.request_id, None)
+        self.executor.after_step(step, result)
         if self.on_result is not None:
             self.on_result(step, result)
 
@@ -389,6 +445,7 @@ def follower(
 ) -> Follower:
     """A follower for this rank (no accountant: rank 0 keeps the books)."""
     settings = tensor_parallel_settings(settings)
-    executor = _FollowerExecutor(settings, accountant=None, loader=sharding_loader(group, loader))
+    loader = sharding_loader(group, loader)
+    executor = _FollowerExecutor(settings, accountant=None, loader=loader, group=group)
     watchdog = Watchdog(settings.tp_timeout_seconds, on_timeout)
     return Follower(executor, PlanChannel(group), on_result, watchdog)
