@@ -91,6 +91,10 @@ def test_tensor_parallel_flags_and_environment(monkeypatch):
     assert settings.hostfile == "hosts.json" and settings.tensor_parallel == 1
     with pytest.raises(ValueError, match="tensor_parallel"):
         Settings(tensor_parallel=0)
-    # Every rank runs without what is not sharded yet: the prefix cache, models on demand.
+    # Every rank keeps the prefix cache (its shard of it) but loads no models on demand.
     tp = tensor_parallel_settings(Settings(tensor_parallel=2))
-    assert not tp.prefix_cache and tp.max_loaded_models == 0 and tp.tensor_parallel == 2
+    assert tp.prefix_cache and tp.max_loaded_models == 0 and tp.tensor_parallel == 2
+    settings = settings_from_args(parser.parse_args(["--tp-timeout-seconds", "7.5"]))
+    assert settings.tp_timeout_seconds == 7.5
+    with pytest.raises(ValueError, match="tp_timeout_seconds"):
+        Settings(tp_timeout_seconds=0)
