@@ -40,10 +40,12 @@ def _pythonpath() -> str:
 
 
 @contextlib.contextmanager
-def tp_server(model: Path, n: int = 2):
+def tp_server(model: Path, n: int = 2, kv_dir: Path | None = None):
+    """The server; with `kv_dir`, the prefix cache on with its disk tier there."""
     port = free_ports(1)
     cmd = [sys.executable, "-m", "kvgrove.cli", "serve", "--tensor-parallel", str(n)]
-    cmd += ["--model", str(model), "--port", str(port), "--no-prefix-cache"]
+    cmd += ["--model", str(model), "--port", str(port)]
+    cmd += ["--kv-cache-dir", str(kv_dir)] if kv_dir else ["--no-prefix-cache"]
     proc = subprocess.Popen(
         cmd,
         env={**os.environ, "PYTHONPATH": _pythonpath()},
@@ -90,12 +92,12 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def test_two_ranks_answer_what_one_rank_answers_and_stop_cleanly(tiny_llama):
+def test_two_ranks_answer_what_one_rank_answers_and_stop_cleanly(tiny_llama, tmp_path):
     with background(Settings(model=str(tiny_llama), port=0, prefix_cache=False)) as one:
         expected = ollama.Client(host=one.url).generate(
             model="llama", prompt=PROMPT, raw=True, options=OPTIONS
         )
-    with tp_server(tiny_llama) as (proc, url):
+    with tp_server(tiny_llama, kv_dir=tmp_path) as (proc, url):
         ranks = _children(proc.pid)
         assert len(ranks) == 2
         client = ollama.Client(host=url)
@@ -107,12 +109,17 @@ def test_two_ranks_answer_what_one_rank_answers_and_stop_cleanly(tiny_llama):
                 model="llama", prompt=PROMPT, raw=True, options=OPTIONS, stream=True
             )
         )
-        assert streamed == expected.response
+        assert streamed == expected.response  # its prompt's KV restored from the cache
+        assert httpx.get(f"{url}/api/cache", timeout=10).json()["hit_tokens"] > 0
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=DEADLINE_S)
         assert proc.returncode == 0, out
         assert "rank 1 kvgrove.distributed.launch: stopped after" in out
         assert all(not Path(f"/proc/{pid}").exists() for pid in ranks)
+    # Each rank wrote its own shard of the cache to its own folder on the way out.
+    for rank in (0, 1):
+        (folder,) = tmp_path.glob(f"*+tp{rank}of2")
+        assert list(folder.glob("*/*.safetensors")), rank
 
 
 def test_killing_rank_1_mid_stream_errors_the_stream_and_exits_non_zero(tiny_llama):
