@@ -71,6 +71,14 @@ def test_heads_that_do_not_divide_split_the_mlp_alone(tmp_path):
         layout(model, 3)
 
 
+def test_an_architecture_without_shard_is_refused_by_name(tmp_path):
+    # Refused before any collective, so a group that only reports its size reaches it (on
+    # real ranks the message then surfaces on rank 0 as any startup error does).
+    loaded = load(write_tiny_model(tmp_path / "gemma3", "gemma3"))
+    with pytest.raises(ShardError, match="mlx-lm's 'gemma3_text' model has no shard"):
+        shard_loaded(loaded, _Group(2))
+
+
 def test_a_group_of_one_leaves_the_model_alone(tiny_llama):
     loaded = load(tiny_llama)
     assert shard_loaded(loaded, _Group(1)) is loaded

@@ -321,11 +321,14 @@ class _FollowerExecutor(_RankSteps, Executor):
         self.refused: set[int] = set()
         self._live_bytes: dict[int, int] = {}
 
-    def open_prefix_cache(self) -> None:
+    def load_and_open(self) -> Any:
+        """Load this rank's shard, then open its prefix cache."""
         from kvgrove.actors.pager import build_prefix_cache
 
+        self.loaded = self._load()
         if self.settings.prefix_cache:
             self._prefix = build_prefix_cache(self.settings, self.loaded)
+        return self.loaded
 
     def _restore_prefix(self, request_id, tokens, promised, cache, match_in=None):
         # Rank 0's pager locked the prefix at admission; this rank matches its own trie now,
@@ -395,8 +398,9 @@ class Follower:
 
         try:
             with mx.stream(generation_stream()):
-                self.executor.loaded = load_with_peers(self.executor._load, self.plans.group)
-                self.executor.open_prefix_cache()
+                # Its prefix cache opens within the load: a failure there (a busy folder)
+                # surfaces on rank 0 with this rank's message too.
+                load_with_peers(self.executor.load_and_open, self.plans.group)
                 while True:
                     kind, payload = self.plans.receive()
                     if kind == STOP:
