@@ -4,7 +4,8 @@ Without `MLX_RANK` in the environment this process is the launcher. On one machi
 the N ranks itself over the loopback ring (what `mlx.launch --backend ring -n N` does: a
 hostfile of 127.0.0.1 ports in `MLX_HOSTFILE`, the rank in `MLX_RANK`), each in its own
 session, and supervises them: SIGINT/SIGTERM go to rank 0 (which stops the others); when any
-rank exits, the rest get `settings.shutdown_grace_seconds` + 15 s to follow, then are killed.
+rank exits, the rest get `settings.shutdown_grace_seconds` + 15 s to follow (5 s when rank 0
+failed first: a follower still running then is hung), then are killed.
 The exit code is rank 0's if it failed, else 1 if any rank failed, else 0. With `--hostfile`
 it runs `mlx.launch --hostfile FILE` instead (ranks on several machines, started over ssh).
 
@@ -90,7 +91,11 @@ def supervise(settings: Settings, command: list[str]) -> int:
         first.returncode = os.waitstatus_to_exitcode(status)
         if first.returncode != 0:
             log.error("rank %d exited with %d", procs.index(first), first.returncode)
-        grace = settings.shutdown_grace_seconds + 15
+        # Rank 0 failed: the followers' next collective fails at once, so one still running
+        # after a short grace is hung. Otherwise the rest need their graceful stop (rank 0
+        # failing the in-flight requests; the followers writing their prefix cache to disk).
+        failed0 = first is procs[0] and first.returncode != 0
+        grace = 5.0 if failed0 else settings.shutdown_grace_seconds + 15
         for p in procs:
             try:
                 p.wait(timeout=grace)
