@@ -65,7 +65,7 @@ steps = st.builds(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(steps, st.integers(HEADER_WORDS + 1, 300))
 def test_any_step_round_trips_through_frames(step, frame_words):
     words = frame(STEP, encode_step(step), frame_words)

@@ -1,13 +1,18 @@
 """One rank of a tensor-parallel run (started by mlx.launch, or alone with --plain):
-`tp_ranks.py OUT MODEL... [--plain]`, the models one after the other in the same processes.
+`tp_ranks.py OUT MODEL... [--plain] [--turns=0,1]`, the models one after the other in the same
+processes.
 
 Rank 0 runs the real accountant, scheduler and executor (TensorParallelExecutor; the plain
 Executor with --plain) on a tiny model and serves a fixed set of requests at once: greedy
 ones of several prompt lengths (batched decode, prefill together, chunked prefill), a seeded
-sampled one, one with a random seed (-1) and one cancelled after three tokens. The other
-ranks follow. Each rank writes OUT/rank<r>.json: rank 0 the tokens each request received,
-the others the tokens they drew themselves for each request and the steps they ran
-(OUT/<i>-rank<r>.json for the i-th model).
+sampled one, one with a random seed (-1), one under a grammar, one whose grammar does not
+compile, and one cancelled after three tokens. The other ranks follow. Each rank writes
+OUT/<i>-rank<r>.json for the i-th model: rank 0 the tokens each request received, the others
+the tokens they drew themselves for each request and the steps they ran. `--turns=I,...`
+also runs those models' later turns over the prefix cache (`run_turns`, the real pager on
+rank 0; OUT/<i>-turns-rank<r>.json). Failure scenarios: `--die-after=N` (rank 1 SIGKILLs
+itself after drawing N tokens), `--stop-after=N` (SIGSTOPs itself: hung), `--tp-timeout=S`,
+`--rank1-model=PATH` (rank 1 loads another model: a startup error).
 """
 
 from __future__ import annotations
@@ -208,12 +213,14 @@ def main() -> int:
     for a in sys.argv:  # --rank1-model=PATH: rank 1 loads another model (a startup error)
         if a.startswith("--rank1-model=") and group.rank() == 1:
             models = [a.split("=", 1)[1]] * len(models)
+    # --turns=0,1: the prefix-cache turns (run_turns) too, for those models
+    turns_of = next((a.split("=")[1].split(",") for a in sys.argv if a.startswith("--turns=")), [])
     for i, model in enumerate(models):
         result = run_model(model, group, plain, die)
         (out_dir / f"{i}-rank{group.rank()}.json").write_text(json.dumps(result))
         if "lost" in result:
             return 2  # as `kvgrove serve` does when it loses a rank
-        if "--turns" in sys.argv:
+        if str(i) in turns_of:
             turns = run_turns(model, group, plain, out_dir / f"kv{i}")
             (out_dir / f"{i}-turns-rank{group.rank()}.json").write_text(json.dumps(turns))
     return 0
