@@ -245,7 +245,7 @@ def run_turns(model: str, group, plain: bool, kv_dir: Path) -> dict:
                 out["damaged_files"] = damage(kv_dir, group.rank(), "damaged")
             f = follower(settings, group, loader=load)
             f.run()
-            out[phase] = {"cache": f.executor._prefix.statistics()}
+            out[phase] = {"cache": f.executor.pager.cache.statistics()}
     return out
 
 

@@ -77,13 +77,15 @@ def gather_status(group: Any, error: str | None) -> dict[int, str]:
     return failed
 
 
-def agree(group: Any, value: int) -> tuple[int, list[int]]:
-    """Every rank's `value` (a count in [0, 2**31)) meets in one `all_sum`. Returns what every
-    rank can then do alike: the common value if all ranks hold the same, else 0; and each
-    rank's value."""
+def agree_each(group: Any, values: list[int]) -> tuple[list[int], list[list[int]]]:
+    """Every rank's `values` (counts in [0, 2**31), as many on every rank) meet in one
+    `all_sum`. Returns, for each position, what every rank can then do alike (the common value
+    if all ranks hold the same, else 0), and every rank's value there."""
     size, rank = group.size(), group.rank()
-    row = np.zeros(size, dtype=np.int32)
-    row[rank] = value
-    out = mx.distributed.all_sum(mx.array(row), group=group, stream=mx.cpu)
-    values = [int(v) for v in np.array(out, copy=True)]
-    return (value if all(v == value for v in values) else 0), values
+    rows = np.zeros((size, max(1, len(values))), dtype=np.int32)
+    rows[rank, : len(values)] = values
+    out = mx.distributed.all_sum(mx.array(rows), group=group, stream=mx.cpu)
+    summed = np.array(out, copy=True)
+    each = [[int(summed[r, i]) for r in range(size)] for i in range(len(values))]
+    agreed = [v if all(x == v for x in e) else 0 for v, e in zip(values, each, strict=True)]
+    return agreed, each

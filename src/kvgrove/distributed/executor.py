@@ -37,13 +37,16 @@ from typing import Any, TypeVar
 
 import attrs
 
-from kvgrove.actors.executor import Executor, MLXThread
-from kvgrove.actors.messages import Step, StepItem, StepResult
+from kvgrove.actors.executor import Executor
+from kvgrove.actors.messages import Step, StepItem, StepResult, Stored
+from kvgrove.actors.mlx_thread import MLXThread
+from kvgrove.actors.pager import Pager, build_prefix_cache
 from kvgrove.config import Settings
-from kvgrove.distributed.broadcast import PlanChannel, agree, gather_status
+from kvgrove.distributed.broadcast import PlanChannel, agree_each, gather_status
 from kvgrove.distributed.codec import STEP, STOP, decode_step, encode_step
 from kvgrove.distributed.shard import shard_loaded
 from kvgrove.distributed.watchdog import Watchdog
+from kvgrove.models.runner import StepRunner, wants_restore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -175,12 +178,46 @@ class _PlanThread(MLXThread):
             log.exception("telling the other ranks to stop failed")
 
 
-class _RankSteps:
-    """What every rank's executor does alike: remember the items refused before any compute
-    (their sampler could not be built, e.g. a grammar that does not compile: every rank refuses
-    them the same way, no collective ran for them), so such a failure ends only that request."""
+class RankRunner(StepRunner):
+    """Every rank's step runner: what every rank does alike beyond one rank's runner.
 
-    refused: set[int]
+    - Before the items of a step that starts from cached prefixes run, the ranks agree on
+      what each restored (`agree_each`, one all-reduce): a prefix some rank could not restore
+      in full (its copy evicted differently, a disk read failed, a file damaged) is recomputed
+      on every rank, so that prefill's collectives pair up. Whether a step restores is decided
+      by the plan alone (`wants_restore`), so every rank makes the same call.
+    - Items refused before any compute (their sampler could not be built, e.g. a grammar that
+      does not compile: every rank refuses them alike, no collective ran for them) are
+      remembered, so such a failure ends only that request (`step_error`).
+    - `run_items` (the only part with collectives) runs under the watchdog."""
+
+    def __init__(self, *, group: Any, watchdog: Watchdog, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.group = group
+        self.watchdog = watchdog
+        self.refused: set[int] = set()
+
+    def run_items(self, step: Any, restored: Any = ()) -> StepResult:
+        self.refused = set()
+        with self.watchdog.guard(f"step {self.steps}"):
+            if wants_restore(step.items):
+                restored = self._agreed(tuple(restored))
+            return super().run_items(step, restored)
+
+    def _agreed(self, restored: tuple) -> tuple:
+        counts, values = agree_each(self.group, [n for _, _, n in restored])
+        out = []
+        for (rid, cache, n), agreed, each in zip(restored, counts, values, strict=True):
+            if agreed != n:
+                log.warning(
+                    "prefix cache: the ranks restored %s tokens of request %d; every rank "
+                    "recomputes them",
+                    each,
+                    rid,
+                )
+                cache, n = None, 0
+            out.append((rid, cache, n))
+        return tuple(out)
 
     def _open_sequence(self, item: StepItem) -> Any:
         known = item.request_id in self._live
@@ -191,18 +228,7 @@ class _RankSteps:
                 self.refused.add(item.request_id)
             raise
 
-    def _agreed_restore(self, restored: int) -> int:
-        """Every rank says how many prefix tokens it restored (a rank's copy may be missing:
-        evicted differently, a disk read failed, a file damaged); unless all restored the same,
-        every rank recomputes the whole prefix, so the collectives of that prefill pair up."""
-        agreed, values = agree(self.group, restored)
-        if len(set(values)) > 1:
-            log.warning(
-                "prefix cache: the ranks restored %s tokens; every rank recomputes them", values
-            )
-        return agreed
-
-    def _step_error(self, result: StepResult) -> str | None:
+    def step_error(self, result: StepResult) -> str | None:
         """The error that puts the ranks out of step (None: they are still in step)."""
         if result.error is not None:
             return result.error
@@ -212,9 +238,19 @@ class _RankSteps:
         )
 
 
-class TensorParallelExecutor(_RankSteps, Executor):
-    """Rank 0's executor: loads its shard, broadcasts every step before running it, and gives
-    up on the other ranks when a step fails on their side or outlasts `tp_timeout_seconds`."""
+def _rank_runner(settings: Settings, group: Any, watchdog: Watchdog) -> RankRunner:
+    return RankRunner(
+        group=group,
+        watchdog=watchdog,
+        chunk_tokens=settings.prefill_chunk_tokens,
+        batch_prefill=settings.batch_prefill,
+    )
+
+
+class TensorParallelExecutor(Executor):
+    """Rank 0's executor: loads its shard, broadcasts every step before running it (the
+    pager's restores and stores included, as on one rank), and gives up on the other ranks
+    when a step fails on their side or outlasts `tp_timeout_seconds`."""
 
     def __init__(
         self,
@@ -236,7 +272,7 @@ class TensorParallelExecutor(_RankSteps, Executor):
         self.watchdog = self._thread.watchdog = Watchdog(
             self.settings.tp_timeout_seconds, self._timed_out
         )
-        self.refused: set[int] = set()
+        self.runner = _rank_runner(self.settings, group, self.watchdog)
         # Set (on the MLX thread, or the watchdog's) once the ranks are out of step for good:
         # every later step fails at once and `on_lost` (trio side) hears it once.
         self.lost: str | None = None
@@ -287,73 +323,99 @@ class TensorParallelExecutor(_RankSteps, Executor):
             msg.reply.send_nowait(StepResult((), error=self.lost))
         self._tell()
 
-    def _run_step(self, step: Step) -> StepResult:
+    async def _step(self, step: Step) -> StepResult:
         if self.lost is None:
             step = fix_seeds(step)
-            try:
-                with self.watchdog.guard(f"step {self._steps + 1}"):
-                    self.plans.send(STEP, encode_step(step))
-            except Exception as e:  # a rank died (the ring reports its connection lost)
-                self.lost = f"tensor parallel: lost the other ranks ({e})"
+            await self._thread.call(self._send_step, step)
         if self.lost is not None:
-            # Release what the step lets go of, so the books return to baseline.
-            for rid in (*step.release, *step.preempt):
-                self._live.pop(rid, None)
+            await self._thread.call(self._forget, step)
             return StepResult((), error=self.lost)
-        self.refused = set()
-        with self.watchdog.guard(f"step {self._steps + 1}"):
-            result = super()._run_step(step)
+        result = await super()._step(step)
         # A step that failed on this rank may not have failed on the others (or failed inside
         # a collective they still wait in): from here the ranks' collectives no longer pair.
-        error = self._step_error(result)
-        if error is not None:
+        error = self.runner.step_error(result)
+        if error is not None and self.lost is None:
             self.lost = f"tensor parallel: a step failed, the ranks are out of step ({error})"
         return result
 
+    def _send_step(self, step: Step) -> None:
+        try:
+            with self.watchdog.guard(f"step {self.runner.steps + 1}"):
+                self.plans.send(STEP, encode_step(step))
+        except Exception as e:  # a rank died (the ring reports its connection lost)
+            self.lost = f"tensor parallel: lost the other ranks ({e})"
 
-class _FollowerExecutor(_RankSteps, Executor):
-    """A follower's executor: its own prefix cache (its shard of every span, in its own
-    folder, under its own budgets), matched lazily where rank 0's pager matched at admission."""
+    def _forget(self, step: Step) -> None:
+        """Release what the step lets go of, so the books return to baseline."""
+        for rid in (*step.release, *step.preempt):
+            self.runner.forget(rid)
 
-    def __init__(self, *args: Any, group: Any, **kwargs: Any) -> None:
+
+class _OwnCaches:
+    """The one part of the MLX handle a follower's pager uses (its flush at shutdown)."""
+
+    def __init__(self, runner: StepRunner) -> None:
+        self.own_caches = runner.own_caches
+
+
+class _FollowerExecutor(Executor):
+    """A follower's executor: the same runner, and its own prefix cache (its shard of every
+    span, in its own folder, under its own budgets) kept by a pager of its own whose work runs
+    here, in step order, as rank 0's runs on its MLX thread: stores after `begin` when the
+    step restores, restores (re-matching what rank 0's pager locked at admission), stores and
+    fits after the step. A follower has no trio: it calls the pager's on-thread operations
+    (`_restore`, `_store`, `_flush`) directly."""
+
+    def __init__(self, *args: Any, group: Any, watchdog: Watchdog, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.group = group
-        self.refused: set[int] = set()
+        self.runner = _rank_runner(self.settings, group, watchdog)
+        self.pager: Pager | None = None
         self._live_bytes: dict[int, int] = {}
 
     def load_and_open(self) -> Any:
         """Load this rank's shard, then open its prefix cache."""
-        from kvgrove.actors.pager import build_prefix_cache
-
         self.loaded = self._load()
         if self.settings.prefix_cache:
-            self._prefix = build_prefix_cache(self.settings, self.loaded)
+            cache = build_prefix_cache(self.settings, self.loaded)
+            if cache is not None:
+                self.pager = Pager(self.settings, mlx=_OwnCaches(self.runner), loaded=self.loaded)
+                self.pager.cache = cache
+                self.runner.keeping = True
         return self.loaded
 
-    def _restore_prefix(self, request_id, tokens, promised, cache, match_in=None):
-        # Rank 0's pager locked the prefix at admission; this rank matches its own trie now,
-        # at most as far (one more token than promised: a match leaves one to evaluate).
-        if match_in is None:
-            match_in = self._live[request_id].namespace
-        return super()._restore_prefix(request_id, tokens, promised, cache, match_in)
-
-    def after_step(self, step: Step, result: StepResult) -> None:
-        """Fit the prefix cache's device tier to what the live caches leave, as rank 0 does
-        after each step (same bytes per rank: the same decisions)."""
-        if self._prefix is None:
-            return
+    def run_step(self, step: Step) -> StepResult:
+        if self.pager is None:
+            return self.runner.run(step)
+        result = self.runner.begin(step)
+        if result is None:
+            if wants_restore(step.items):
+                self.pager._store(tuple(self.runner.take_keeps()), None)
+                # Rank 0's pager locked the prefixes at admission; this rank matches its own
+                # trie now (at most as far as rank 0 promised).
+                requests = [
+                    attrs.evolve(r, rematch=True) for r in self.runner.restore_requests(step.items)
+                ]
+                restored = self.pager._restore(tuple(requests))
+                result = self.runner.run_items(step, restored)
+            else:
+                result = self.runner.run_items(step)
         for rid in (*step.release, *step.preempt):
             self._live_bytes.pop(rid, None)
         for r in result.results:
             self._live_bytes[r.request_id] = r.cache_bytes
-        self._fit_prefix(sum(self._live_bytes.values()))
+        stored: Stored = self.pager._store(
+            tuple(self.runner.take_keeps()), sum(self._live_bytes.values())
+        )
+        del stored  # rank 0 reports what its own pager kept
+        return result
 
     def close_prefix_cache(self) -> None:
-        if self._prefix is not None:
+        if self.pager is not None:
             try:
-                self._flush_prefix()
+                self.pager._flush()
             finally:
-                self._prefix.close()
+                self.pager.cache.close()
 
 
 def _exit_hung(what: str, seconds: float) -> None:
@@ -418,12 +480,9 @@ class Follower:
             self._drawn.pop(rid, None)
         for item in step.items:
             self._check(item)
-        self.executor.refused = set()
-        guard = self.watchdog.guard if self.watchdog else contextlib.nullcontext
-        with guard(f"step {self.steps + 1}"):
-            result = self.executor._run_step(step)
+        result = self.executor.run_step(step)  # its collectives under the watchdog
         self.steps += 1
-        error = self.executor._step_error(result)
+        error = self.executor.runner.step_error(result)
         if error is not None:
             raise RankError(
                 f"rank {self.plans.group.rank()}: a step failed, the ranks are out of "
@@ -434,7 +493,6 @@ class Follower:
                 self._drawn[r.request_id] = r.token
             else:
                 self._drawn.pop(r.request_id, None)
-        self.executor.after_step(step, result)
         if self.on_result is not None:
             self.on_result(step, result)
 
@@ -450,6 +508,8 @@ def follower(
     """A follower for this rank (no accountant: rank 0 keeps the books)."""
     settings = tensor_parallel_settings(settings)
     loader = sharding_loader(group, loader)
-    executor = _FollowerExecutor(settings, accountant=None, loader=loader, group=group)
     watchdog = Watchdog(settings.tp_timeout_seconds, on_timeout)
+    executor = _FollowerExecutor(
+        settings, accountant=None, loader=loader, group=group, watchdog=watchdog
+    )
     return Follower(executor, PlanChannel(group), on_result, watchdog)
