@@ -2,8 +2,8 @@
 
 Rank 0 runs the whole server (HTTP, scheduler, pager decisions) with `TensorParallelExecutor`,
 which broadcasts each `Step` (encoded by `codec`) on its MLX thread just before running it.
-Every other rank runs `follow`: receive a step, run it with the very same `Executor._run_step`
-on its own shard. The forward passes' all-reduces pair up because every rank issues them in
+Every other rank runs `Follower.run`: receive a step, run it with the same `RankRunner` (the
+one-rank `StepRunner` plus what the ranks must do alike) on its own shard. The forward passes' all-reduces pair up because every rank issues them in
 the same order from the same plan; the logits after them are the same on every rank, and each
 sampler draws from its own generator seeded the same (rank 0 fixes a random seed, -1, before
 broadcasting), so every rank samples the same token. A follower checks that: the token rank 0
@@ -13,11 +13,13 @@ The prefix cache runs on every rank: each rank's `PrefixCache` holds its shard o
 (its heads' KV, or all of it where attention is replicated) in its own folder (the shard's
 fingerprint names it, `+tp<rank>of<n>`, each with its own lock) under its own budgets. Rank 0's
 pager decides (match at admission; the step plan carries the tokens promised); every rank
-stores, pages and restores under the same keys, because every rank runs the same steps. A
-rank's copy can still go missing (evicted differently, a disk read failed, a file damaged),
-so before a restored prefix is used every rank says how much it restored (`agree`, one
-all-reduce): unless all restored the same, all recompute it, and the collectives of that
-prefill still pair up. The cache changes speed, never the tokens.
+stores, pages and restores under the same keys, because every rank runs the same steps with
+the same restore/store exchange around them (rank 0 with its pager actor, a follower with a
+pager of its own called in step order). A rank's copy can still go missing (evicted
+differently, a disk read failed, a file damaged), so before restored prefixes are used every
+rank says how much of each it restored (`agree_each`, one all-reduce): a prefix not restored
+alike on all ranks is recomputed on all, and the collectives of that prefill still pair up.
+The cache changes speed, never the tokens.
 
 Failure: a collective that fails (a rank died) or outlasts `tp_timeout_seconds` (`Watchdog`:
 a rank hung) puts the ranks out of step for good: rank 0 fails every in-flight and later
