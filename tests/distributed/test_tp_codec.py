@@ -121,3 +121,29 @@ def test_truncated_and_padded_payloads_are_refused():
 def test_token_ids_out_of_range_are_refused_when_encoding():
     with pytest.raises(ValueError, match="token ids"):
         encode_step(Step(items=(StepItem(1, (2**31,), True),), release=(), reply=None))
+
+
+def test_every_field_of_a_step_travels():
+    """A field added to the step's classes that the codec does not write would reach rank 0's
+    runner but not the others' (their samplers would draw differently): name them all."""
+    import attrs
+
+    from kvgrove.distributed.codec import _PARAM_FLOATS, _PARAM_INTS
+
+    written = {*_PARAM_INTS, *_PARAM_FLOATS, "logprobs", "grammar"}
+    assert {f.name for f in attrs.fields(SamplingParams)} == written
+    assert {f.name for f in attrs.fields(Start)} == {
+        "params",
+        "prompt_tokens",
+        "context_tokens",
+        "namespace",
+        "cached_tokens",
+    }
+    assert {f.name for f in attrs.fields(StepItem)} == {
+        "request_id",
+        "tokens",
+        "sample",
+        "start",
+        "resume_tokens",
+    }
+    assert {f.name for f in attrs.fields(Step)} == {"items", "release", "reply", "preempt"}
