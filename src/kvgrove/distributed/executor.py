@@ -4,9 +4,10 @@ Rank 0 runs the whole server (HTTP, scheduler, pager decisions) with `TensorPara
 which broadcasts each `Step` (encoded by `codec`) on its MLX thread just before running it.
 Every other rank runs `Follower.run`: receive a step, run it with the same `RankRunner` (the
 one-rank `StepRunner` plus what the ranks must do alike) on its own shard. The forward passes'
-all-reduces pair up because every rank issues them in the same order from the same plan; the logits after them are the same on every rank, and each
-sampler draws from its own generator seeded the same (rank 0 fixes a random seed, -1, before
-broadcasting), so every rank samples the same token. A follower checks that: the token rank 0
+all-reduces pair up because every rank issues them in the same order from the same plan; the
+logits after them are the same on every rank, and each sampler draws from its own generator
+seeded the same (rank 0 fixes a random seed, -1, before broadcasting), so every rank samples
+the same token. A follower checks that: the token rank 0
 feeds next must be the one the follower drew, or it stops with an error naming the request.
 
 The prefix cache runs on every rank: each rank's `PrefixCache` holds its shard of every span
