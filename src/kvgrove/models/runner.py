@@ -113,7 +113,7 @@ def standing_copy(cache: Sequence[Any]) -> list[Any]:
         mine = copy.copy(c)
         if not c.sliceable:
             tokens = c.tokens_seen
-            mine.restore(c.snapshot(0, tokens), tokens)
+            mine.restore([c.snapshot(0, tokens)], tokens)
         out.append(mine)
     return out
 
