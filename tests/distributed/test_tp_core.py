@@ -106,3 +106,29 @@ def test_tensor_parallel_flags_and_environment(monkeypatch):
     assert settings.tp_timeout_seconds == 7.5
     with pytest.raises(ValueError, match="tp_timeout_seconds"):
         Settings(tp_timeout_seconds=0)
+
+
+def test_the_watchdog_fires_once_for_a_section_past_its_timeout_and_never_for_one_in_time():
+    import threading
+
+    from kvgrove.distributed.watchdog import Watchdog
+
+    calm = Watchdog(60.0, lambda what, s: pytest.fail(f"fired for {what}"))
+    with calm.guard("outer"), calm.guard("inner"):  # nested: one section
+        pass
+    calm.close()
+    assert calm.fired is None
+
+    fired: list[tuple[str, float]] = []
+    done = threading.Event()
+
+    def on_timeout(what: str, seconds: float) -> None:
+        fired.append((what, seconds))
+        done.set()
+
+    dog = Watchdog(0.05, on_timeout)
+    with dog.guard("step 7"), dog.guard("inner"):
+        assert done.wait(timeout=30)  # the section outlasts the timeout: it fires meanwhile
+    assert fired[0][0] == "step 7" and fired[0][1] >= 0.05 and len(fired) == 1
+    assert dog.fired == "step 7"
+    dog.close()
