@@ -3,15 +3,20 @@
 One command on the lent machine (MLX's CUDA wheel installed, see /work/shared/gpu/README.md):
 
     python3 benchmarks/gpu_server.py [--shape llama-3.1-8b] [--modes bf16,4bit]
-        [--levels 1,8,32,64] [--gen-tokens 64] [--work /tmp/kvg-gpu]
+        [--levels 1,8,32,64] [--gen-tokens 64] [--work /tmp/kvg-gpu] [--deadline-seconds 560]
+
+A device call lasts at most 600 s: run one mode per call (`--modes bf16`, then `--modes 4bit`;
+the model folders stay in --work while the machine is held). Past --deadline-seconds the
+remaining phases are skipped and the table printed with "-" for them.
 
 For each mode (bf16; 4-bit, group 64) it writes a random-weight model of the shape (a Hugging
 Face folder; the tokenizer is a byte-level BPE padded to the model's vocabulary, so every id
 decodes), then, one after another (never two at once):
 
-- MLX alone: the model's batched greedy decode loop (mlx-lm `BatchKVCache`, async_eval
-  pipelining, tokens read every step), batch = each level; and kvgrove's single-stream core
-  (`kvgrove.models.generate.generate`). Each measured after a run that compiles the shapes.
+- MLX alone: the model's batched greedy decode loop (loaded by mlx-lm, quantized layers as
+  they are; `BatchKVCache`, async_eval pipelining, tokens read every step), batch = each
+  level; and kvgrove's single-stream core (`kvgrove.models.generate.generate`, loaded as
+  kvgrove's server loads it). Each measured after a run that compiles the shapes.
 - kvgrove's server (`--max-running-sequences 64`), then mlx-lm's (`--decode-concurrency 64`):
   on a fresh start, ten single requests one after another (TTFT of the first vs the tenth: the
   compile stall), then at each concurrency c two waves of c streaming /v1/completions requests
@@ -291,10 +296,12 @@ async def serve_bench(kind: str, folder: Path, args, log: Path) -> dict:
     out: dict = {}
     started = time.perf_counter()
     try:
-        await wait_ready(f"http://127.0.0.1:{port}", proc, deadline_seconds=args.ready_seconds)
+        await wait_ready(
+            f"http://127.0.0.1:{port}", proc, deadline_seconds=limit(args, args.ready_seconds)
+        )
         out["ready_s"] = time.perf_counter() - started
         print(f"  {kind}: ready after {out['ready_s']:.0f} s", flush=True)
-        with trio.fail_after(args.phase_seconds):
+        with trio.fail_after(limit(args, args.phase_seconds)):
             ttfts = []
             for i in range(10):
                 t, _ = await one(port, str(folder), f"Single {i}. " + FILLER, 8)
@@ -313,7 +320,7 @@ async def serve_bench(kind: str, folder: Path, args, log: Path) -> dict:
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
                     )
-                with trio.fail_after(args.phase_seconds):
+                with trio.fail_after(limit(args, args.phase_seconds)):
                     r = await wave(port, str(folder), c, args.gen_tokens, tag=f"{c}-{which}")
                 if spy is not None:
                     spy.wait(30)
@@ -377,6 +384,13 @@ def report(mode: str, alone: dict, kv: dict, ml: dict, levels: list[int]) -> str
     return "\n".join(lines)
 
 
+def limit(args, seconds: float) -> float:
+    """A phase's deadline: its own, cut to what is left of --deadline-seconds (at least 1 s, so
+    a phase past the deadline fails at once and the table still prints)."""
+    left = args.deadline_seconds - (time.monotonic() - args.started)
+    return max(1.0, min(seconds, left))
+
+
 def run_alone(argv: list[str], env: dict, args, mode: str) -> dict:
     """MLX alone in a subprocess (its own GPU memory), its output echoed once it ends, the
     results it printed (RESULT lines) kept even when it runs past --alone-seconds."""
@@ -384,7 +398,11 @@ def run_alone(argv: list[str], env: dict, args, mode: str) -> dict:
     with open(out_path, "w") as out:
         try:
             subprocess.run(
-                argv, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=args.alone_seconds
+                argv,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=limit(args, args.alone_seconds),
             )
         except subprocess.TimeoutExpired:
             print(f"  MLX alone: stopped after {args.alone_seconds:.0f} s", flush=True)
@@ -411,14 +429,22 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated: mlx,kvgrove,mlx-lm")
     ap.add_argument("--kvgrove-flag", action="append", default=[], help="extra kvgrove flag")
     ap.add_argument("--py-spy", help="py-spy binary: profile each server's last steady wave")
-    ap.add_argument("--alone-seconds", type=float, default=200, help="MLX alone's deadline")
-    ap.add_argument("--ready-seconds", type=float, default=420)
-    ap.add_argument("--phase-seconds", type=float, default=240)
+    ap.add_argument("--alone-seconds", type=float, default=150, help="MLX alone's deadline")
+    ap.add_argument(
+        "--deadline-seconds",
+        type=float,
+        default=560,
+        help="the whole run's: phases past it are skipped, the table printed (a device call "
+        "may last 600 s)",
+    )
+    ap.add_argument("--ready-seconds", type=float, default=240)
+    ap.add_argument("--phase-seconds", type=float, default=120)
     ap.add_argument(
         "--_write", nargs=3, metavar=("FOLDER", "SHAPE", "BITS"), help=argparse.SUPPRESS
     )
     ap.add_argument("--_alone", nargs=1, metavar="FOLDER", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.started = time.monotonic()
     args.levels = [int(x) for x in args.levels.split(",")]
     if args._write:
         folder, shape, bits = args._write
