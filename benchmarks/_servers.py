@@ -59,22 +59,33 @@ def _pythonpath() -> str:
     return os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
 
 
+def _output(log: Path | None):
+    return subprocess.DEVNULL if log is None else open(log, "ab")
+
+
 def start_kvgrove(
-    port: int, model: str | None, flags: Sequence[str] = (), env: dict | None = None
+    port: int,
+    model: str | None,
+    flags: Sequence[str] = (),
+    env: dict | None = None,
+    log: Path | None = None,
 ) -> subprocess.Popen:
+    """`log`: a file that gets the server's stdout and stderr (None = discarded)."""
     argv = [sys.executable, "-m", "kvgrove.serve", "--port", str(port)]
     argv += ["--model", model] if model else []
     environ = {**os.environ, "PYTHONPATH": _pythonpath(), **(env or {})}
-    return subprocess.Popen(
-        [*argv, *flags], env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    out = _output(log)
+    return subprocess.Popen([*argv, *flags], env=environ, stdout=out, stderr=out)
 
 
-def start_mlx_lm(port: int, folder: Path) -> subprocess.Popen:
+def start_mlx_lm(
+    port: int, folder: Path, flags: Sequence[str] = (), log: Path | None = None
+) -> subprocess.Popen:
     argv = [sys.executable, "-c", MLX_LM_SERVER, "--model", str(folder)]
-    argv += ["--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--host", "127.0.0.1", "--port", str(port), *flags]
     environ = {**os.environ, "PYTHONPATH": _pythonpath()}
-    return subprocess.Popen(argv, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = _output(log)
+    return subprocess.Popen(argv, env=environ, stdout=out, stderr=out)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -85,9 +96,9 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-async def wait_ready(url: str, proc: subprocess.Popen) -> None:
+async def wait_ready(url: str, proc: subprocess.Popen, deadline_seconds: float = 300) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=5) as client:
-        with trio.fail_after(300):
+        with trio.fail_after(deadline_seconds):
             while True:
                 if proc.poll() is not None:
                     raise RuntimeError(f"server exited with {proc.returncode}")

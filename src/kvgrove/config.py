@@ -160,6 +160,18 @@ class Settings:
     # A step (or any collective) that takes longer means a rank is hung or stopped: rank 0
     # fails the in-flight requests and exits non-zero; a follower exits.
     tp_timeout_seconds: float = attrs.field(default=60.0, validator=_positive)
+    # Before it says ready, the server runs a few tiny generations through its engine so MLX
+    # compiles the kernels serving uses (kvgrove.actors.warmup). `kvgrove serve` turns it on
+    # (--no-warm-up / KVGROVE_WARM_UP=0 to skip); servers built from Settings in code skip it.
+    warm_up: bool = False
+    # On CUDA, MLX's cuDNN attention builds a graph for every new (batch, query, key) shape:
+    # a stall of seconds on the first request of each prompt length. Off by default (MLX's own
+    # kernels then, no per-shape compile); --cudnn-attention turns it back on.
+    cudnn_attention: bool = False
+    # On a GPU, quantized layers also keep a dequantized copy when it fits in half the device's
+    # memory, used for inputs of at least this many rows (batched decode, prefill): MLX's
+    # quantized matmul barely gains from batching on CUDA (kvgrove.models.quant). 0 = never.
+    quantized_dense_rows: int = attrs.field(default=8, validator=_non_negative)
 
     def device_split(self, weights_bytes: int) -> DeviceSplit:
         """How the one device budget is shared: the weights, then what they leave split between
@@ -248,6 +260,8 @@ _HELP = {
     "tensor_parallel": "ranks to split the model across (mx.distributed ring; 1 = off)",
     "hostfile": "mlx.launch hostfile: run the --tensor-parallel ranks on these machines",
     "tp_timeout_seconds": "a tensor-parallel step taking longer means a rank is hung: stop",
+    "quantized_dense_rows": "GPU: quantized layers keep a dense copy for inputs of this many "
+    "rows or more, where it fits (0 = never)",
 }
 
 
@@ -270,6 +284,23 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="recompute every prompt in full [env KVGROVE_PREFIX_CACHE=0]",
     )
+    parser.add_argument(
+        "--no-warm-up",
+        dest="warm_up",
+        action="store_const",
+        const=False,
+        default=None,
+        help="say ready without warming up the engine [env KVGROVE_WARM_UP=0]",
+    )
+    parser.add_argument(
+        "--cudnn-attention",
+        dest="cudnn_attention",
+        action="store_const",
+        const=True,
+        default=None,
+        help="on CUDA, use MLX's cuDNN attention (compiles per shape) "
+        "[env KVGROVE_CUDNN_ATTENTION=1]",
+    )
     for field in attrs.fields(Settings):
         if field.name not in _HELP:
             continue
@@ -287,4 +318,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(namespace: argparse.Namespace) -> Settings:
     """Settings from parsed flags (None = not given) over the environment."""
     given = {f.name: getattr(namespace, f.name, None) for f in attrs.fields(Settings)}
+    if given["warm_up"] is None and "KVGROVE_WARM_UP" not in os.environ:
+        given["warm_up"] = True  # `kvgrove serve` warms up unless told not to
     return Settings.from_env(**given)

@@ -34,8 +34,10 @@ from kvgrove.actors.pager import Pager
 from kvgrove.actors.registry import ModelRegistry
 from kvgrove.actors.runtime import Runtime
 from kvgrove.actors.scheduler import Scheduler
+from kvgrove.actors.warmup import warm_up
 from kvgrove.config import Settings, add_serve_arguments, settings_from_args
 from kvgrove.http.app import create_app
+from kvgrove.models import quant
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,15 @@ def warn_if_exposed(settings: Settings) -> bool:
     return True
 
 
+def configure_mlx(settings: Settings) -> None:
+    """MLX settings read from the environment when first needed (so before the first forward
+    pass); a variable the user set wins."""
+    if not settings.cudnn_attention:
+        os.environ.setdefault("MLX_CUDA_USE_CUDNN_SDPA", "0")
+    # Sharding knows QuantizedLinear, not the dense copies: tensor parallel keeps none.
+    quant.set_dense_rows(settings.quantized_dense_rows if settings.tensor_parallel == 1 else 0)
+
+
 async def _watch_signals(shutdown: trio.Event, cancel: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
@@ -131,6 +142,7 @@ async def serve(
     parallel passes rank 0's, which broadcasts each step).
     """
     warn_if_exposed(settings)
+    configure_mlx(settings)
     runtime = Runtime(settings)
     shutdown = shutdown if shutdown is not None else trio.Event()
     ready = trio.Event()
@@ -191,6 +203,13 @@ async def serve(
             runtime.actors.update(
                 accountant=accountant, pager=pager, executor=executor, scheduler=scheduler
             )
+            if settings.warm_up and not shutdown.is_set():
+                await warm_up(
+                    scheduler.inbox,
+                    loaded.tokenizer,
+                    context_tokens=min(settings.default_context_tokens, loaded.info.context_length),
+                    reply_channel_items=settings.reply_channel_items,
+                )
             if not shutdown.is_set():
                 runtime.state = "ready"
             ready.set()

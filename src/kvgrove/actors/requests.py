@@ -99,49 +99,63 @@ class Generation:
             )
             await self.scheduler.send(submit)
             while True:
-                msg = await self._receive(recv)
+                # Everything already queued is handled in one go and leaves as one chunk: a
+                # reader that fell behind catches up with one write, not one per token.
+                batch = await self._receive(recv)
                 now = time.monotonic()
-                match msg:
-                    case Token(token=token):
-                        generated += 1
-                        if msg.cached_tokens is not None:
-                            cached = msg.cached_tokens
-                        if first_at is None:
-                            first_at = now
-                            self.metrics.ttft.observe(now - self.arrived_at)
-                        else:
-                            self.metrics.inter_token.observe(now - last_at)
-                        last_at = now
-                        try:
-                            piece = detok.add(token)
-                        except ValueError as e:  # a token the tokenizer cannot decode
-                            outcome = "error"
-                            raise GenerationError(f"cannot decode token {token}: {e}") from None
-                        text, hit = stops.feed(piece)
-                        held.append(msg)
-                        if text:
-                            yield TextChunk(text, tuple(held))
-                            held.clear()
-                        if hit:
+                text = ""
+                chunk_tokens = 0  # held tokens whose text `text` holds
+                for msg in batch:
+                    match msg:
+                        case Token(token=token):
+                            generated += 1
+                            if msg.cached_tokens is not None:
+                                cached = msg.cached_tokens
+                            if first_at is None:
+                                first_at = now
+                                self.metrics.ttft.observe(now - self.arrived_at)
+                            else:
+                                self.metrics.inter_token.observe(now - last_at)
+                            last_at = now
+                            try:
+                                piece = detok.add(token)
+                            except ValueError as e:  # a token the tokenizer cannot decode
+                                outcome = "error"
+                                if text:
+                                    yield TextChunk(text, tuple(held[:chunk_tokens]))
+                                raise GenerationError(f"cannot decode token {token}: {e}") from None
+                            emit, hit = stops.feed(piece)
+                            held.append(msg)
+                            if emit:
+                                text += emit
+                                chunk_tokens = len(held)
+                            if hit:
+                                outcome = "ok"
+                                if text:
+                                    yield TextChunk(text, tuple(held))
+                                yield self._finish_early(generated, cached, first_at, now)
+                                return
+                        case Done():
+                            done_seen = True
+                            emit, hit = stops.feed(detok.flush())
+                            text += emit + stops.flush()
+                            if text:
+                                yield TextChunk(text, tuple(held))
                             outcome = "ok"
-                            yield self._finish_early(generated, cached, first_at, now)
+                            self.metrics.inc("kvgrove_generated_tokens_total", msg.generated_tokens)
+                            yield self._finish(msg, "stop" if hit else msg.reason, now)
                             return
-                    case Done():
-                        done_seen = True
-                        text, hit = stops.feed(detok.flush())
-                        text += stops.flush()
-                        if text:
-                            yield TextChunk(text, tuple(held))
-                        outcome = "ok"
-                        self.metrics.inc("kvgrove_generated_tokens_total", msg.generated_tokens)
-                        yield self._finish(msg, "stop" if hit else msg.reason, now)
-                        return
-                    case Failed(message=message):
-                        done_seen = True
-                        outcome = "error"
-                        raise GenerationError(message)
-                    case _:
-                        raise AssertionError(f"request: unexpected message {msg!r}")
+                        case Failed(message=message):
+                            done_seen = True
+                            outcome = "error"
+                            if text:
+                                yield TextChunk(text, tuple(held[:chunk_tokens]))
+                            raise GenerationError(message)
+                        case _:
+                            raise AssertionError(f"request: unexpected message {msg!r}")
+                if text:
+                    yield TextChunk(text, tuple(held[:chunk_tokens]))
+                    del held[:chunk_tokens]
         finally:
             recv.close()
             self.metrics.inc("kvgrove_requests_total", api=req.api, outcome=outcome)
@@ -150,24 +164,30 @@ class Generation:
                 with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
                     self.scheduler.send_nowait(Cancel(self.request_id, time.monotonic()))
 
-    async def _receive(self, recv: trio.MemoryReceiveChannel) -> object:
+    async def _receive(self, recv: trio.MemoryReceiveChannel) -> list[object]:
+        """The next message, waiting for it, and every one queued behind it."""
         stats = recv.statistics()
         was_full = stats.current_buffer_used >= stats.max_buffer_size
         try:
             try:
-                msg = recv.receive_nowait()
+                batch = [recv.receive_nowait()]
             except trio.WouldBlock:
-                msg = await recv.receive()
+                batch = [await recv.receive()]
         except trio.EndOfChannel:
             # The scheduler closes a reply channel without Done only at the stall limit.
             raise GenerationError(
                 "generation ended: the client stopped reading for longer than the stall limit"
             ) from None
+        while not isinstance(batch[-1], Done | Failed):
+            try:
+                batch.append(recv.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break  # an end of channel comes back at the next receive
         if was_full:
-            # Only a full channel can have parked the sequence; taking one item unparks it.
+            # Only a full channel can have parked the sequence; draining it unparks it.
             with contextlib.suppress(trio.WouldBlock):  # the scheduler polls parked ones too
                 self.scheduler.send_nowait(Resume(self.request_id))
-        return msg
+        return batch
 
     def _finish(self, done: Done, reason: str, now: float) -> Finished:
         self.metrics.inc(

@@ -36,6 +36,10 @@ from kvgrove.config import Settings
 # While every sequence is parked the scheduler re-tries delivery at this interval, in case a
 # Resume was lost to a full inbox.
 PARKED_POLL_SECONDS = 0.05
+# Handlers that are gone without a Cancel (lost to a full inbox) are looked for at most this
+# often, not at every step: the look costs an allocation per sequence. A delivery to a gone
+# handler notices it at once anyway.
+ABANDONED_POLL_SECONDS = 0.05
 
 
 class Scheduler:
@@ -73,6 +77,7 @@ class Scheduler:
         self._results_send, self._results = trio.open_memory_channel[StepResult](1)
         # request id -> when its handler let go (for the cancellation tests), bounded.
         self.cancel_log: collections.OrderedDict[int, float] = collections.OrderedDict()
+        self._abandoned_checked_at = -math.inf
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled. Started by the supervisor after the executor."""
@@ -95,6 +100,8 @@ class Scheduler:
                 release = self.core.take_release()
                 preempt = self.core.take_preempt()
                 if not items and not release and not preempt:
+                    if self._drop_abandoned(force=True):
+                        continue  # before sleeping, every gone handler is noticed
                     await self._wait_for_message()
                     continue
                 await self._executor.send(Step(items, release, self._results_send, preempt))
@@ -237,11 +244,19 @@ class Scheduler:
             seq.submit.reply.close()
         self.core.park_stalled(now, self._settings.stall_seconds)
 
-    def _drop_abandoned(self) -> None:
-        # A handler that is gone closed its receive end: no need to wait for its Cancel.
+    def _drop_abandoned(self, *, force: bool = False) -> bool:
+        """Drop sequences whose handler is gone (it closed its receive end): no need to wait
+        for its Cancel. Returns whether any went."""
+        now = _now()
+        if not force and now - self._abandoned_checked_at < ABANDONED_POLL_SECONDS:
+            return False
+        self._abandoned_checked_at = now
+        dropped = False
         for seq in list(self.core.sequences()):
             if seq.submit.reply.statistics().open_receive_channels == 0:
                 self._remove(seq.request_id, cancelled=True)
+                dropped = True
+        return dropped
 
     def _on_step_result(self, items: tuple, result: StepResult) -> None:
         for rid, kept in result.kept:

@@ -27,6 +27,7 @@ from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from kvgrove.models import bundled
 from kvgrove.models.gguf import apply_rope_factors, gguf_summary, read_gguf
+from kvgrove.models.quant import add_dense_copies, dense_rows
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +281,8 @@ def load(
     }
 
     nbytes, count = _nbytes(model)
+    if quantized and on_gpu():  # batched steps take a dense copy where it fits (models.quant)
+        nbytes += add_dense_copies(model, rows=dense_rows(), weights_bytes=nbytes)
     dtype_name = str(_float_dtype(model)).removeprefix("mlx.core.")
     info = ModelInfo(
         name=display,

@@ -1,0 +1,71 @@
+"""The start-up warm-up: it runs through the real scheduler before the server says ready, leaves
+no trace a client can see (metrics, cached prompts), and `kvgrove serve` can skip it."""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+
+import httpx
+import pytest
+import trio
+
+from kvgrove.config import Settings, add_serve_arguments, settings_from_args
+from kvgrove.serve import serve
+from tiny_models import write_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> str:
+    return str(write_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "llama"))
+
+
+def test_serve_warms_up_unless_told_not_to(monkeypatch):
+    monkeypatch.delenv("KVGROVE_WARM_UP", raising=False)
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    assert settings_from_args(parser.parse_args([])).warm_up is True
+    assert settings_from_args(parser.parse_args(["--no-warm-up"])).warm_up is False
+    monkeypatch.setenv("KVGROVE_WARM_UP", "0")
+    assert settings_from_args(parser.parse_args([])).warm_up is False
+    assert Settings().warm_up is False  # servers built in code (the tests) skip it
+    assert settings_from_args(parser.parse_args([])).cudnn_attention is False
+    assert settings_from_args(parser.parse_args(["--cudnn-attention"])).cudnn_attention is True
+
+
+async def _first_answer(tiny_llama: str, tmp_path, warm_up: bool) -> tuple[dict, dict, str]:
+    settings = Settings(
+        port=0,
+        model=tiny_llama,
+        shutdown_grace_seconds=0.5,
+        kv_cache_dir=str(tmp_path / ("warm" if warm_up else "cold")),
+        warm_up=warm_up,
+    )
+    body = {
+        "model": "llama",
+        "prompt": "Warm-up: the quick brown fox jumps over the lazy dog",
+        "stream": False,
+        "options": {"num_predict": 6, "temperature": 0},
+    }
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(partial(serve, settings, handle_signals=False))
+        with trio.fail_after(60):
+            await server.ready.wait()
+        scheduler = server.runtime.actors["scheduler"].statistics()
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            answer = (await c.post("/api/generate", json=body)).json()
+            metrics = (await c.get("/metrics")).text
+        server.shutdown.set()
+    return answer, {"completed": scheduler.completed}, metrics
+
+
+async def test_warm_up_runs_before_ready_and_changes_nothing_a_client_sees(tiny_llama, tmp_path):
+    warm, warm_stats, metrics = await _first_answer(tiny_llama, tmp_path, warm_up=True)
+    cold, cold_stats, _ = await _first_answer(tiny_llama, tmp_path, warm_up=False)
+    # The warm-up's generations (one alone, then a wave of four) ran through the scheduler
+    # before ready; the cold server had run none.
+    assert warm_stats["completed"] == 5 and cold_stats["completed"] == 0
+    assert warm["response"] == cold["response"]  # greedy output unchanged
+    # Its prompts are cached under a namespace no request can name: nothing is reused.
+    assert warm["prompt_cache_count"] == cold["prompt_cache_count"] == 0
+    assert 'kvgrove_requests_total{api="ollama",outcome="ok"} 1' in metrics

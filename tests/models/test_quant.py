@@ -1,0 +1,44 @@
+"""Quantized layers with a dense copy (kvgrove.models.quant): the same answers either way."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.utils import load_model
+
+from kvgrove.models.quant import DualLinear, add_dense_copies
+from tiny_models import write_tiny_model
+
+
+def _quantized_model(tmp_path):
+    model, _ = load_model(write_tiny_model(tmp_path / "q", "llama", quantized=True))
+    return model
+
+
+def _logits(model, rows: int) -> np.ndarray:
+    tokens = mx.array([[5, 17, 42, 99, 7, 3][:rows]], dtype=mx.uint32)
+    return np.array(model(tokens)[0].astype(mx.float32))
+
+
+def test_a_dual_layer_matches_the_quantized_kernel_on_both_sides_of_its_threshold():
+    mx.random.seed(1)
+    layer = nn.QuantizedLinear(64, 96, bias=True, group_size=32, bits=4)
+    dual = DualLinear(layer, rows=3, dtype=mx.float32)
+    for rows in (1, 2, 3, 8):  # below the threshold: the quantized kernel; from 3: dense
+        x = mx.random.normal((rows, 64))
+        np.testing.assert_allclose(np.array(dual(x)), np.array(layer(x)), rtol=1e-4, atol=1e-4)
+
+
+def test_dense_copies_where_they_fit_and_none_where_they_do_not(tmp_path):
+    model = _quantized_model(tmp_path)
+    before = {rows: _logits(model, rows) for rows in (1, 6)}
+    assert add_dense_copies(model, rows=4, weights_bytes=0, memory_bytes=1000) == 0
+    assert not any(isinstance(m, DualLinear) for _, m in model.named_modules())
+    added = add_dense_copies(model, rows=4, weights_bytes=0, memory_bytes=2**34)
+    duals = [m for _, m in model.named_modules() if isinstance(m, DualLinear)]
+    assert added > 0 and duals and added == sum(d.dense.nbytes for d in duals)
+    assert not any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+    for rows, logits in before.items():  # 1 row: the quantized kernel; 6 rows: the dense copy
+        np.testing.assert_allclose(_logits(model, rows), logits, rtol=1e-3, atol=1e-3)
+    assert add_dense_copies(model, rows=0, weights_bytes=0, memory_bytes=2**34) == 0
