@@ -335,10 +335,9 @@ def test_a_follow_up_turn_with_the_tool_result_is_answered_from_the_cached_prefi
 THINKING = "<think>\nThe user wants Paris.\n</think>\n\nIt is sunny."
 
 
+@pytest.mark.parametrize("tiny", ["qwen3"], indirect=True)  # the template that knows <think>
 @pytest.mark.parametrize("stream", [False, True])
 def test_reasoning_is_split_out_in_both_apis(tiny, stream):
-    if tiny.family != "qwen3":
-        pytest.skip("only Qwen3's template knows <think>")
     grammar = {"regex": regex_of(THINKING)}
     r = tiny.post(
         "/v1/chat/completions",
