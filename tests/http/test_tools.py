@@ -490,3 +490,25 @@ def test_ollama_hostile_tool_requests_are_400(tiny):
     ):
         r = tiny.post("/api/chat", {"model": "model", "messages": ASK, "stream": False, **extra})
         assert r.status_code == 400, (extra, r.text)
+
+
+def test_show_reports_tools_and_thinking(tiny):
+    caps = tiny.ol.show("model").capabilities
+    assert "tools" in caps
+    assert ("thinking" in caps) == (tiny.family == "qwen3")
+
+
+@pytest.mark.parametrize("tiny", ["qwen3"], indirect=True)
+def test_generate_splits_thinking_too(tiny):
+    body = {
+        "model": "model",
+        "prompt": "Where?",
+        "think": True,
+        "stream": False,
+        "grammar": {"regex": regex_of(THINKING)},
+        "options": {"num_predict": 100},
+    }
+    r = tiny.post("/api/generate", body).json()
+    assert (r["thinking"], r["response"]) == ("\nThe user wants Paris.\n", "It is sunny.")
+    r = tiny.post("/api/generate", {**body, "raw": True})
+    assert r.status_code == 400 and "think" in r.json()["error"]

@@ -43,7 +43,14 @@ from kvgrove.http.fields import (
 )
 from kvgrove.http.logprobs import token_entries, with_logprobs
 from kvgrove.http.structured import with_grammar
-from kvgrove.http.tools import ChatPlan, ReplyCalls, chat_plan, ollama_fields, plain_plan
+from kvgrove.http.tools import (
+    ChatPlan,
+    ReplyCalls,
+    capabilities,
+    chat_plan,
+    ollama_fields,
+    plain_plan,
+)
 from kvgrove.sampling import SamplingParams
 
 bp = Blueprint("ollama", __name__)
@@ -312,7 +319,7 @@ async def show() -> Any:
             f"{info.architecture}.context_length": info.context_length,
             f"{info.architecture}.block_count": info.num_layers,
         },
-        "capabilities": ["completion"],
+        "capabilities": capabilities(rt.loaded.tokenizer),
         "modified_at": _model_entry(rt)["modified_at"],
     }
 

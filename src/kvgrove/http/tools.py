@@ -56,6 +56,13 @@ def special_vocab(tokenizer: Any) -> dict[str, int]:
     return cached
 
 
+def capabilities(tokenizer: Any) -> list[str]:
+    """What /api/show reports: tools for every model (a template that knows none gets the
+    generic instruction), thinking where the template or vocabulary knows ``<think>``."""
+    think = think_markers(tokenizer.chat_template, special_vocab(tokenizer))
+    return ["completion", "tools", *(["thinking"] if think else [])]
+
+
 # -- request fields ----------------------------------------------------------------------------
 
 
@@ -481,7 +488,6 @@ def chat_plan(rt: Any, body: dict, messages: list[dict], *, api: str) -> ChatPla
             raise BadRequest(
                 f"tools: the grammar engine rejected the call grammar: {e}", param="tools"
             ) from None
-        reasoning = False
     return ChatPlan(
         prompt=prompt,
         syntax=syntax if choice != "none" else None,
