@@ -458,6 +458,18 @@ HOSTILE = [
         "messages[1].tool_calls[0]",
     ),
     ({"reasoning_effort": "extreme"}, "reasoning_effort"),
+    (
+        {
+            "messages": [
+                *ASK,
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"id": "abcdefghi", "type": "code", "function": {"name": "f"}}],
+                },
+            ]
+        },
+        "messages[1].tool_calls[0].type",
+    ),
 ]
 
 
@@ -512,3 +524,21 @@ def test_generate_splits_thinking_too(tiny):
     assert (r["thinking"], r["response"]) == ("\nThe user wants Paris.\n", "It is sunny.")
     r = tiny.post("/api/generate", {**body, "raw": True})
     assert r.status_code == 400 and "think" in r.json()["error"]
+
+
+@pytest.mark.parametrize("tiny", ["qwen3"], indirect=True)
+@pytest.mark.parametrize("parallel", [True, False])
+def test_parallel_tool_calls_false_returns_one_call(tiny, parallel):
+    two = SCRIPTS["qwen3"] + "\n" + SCRIPTS["qwen3"].replace("Paris", "Rome")
+    body = {
+        "model": "model",
+        "messages": ASK,
+        "tools": TOOLS,
+        "max_tokens": 200,
+        "parallel_tool_calls": parallel,
+        "grammar": {"regex": regex_of(two)},
+    }
+    calls = tiny.post("/v1/chat/completions", body).json()["choices"][0]["message"]["tool_calls"]
+    cities = [json.loads(c["function"]["arguments"])["city"] for c in calls]
+    assert cities == (["Paris", "Rome"] if parallel else ["Paris"])
+    assert len({c["id"] for c in calls}) == len(calls)

@@ -215,6 +215,8 @@ def template_messages(messages: list[dict], *, api: str, syntax: CallSyntax) -> 
             for j, call in enumerate(calls):
                 cw = f"{where}.tool_calls[{j}]"
                 fn = call.get("function") if isinstance(call, dict) else None
+                if fn is not None and call.get("type", "function") != "function":
+                    raise BadRequest(f"{cw}.type must be 'function'", param=f"{cw}.type")
                 if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
                     raise BadRequest(
                         f"{cw} must be {{'function': {{'name', 'arguments'}}}}", param=cw
