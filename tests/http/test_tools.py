@@ -185,6 +185,8 @@ def test_forced_tool_choice_streams_index_id_name_then_arguments(tiny):
     head, *fragments = calls
     assert head.index == 0 and head.id and head.function.name == "get_weather"
     assert fragments and all(f.index == 0 and f.id is None for f in fragments)
+    if tiny.family != "mistral":  # name-first syntax: the arguments stream as they are written
+        assert len(fragments) > 3
     arguments = head.function.arguments + "".join(f.function.arguments for f in fragments)
     assert valid_weather(json.loads(arguments))
     assert chunks[-1].choices[0].finish_reason == "tool_calls"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import json
+
 import pytest
 
 from chat_templates import LLAMA31, MISTRAL, QWEN3
@@ -29,6 +32,10 @@ def split(text, syntax, *, pieces, think=None, reasoning=False):
         [c for o in outs for c in o.calls],
         outs,
     )
+
+
+def plain(calls):
+    return [{k: v for k, v in c.items() if k != "raw_arguments"} for c in calls]
 
 
 def test_families_are_chosen_from_the_template_as_mlx_lm_does():
@@ -98,6 +105,8 @@ def test_calls_are_parsed_and_their_markup_never_reaches_content(
 ):
     syntax = call_syntax(template, {})
     _, got_content, got_calls, outs = split(text, syntax, pieces=pieces)
+    for c in got_calls:  # the arguments' text as written, where the family writes JSON
+        assert json.loads(c.pop("raw_arguments", json.dumps(c["arguments"]))) == c["arguments"]
     assert got_calls == calls
     assert got_content == content
     for marker in ("<tool_call>", "</tool_call>", "[TOOL_CALLS]", "<|python_tag|>"):
@@ -125,7 +134,7 @@ def test_reasoning_is_split_from_content(pieces):
     # Reasoning, then a call.
     text = '<think>x</think>\n\n<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
     reasoning, content, calls, _ = split(text, call_syntax(QWEN3, {}), pieces=pieces, think=THINK)
-    assert (reasoning, content, calls) == ("x", "", [{"name": "f", "arguments": {}}])
+    assert (reasoning, content, plain(calls)) == ("x", "", [{"name": "f", "arguments": {}}])
 
 
 def test_text_like_a_marker_is_held_back_only_until_it_is_not_one():
@@ -134,3 +143,40 @@ def test_text_like_a_marker_is_held_back_only_until_it_is_not_one():
     assert sp.feed("box> b").content == "<toolbox> b"
     assert sp.feed("<thi").content == ""
     assert sp.finish().content == "<thi"
+
+
+@pytest.mark.parametrize("template", [QWEN3, LLAMA31])
+def test_a_call_is_visible_while_it_streams_in_name_first_families(template):
+    text = SCRIPT_OF[template]
+    sp = OutputSplitter(syntax=call_syntax(template, {}), tools=None, think=None)
+    seen = []
+    calls = []
+    for ch in text:
+        calls += sp.feed(ch).calls
+        live = sp.live_call()
+        if live is not None:
+            seen.append(live)
+    calls += sp.finish().calls
+    names = {name for name, _ in seen}
+    assert names == {"get_weather"}
+    grown = [args for _, args in seen]
+    assert all(b.startswith(a) for a, b in itertools.pairwise(grown))
+    assert grown[-1] == '{"city": "Paris", "note": "a } b"}'  # a brace inside a string
+    (call,) = calls
+    assert call["raw_arguments"] == grown[-1]
+
+
+SCRIPT_OF = {
+    QWEN3: '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "note": "a } b"}}'
+    "\n</tool_call>",
+    LLAMA31: '{"name": "get_weather", "parameters": {"city": "Paris", "note": "a } b"}}',
+}
+
+
+def test_a_refused_call_that_was_shown_is_not_content():
+    sp = OutputSplitter(syntax=call_syntax(QWEN3, {}), tools=None, think=None)
+    sp.feed('<tool_call>\n{"name": "f", "arguments": {"a": ')
+    assert sp.live_call() == ("f", '{"a": ')
+    sp.announce()
+    rest = sp.finish()
+    assert rest.content == "" and rest.unparsed.startswith("<tool_call>")

@@ -40,7 +40,7 @@ from kvgrove.http.fields import (
 from kvgrove.http.logprobs import completion_logprobs, token_entries, with_logprobs
 from kvgrove.http.ollama import runtime
 from kvgrove.http.structured import with_grammar
-from kvgrove.http.tools import ChatPlan, ReplyCalls, chat_plan, openai_deltas, openai_message
+from kvgrove.http.tools import ChatPlan, OpenAIStream, ReplyCalls, chat_plan, openai_message
 from kvgrove.sampling import SamplingParams
 
 bp = Blueprint("openai", __name__)
@@ -129,6 +129,7 @@ async def _respond(
 
     splitter = plan.splitter() if plan is not None else None
     calls = ReplyCalls(plan) if plan is not None else None
+    streamed = OpenAIStream(splitter, calls) if plan is not None else None
 
     def choice(
         text: str | None,
@@ -190,7 +191,7 @@ async def _respond(
             try:
                 async for ev in events:
                     if isinstance(ev, TextChunk) and splitter is not None:
-                        deltas = openai_deltas(splitter.feed(ev.text), calls)
+                        deltas = streamed.deltas(splitter.feed(ev.text))
                         if not deltas and wants_logprobs:
                             deltas = [{}]  # the tokens' logprobs, their text held back
                         for k, d in enumerate(deltas):
@@ -202,7 +203,7 @@ async def _respond(
                         sent += len(ev.text)
                     else:
                         if splitter is not None:
-                            for d in openai_deltas(splitter.finish(), calls):
+                            for d in streamed.deltas(splitter.finish()):
                                 yield _sse(envelope([choice(None, None, delta=True, message=d)]))
                         last = choice(None if chat else "", finish_reason(ev.reason), delta=True)
                         yield _sse(envelope([last]))

@@ -542,28 +542,16 @@ def openai_calls(calls: list[dict], ids: CallIds) -> list[dict]:
 
 
 def openai_call_deltas(calls: list[dict], ids: CallIds) -> list[dict]:
-    """Streamed ``delta.tool_calls``: per call, one delta with its index, id and name, then
-    its arguments as fragments."""
+    """Complete calls as streamed ``delta.tool_calls``: per call, one delta with its index, id
+    and name, then one with its arguments."""
     out = []
     for call in calls:
         index, cid = ids.next(call)
+        head = {"name": call["name"], "arguments": ""}
         out.append(
-            {
-                "tool_calls": [
-                    {
-                        "index": index,
-                        "id": cid,
-                        "type": "function",
-                        "function": {"name": call["name"], "arguments": ""},
-                    }
-                ]
-            }
+            {"tool_calls": [{"index": index, "id": cid, "type": "function", "function": head}]}
         )
-        arguments = json.dumps(call["arguments"], ensure_ascii=False)
-        for k in range(0, len(arguments), 32):
-            out.append(
-                {"tool_calls": [{"index": index, "function": {"arguments": arguments[k : k + 32]}}]}
-            )
+        out.append(_fragment(index, json.dumps(call["arguments"], ensure_ascii=False)))
     return out
 
 
@@ -587,6 +575,9 @@ class ReplyCalls:
         self.ids = CallIds(plan.syntax.family if plan.syntax else "")
         self._limit = None if plan.parallel else 1
         self.made = 0
+
+    def room(self) -> bool:
+        return self._limit is None or self.made < self._limit
 
     def take(self, calls: list[dict]) -> list[dict]:
         if self._limit is not None:
@@ -630,12 +621,66 @@ def openai_message(split: Split, reply: ReplyCalls) -> dict[str, Any]:
     return msg
 
 
-def openai_deltas(split: Split, reply: ReplyCalls) -> list[dict[str, Any]]:
-    """A streamed piece as OpenAI deltas: reasoning, then content, then the calls."""
-    out: list[dict[str, Any]] = []
-    if split.reasoning:
-        out.append({"role": "assistant", "reasoning_content": split.reasoning})
-    if split.content:
-        out.append({"role": "assistant", "content": split.content})
-    out.extend(openai_call_deltas(reply.take(split.calls), reply.ids))
-    return out
+class OpenAIStream:
+    """A streamed reply as OpenAI deltas: reasoning, content, then each call as one delta with
+    its index, id and name and then its arguments in fragments. In families that write the
+    name first (json_tools, llama3_json) a call is shown while the model writes it, its
+    arguments' text sent as it grows; in the others, when it is complete."""
+
+    def __init__(self, splitter: OutputSplitter, reply: ReplyCalls) -> None:
+        self.splitter = splitter
+        self.reply = reply
+        self._live: tuple[int, str] | None = None  # (index, arguments' text sent)
+
+    def deltas(self, split: Split) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        if split.reasoning:
+            out.append({"role": "assistant", "reasoning_content": split.reasoning})
+        if split.content:
+            out.append({"role": "assistant", "content": split.content})
+        calls = self.reply.take(split.calls)
+        if calls and self._live is not None:
+            (index, sent), self._live = self._live, None
+            first, calls = calls[0], calls[1:]
+            raw = first.get("raw_arguments")
+            if raw is None:
+                raw = json.dumps(first["arguments"], ensure_ascii=False)
+            if raw.startswith(sent) and raw != sent:
+                out.append(_fragment(index, raw[len(sent) :]))
+        out.extend(openai_call_deltas(calls, self.reply.ids))
+        out.extend(self._stream_live())
+        return out
+
+    def _stream_live(self) -> list[dict[str, Any]]:
+        live = self.splitter.live_call()
+        if live is None:
+            return []
+        name, arguments = live
+        out = []
+        if self._live is None:
+            if not self.reply.room():
+                return []
+            index, cid = self.reply.ids.next({})
+            self.splitter.announce()
+            self._live = (index, "")
+            out.append(
+                {
+                    "tool_calls": [
+                        {
+                            "index": index,
+                            "id": cid,
+                            "type": "function",
+                            "function": {"name": name, "arguments": ""},
+                        }
+                    ]
+                }
+            )
+        index, sent = self._live
+        if len(arguments) > len(sent):
+            out.append(_fragment(index, arguments[len(sent) :]))
+            self._live = (index, arguments)
+        return out
+
+
+def _fragment(index: int, text: str) -> dict[str, Any]:
+    return {"tool_calls": [{"index": index, "function": {"arguments": text}}]}

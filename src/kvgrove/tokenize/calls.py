@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -117,6 +118,8 @@ class Split:
     reasoning: str = ""
     content: str = ""
     calls: list[dict[str, Any]] = attrs.Factory(list)  # {"name": str, "arguments": ..., "id"?}
+    # The text of a streamed call (see ``OutputSplitter.live_call``) its parser then refused.
+    unparsed: str = ""
 
     def __bool__(self) -> bool:
         return bool(self.reasoning or self.content or self.calls)
@@ -156,6 +159,7 @@ class OutputSplitter:
         self._seen_content = False  # non-space content shown (a llama3 call must come first)
         self._strip_newlines = False  # right after a reasoning block
         self.called = False  # a call came out
+        self._announced = False  # the open call was shown while it streamed
 
     def feed(self, text: str) -> Split:
         self._buf += text
@@ -245,18 +249,79 @@ class OutputSplitter:
             out.content += text
             self._seen_content = self._seen_content or bool(text.strip())
 
+    def live_call(self) -> tuple[str, str] | None:
+        """While a call streams, in families that write ``{"name": ..., "arguments": {...}``
+        (json_tools, llama3_json): its name and the text of its arguments so far."""
+        if self._mode != _CALL or self._syntax.family not in _JSON_HEADED:
+            return None
+        m = _HEADER.match(self._buf)
+        if m is None:
+            return None
+        try:
+            name = json.loads(m.group(1))
+        except ValueError:
+            return None
+        return name, json_object_prefix(self._buf[m.end() :])[0]
+
+    def announce(self) -> None:
+        """The open call was shown while it streamed: if its parser refuses it, its text goes
+        to ``Split.unparsed`` instead of the content."""
+        self._announced = True
+
     def _call(self, out: Split, body: str, *, closed: bool) -> None:
         syntax = self._syntax
+        announced, self._announced = self._announced, False
         try:
             parsed = syntax.parse(body, self._tools)
             calls = parsed if isinstance(parsed, list) else [parsed]
             calls = [_checked(c) for c in calls]
         except Exception:
             # Not a call the family's parser can read: the model's words stay, as content.
-            self._show(out, syntax.start + body + (syntax.end if closed else ""))
+            text = syntax.start + body + (syntax.end if closed else "")
+            if announced:
+                out.unparsed += text
+            else:
+                self._show(out, text)
             return
+        if len(calls) == 1 and syntax.family in _JSON_HEADED:
+            m = _HEADER.match(body)
+            raw, whole = json_object_prefix(body[m.end() :]) if m else ("", False)
+            if whole and json.loads(raw) == calls[0]["arguments"]:
+                calls[0]["raw_arguments"] = raw  # what streamed, for the last fragment
         out.calls.extend(calls)
         self.called = True
+
+
+_JSON_HEADED = ("json_tools", "llama3_json")
+_HEADER = re.compile(
+    r'\s*(?:<\|python_tag\|>\s*)?\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*'
+    r'"(?:arguments|parameters)"\s*:\s*'
+)
+
+
+def json_object_prefix(text: str) -> tuple[str, bool]:
+    """The start of ``text`` that belongs to the JSON object it opens with, and whether that
+    object closed there. ("", False) when ``text`` does not open with an object."""
+    if not text.startswith("{"):
+        return "", False
+    depth, in_string, escaped = 0, False, False
+    for i, ch in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth == 0:
+                return text[: i + 1], True
+    return text, False
 
 
 def _checked(call: Any) -> dict[str, Any]:
