@@ -405,6 +405,14 @@ HOSTILE = [
         "tools[0].function.name",
     ),
     ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name"),
+    (
+        {
+            "tools": [
+                {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}
+            ]
+        },
+        "tools[0].function.parameters",
+    ),
     ({"tools": {"a": 1}}, "tools"),
     ({"tools": [{"type": "retrieval"}]}, "tools[0]"),
     (

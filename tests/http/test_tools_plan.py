@@ -31,6 +31,7 @@ ADD = {
         },
     },
 }
+ANY = {"type": "function", "function": {"name": "any", "parameters": {}}}
 NOTE = {
     "type": "function",
     "function": {
@@ -153,3 +154,21 @@ def test_a_template_without_tools_gets_them_in_the_system_turn(tmp_path):
     assert "<|im_start|>user\n<tool_response>\n5\n</tool_response>" in plan.prompt
     plan = chat_plan(rt, {"tools": [ADD], "tool_choice": "none"}, ASK, api="openai")
     assert "<tools>" not in plan.prompt and plan.syntax is None
+
+
+def allows(grammar: str, tok, text: str) -> bool:
+    """Whether the grammar lets the model write exactly ``text`` (token by token)."""
+    c = Constraint(grammar, tok)
+    for t in tok.encode(text, parse_special=False):
+        if not c.mask(tok.vocab_size)[t]:
+            return False
+        c.accept(t)
+    return c.accepting
+
+
+def test_a_schema_saying_nothing_still_forces_an_object(tmp_path):
+    rt = runtime(tmp_path, TEMPLATES["qwen3"])
+    plan = chat_plan(rt, {"tools": [ANY], "tool_choice": "required"}, ASK, api="openai")
+    head = '<tool_call>\n{"name": "any", "arguments": '
+    assert allows(plan.grammar, rt.loaded.tokenizer, head + '{"x":[1]}}\n</tool_call>')
+    assert not allows(plan.grammar, rt.loaded.tokenizer, head + "5}\n</tool_call>")

@@ -117,6 +117,12 @@ def parse_tools(value: Any, tokenizer: Any) -> list[Tool]:
                 f"{where}.function.parameters must be a JSON schema object",
                 param=f"{where}.function.parameters",
             )
+        if schema.get("type", "object") != "object":
+            raise BadRequest(
+                f"{where}.function.parameters must describe an object (type 'object'), got "
+                f"type {json.dumps(schema.get('type'))[:40]}",
+                param=f"{where}.function.parameters",
+            )
         try:
             check_grammar(json_schema_grammar(schema), tokenizer)
         except GrammarError as e:
@@ -353,7 +359,7 @@ def forced_call_grammar(
         rules.append(f"call_{k}: {json.dumps(head)} args_{k} {json.dumps(after)}")
         # Compact JSON (as kvgrove.grammar writes it): a small model cannot wander off into
         # endless whitespace.
-        compact = {**tool.schema, "x-guidance": {"whitespace_flexible": False}}
+        compact = {"type": "object", **tool.schema, "x-guidance": {"whitespace_flexible": False}}
         rules.append(f"args_{k}: %json {json.dumps(compact)}")
     items = []
     if close_reasoning:
