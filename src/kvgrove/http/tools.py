@@ -168,9 +168,9 @@ def parse_tool_choice(value: Any, tools: list[Tool]) -> tuple[str, str | None]:
 # -- the conversation, as the template sees it -------------------------------------------------
 
 
-def _call_id(api_family: str) -> str:
+def _call_id(family: str) -> str:
     """A fresh call id: Mistral's templates require 9 alphanumerics; others get call_<hex>."""
-    if api_family == "mistral":
+    if family == "mistral":
         return uuid.uuid4().hex[:9]
     return f"call_{uuid.uuid4().hex[:24]}"
 
@@ -507,10 +507,10 @@ def chat_plan(rt: Any, body: dict, messages: list[dict], *, api: str) -> ChatPla
     )
 
 
-def plain_plan(rt: Any, prompt: str, *, think_split: bool = True) -> ChatPlan:
-    """A prompt with no tools (Ollama generate): only the reasoning split."""
+def plain_plan(rt: Any, prompt: str) -> ChatPlan:
+    """A raw prompt (Ollama generate with raw): no tools, only the reasoning split."""
     tok = rt.loaded.tokenizer
-    think = think_markers(tok.chat_template, special_vocab(tok)) if think_split else None
+    think = think_markers(tok.chat_template, special_vocab(tok))
     return ChatPlan(prompt, None, [], think, starts_in_reasoning(prompt, think), None)
 
 
