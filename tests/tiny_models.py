@@ -132,7 +132,7 @@ CONFIGS["llama_3heads"] = {**CONFIGS["llama"], "num_attention_heads": 3, "num_ke
 CONFIGS["llama_3heads"]["head_dim"] = 16
 
 
-def _write_tokenizer(folder: Path) -> None:
+def _write_tokenizer(folder: Path, chat_template: str | None = None) -> None:
     """A byte-level BPE tokenizer.json with ChatML specials (built with `tokenizers`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -152,7 +152,7 @@ def _write_tokenizer(folder: Path) -> None:
     tok.add_tokens([f"<extra_{i}>" for i in range(missing)])
     assert tok.get_vocab_size() == VOCAB
     tok.save(str(folder / "tokenizer.json"))
-    template = (
+    template = chat_template or (
         "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
         "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
         "{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -176,15 +176,20 @@ def write_tiny_model(
     quantized: bool = False,
     seed: int = 0,
     vocab_size: int | None = None,
+    chat_template: str | None = None,
+    context_length: int | None = None,
 ) -> Path:
     """Write a random-weight `arch` model (optionally 4-bit) as a Hugging Face folder.
 
     `vocab_size` larger than the tokenizer's (320) makes a model that can emit ids the tokenizer
-    cannot decode (for error-path tests)."""
+    cannot decode (for error-path tests). `chat_template` replaces the plain ChatML one
+    (tests/chat_templates.py holds real models' templates); `context_length` the 512 positions."""
     folder.mkdir(parents=True, exist_ok=True)
     config = dict(CONFIGS[arch])
     if vocab_size is not None:
         config["vocab_size"] = vocab_size
+    if context_length is not None:
+        config["max_position_embeddings"] = context_length
     module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     mx.random.seed(seed)
     model = module.Model(module.ModelArgs.from_dict(config))
@@ -196,5 +201,5 @@ def write_tiny_model(
         params = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(folder / "model.safetensors"), params)
     (folder / "config.json").write_text(json.dumps(config))
-    _write_tokenizer(folder)
+    _write_tokenizer(folder, chat_template)
     return folder

@@ -71,6 +71,13 @@ def test_ollama_unknown_role_is_400(oc):
 @pytest.mark.parametrize("role", ["system", "developer", "user", "assistant", "tool"])
 def test_openai_roles_are_accepted(ai, role):
     messages = [{"role": role, "content": "hi"}, {"role": "user", "content": "Say hi."}]
+    if role == "tool":  # a tool message answers an earlier call (OpenAI requires its id)
+        call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        messages = [
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "hi"},
+            messages[1],
+        ]
     r = ai.chat.completions.create(model="smollm2", messages=messages, max_tokens=2)
     assert r.choices[0].message.content is not None
 
@@ -259,29 +266,21 @@ def test_ollama_ignored_options_are_accepted(oc):
     assert oc.generate(model="smollm2", prompt="hi", options=options).done
 
 
-TOOL = {
-    "type": "function",
-    "function": {"name": "f", "description": "d", "parameters": {"type": "object"}},
-}
-
-
-def test_tool_calls_and_thinking_are_400_until_implemented(oc, ai):
-    """Tool calls and the reasoning split are not built yet: asking for them is a 400 naming
-    the field, never free text passed off as an answer; their empty forms are accepted."""
+def test_thinking_the_model_cannot_do_is_400_naming_the_field(oc, ai):
+    """The bundled model's template knows no thinking: asking for it is a 400 naming the
+    field, never free text passed off as reasoning; tools are supported (tests/http/
+    test_tools.py) and their empty forms accepted."""
     hi = [{"role": "user", "content": "hi"}]
-    assert "tools" in ollama_400(lambda: oc.chat(model="smollm2", messages=hi, tools=[TOOL]))
     assert "think" in ollama_400(lambda: oc.chat(model="smollm2", messages=hi, think=True))
-    body = openai_400(
-        lambda: ai.chat.completions.create(model="smollm2", messages=hi, tools=[TOOL])
-    )
-    assert "tools" in str(body)
     body = openai_400(
         lambda: ai.chat.completions.create(model="smollm2", messages=hi, reasoning_effort="high")
     )
     assert "reasoning_effort" in str(body)
     assert oc.chat(model="smollm2", messages=hi, options=SHORT).done  # tools=[] by the client
+    assert oc.chat(model="smollm2", messages=hi, think=False, options=SHORT).done
     for table in (fields.OLLAMA_GENERATE, fields.OLLAMA_CHAT, fields.OPENAI_CHAT):
-        supported = [k for k in ("format", "response_format", "logprobs", "grammar") if k in table]
+        names = ("format", "response_format", "logprobs", "grammar", "tools", "think")
+        supported = [k for k in names if k in table]
         assert supported and all(table[k][0] == fields.SUPPORTED for k in supported)
     with pytest.raises(BadRequest):
         fields.check_fields({"logit_bias": {"1": 1}}, fields.OPENAI_CHAT)

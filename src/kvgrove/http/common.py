@@ -281,12 +281,3 @@ def check_messages(messages: Any, name: str = "messages") -> list[dict]:
             raise _type_error(f"{name}[{i}].content", "a string", content)
         out.append({**m, "role": role, "content": content})
     return out
-
-
-def render_chat(runtime: Runtime, messages: list[dict], tools: Any = None) -> str:
-    from kvgrove.tokenize.chat import ChatTemplateError
-
-    try:
-        return runtime.loaded.tokenizer.apply_chat_template(messages, tools=tools)
-    except ChatTemplateError as e:
-        raise BadRequest(str(e), param="messages") from None

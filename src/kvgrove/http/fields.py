@@ -5,8 +5,7 @@ Each generation route checks its body against its table: a field the table does 
 drops them, kvgrove is stricter so nothing is silently ignored). A field marked REJECT is a 400
 naming it unless it holds its neutral value (absent, null, or the value in `neutral`). IGNORE
 fields are accepted and have no effect, each with its reason. SUPPORTED fields are parsed by
-the routes. Tool calls and the reasoning split (issue 11) are not implemented yet: their fields
-are REJECT, so a client that relies on them hears so instead of getting free text.
+the routes (tool calls and the reasoning split: kvgrove.http.tools).
 
 Also here: chat roles, `keep_alive` (Go durations, as Ollama parses them) and images.
 """
@@ -26,6 +25,15 @@ REJECT = "rejected (400) unless neutral"
 
 # field -> (state, note; for REJECT the neutral values as a tuple in `NEUTRAL`)
 Table = dict[str, tuple[str, str]]
+
+_TOOLS = (
+    "rendered by the model's chat template (a generic instruction if it knows none); calls "
+    "parsed with mlx-lm's tool parser for the family"
+)
+_THINK = (
+    "reasoning split into thinking; false renders the template with enable_thinking=false "
+    "where it supports that; effort strings where the template reads reasoning_effort"
+)
 
 OLLAMA_GENERATE: Table = {
     "model": (SUPPORTED, "must name the loaded model"),
@@ -50,7 +58,7 @@ OLLAMA_GENERATE: Table = {
     "cache_salt": (SUPPORTED, "kvgrove: prefix-cache namespace"),
     "format": (SUPPORTED, '"json" or a JSON schema: constrained decoding (llguidance)'),
     "grammar": (SUPPORTED, 'kvgrove: {"lark": ...} or {"regex": ...}, constrained decoding'),
-    "think": (REJECT, "the reasoning split is not implemented yet (issue 11)"),
+    "think": (SUPPORTED, _THINK),
     "logprobs": (SUPPORTED, ""),
     "top_logprobs": (SUPPORTED, "0-20"),
 }
@@ -67,10 +75,10 @@ OLLAMA_CHAT: Table = {
     "truncate": (REJECT, "a prompt over the context is 400, never truncated"),
     "shift": (REJECT, "no context shifting: generation stops at the context limit"),
     "cache_salt": (SUPPORTED, "kvgrove: prefix-cache namespace"),
-    "tools": (REJECT, "tool calls are not implemented yet (issue 11)"),
+    "tools": (SUPPORTED, _TOOLS),
     "format": (SUPPORTED, '"json" or a JSON schema: constrained decoding (llguidance)'),
     "grammar": (SUPPORTED, 'kvgrove: {"lark": ...} or {"regex": ...}, constrained decoding'),
-    "think": (REJECT, "the reasoning split is not implemented yet (issue 11)"),
+    "think": (SUPPORTED, _THINK),
     "logprobs": (SUPPORTED, ""),
     "top_logprobs": (SUPPORTED, "0-20"),
 }
@@ -79,9 +87,9 @@ OLLAMA_MESSAGE: Table = {
     "role": (SUPPORTED, ""),
     "content": (SUPPORTED, ""),
     "images": (REJECT, "no model served has a vision tower: 400 says so"),
-    "tool_calls": (REJECT, "tool calls are not implemented yet (issue 11)"),
-    "tool_name": (REJECT, "tool calls are not implemented yet (issue 11)"),
-    "thinking": (REJECT, "the reasoning split is not implemented yet (issue 11)"),
+    "tool_calls": (SUPPORTED, "assistant calls, rendered by the template"),
+    "tool_name": (SUPPORTED, "a tool result's function"),
+    "thinking": (SUPPORTED, "earlier reasoning, given to the template as reasoning_content"),
 }
 
 OLLAMA_OPTIONS: Table = {
@@ -157,14 +165,25 @@ OPENAI_CHAT: Table = {
     "verbosity": (REJECT, "not implemented"),
     "response_format": (SUPPORTED, "text, json_object, json_schema: constrained decoding"),
     "grammar": (SUPPORTED, 'kvgrove: {"lark": ...} or {"regex": ...}, constrained decoding'),
-    "tools": (REJECT, "tool calls are not implemented yet (issue 11)"),
-    "tool_choice": (REJECT, "tool calls are not implemented yet (issue 11)"),
-    "parallel_tool_calls": (REJECT, "tool calls are not implemented yet (issue 11)"),
-    "functions": (REJECT, "tool calls are not implemented yet (issue 11)"),
-    "function_call": (REJECT, "tool calls are not implemented yet (issue 11)"),
+    "tools": (SUPPORTED, _TOOLS),
+    "tool_choice": (
+        SUPPORTED,
+        "none, auto, required, a named function; required and named constrain decoding to "
+        "the model's call syntax with the arguments' schema",
+    ),
+    "parallel_tool_calls": (
+        SUPPORTED,
+        "false: at most one call is returned; required/named make exactly one",
+    ),
+    "functions": (REJECT, "deprecated: use tools"),
+    "function_call": (REJECT, "deprecated: use tool_choice"),
     "logprobs": (SUPPORTED, ""),
     "top_logprobs": (SUPPORTED, "0-20, with logprobs"),
-    "reasoning_effort": (REJECT, "the reasoning split is not implemented yet (issue 11)"),
+    "reasoning_effort": (
+        SUPPORTED,
+        "passed to templates that read it; none turns thinking off where the template can; "
+        "other values 400",
+    ),
 }
 
 OPENAI_MESSAGE: Table = {
@@ -172,9 +191,10 @@ OPENAI_MESSAGE: Table = {
     "content": (SUPPORTED, "a string, or text parts; image/audio/file parts are 400"),
     "name": (IGNORE, "the chat templates have no participant names"),
     "refusal": (IGNORE, "history only"),
-    "tool_calls": (REJECT, "tool calls are not implemented yet (issue 11)"),
-    "tool_call_id": (REJECT, "tool calls are not implemented yet (issue 11)"),
-    "function_call": (REJECT, "tool calls are not implemented yet (issue 11)"),
+    "tool_calls": (SUPPORTED, "assistant calls (ids required), rendered by the template"),
+    "tool_call_id": (SUPPORTED, "required on tool messages; must answer an earlier call"),
+    "reasoning_content": (SUPPORTED, "earlier reasoning, given to the template"),
+    "function_call": (REJECT, "deprecated: use tool_calls"),
     "audio": (REJECT, "text only"),
 }
 
@@ -219,14 +239,7 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "truncate": (False,),
     "shift": (False,),
     # Clients send these empty when the caller gave none.
-    "tools": ([],),
-    "tool_calls": ([],),
-    "tool_name": ("",),
-    "tool_call_id": ("",),
-    "thinking": ("",),
     "functions": ([],),
-    "think": (False,),
-    "tool_choice": ("none",),
 }
 
 OLLAMA_ROLES = ("system", "user", "assistant", "tool")

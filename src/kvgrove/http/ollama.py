@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -28,7 +28,6 @@ from kvgrove.http.common import (
     get_str,
     predict_limit,
     read_json,
-    render_chat,
     require_ready,
     tagged,
 )
@@ -44,6 +43,14 @@ from kvgrove.http.fields import (
 )
 from kvgrove.http.logprobs import token_entries, with_logprobs
 from kvgrove.http.structured import with_grammar
+from kvgrove.http.tools import (
+    ChatPlan,
+    ReplyCalls,
+    capabilities,
+    chat_plan,
+    ollama_fields,
+    plain_plan,
+)
 from kvgrove.sampling import SamplingParams
 
 bp = Blueprint("ollama", __name__)
@@ -124,9 +131,17 @@ async def _respond(
     model: str,
     request: GenerationRequest,
     stream: bool,
-    piece: Callable[[str], dict[str, Any]],
+    plan: ChatPlan,
+    *,
+    chat: bool,
 ) -> Any:
     gen = rt.generation(request)
+    splitter = plan.splitter()
+    calls = ReplyCalls(plan)
+
+    def piece(split: Any) -> dict[str, Any]:
+        return ollama_fields(split, calls, chat=chat)
+
     headers = {"X-Request-Id": str(gen.request_id)}
     wants_logprobs = request.params.logprobs
 
@@ -145,7 +160,7 @@ async def _respond(
             except GenerationError as e:
                 return {"error": str(e)}, 500, headers
         assert final is not None
-        body = {"model": model, "created_at": now_iso(), **piece("".join(texts))}
+        body = {"model": model, "created_at": now_iso(), **piece(plan.split_all("".join(texts)))}
         if wants_logprobs:
             body["logprobs"] = token_entries(rt.loaded.tokenizer, tokens)
         return {**body, **final_fields(final)}, 200, headers
@@ -155,12 +170,19 @@ async def _respond(
             try:
                 async for ev in events:
                     if isinstance(ev, TextChunk):
-                        msg = {"model": model, "created_at": now_iso(), **piece(ev.text)}
+                        split = splitter.feed(ev.text)
+                        if not split and not wants_logprobs:
+                            continue  # held back: it may be the start of a marker
+                        msg = {"model": model, "created_at": now_iso(), **piece(split)}
                         if wants_logprobs:
                             msg["logprobs"] = token_entries(rt.loaded.tokenizer, ev.tokens)
                         msg["done"] = False
                     else:
-                        msg = {"model": model, "created_at": now_iso(), **piece("")}
+                        rest = splitter.finish()
+                        if rest:
+                            msg = {"model": model, "created_at": now_iso(), **piece(rest)}
+                            yield (json.dumps({**msg, "done": False}) + "\n").encode()
+                        msg = {"model": model, "created_at": now_iso(), **piece(type(rest)())}
                         msg.update(final_fields(ev))
                     yield (json.dumps(msg) + "\n").encode()
             except GenerationError as e:
@@ -193,17 +215,23 @@ async def generate() -> Any:
         return _load_only(model, {"response": ""})
     tok = rt.loaded.tokenizer
     if raw:
+        if body.get("think") is not None:
+            raise BadRequest(
+                "think cannot be combined with raw (no template is used)", param="think"
+            )
+        plan = plain_plan(rt, prompt)
         ids = tok.encode(prompt, add_special=True)
     else:
         messages = ([{"role": "system", "content": system}] if system else []) + (
             [{"role": "user", "content": prompt}] if prompt else []
         )
-        ids = tok.encode(render_chat(rt, messages))
+        plan = chat_plan(rt, body, messages, api="ollama")
+        ids = tok.encode(plan.prompt)
     max_tokens = predict_limit(rt, max_tokens, "options.num_predict")
     request = generation_request(
         rt, body, ids, params, max_tokens, stop, api="ollama", num_ctx=num_ctx
     )
-    return await _respond(rt, model, request, stream, lambda text: {"response": text})
+    return await _respond(rt, model, request, stream, plan, chat=False)
 
 
 @bp.post("/api/chat")
@@ -223,21 +251,14 @@ async def chat() -> Any:
     params = with_logprobs(with_grammar(rt, params, body, api="ollama"), body, api="ollama")
     if not messages:
         return _load_only(model, {"message": {"role": "assistant", "content": ""}})
-    tools = body.get("tools")
-    if tools is not None and not isinstance(tools, list):
-        raise BadRequest("tools must be a list", param="tools")
-    ids = rt.loaded.tokenizer.encode(render_chat(rt, messages, tools))
+    plan = chat_plan(rt, body, messages, api="ollama")
+    params = plan.apply(params, body)
+    ids = rt.loaded.tokenizer.encode(plan.prompt)
     max_tokens = predict_limit(rt, max_tokens, "options.num_predict")
     request = generation_request(
         rt, body, ids, params, max_tokens, stop, api="ollama", num_ctx=num_ctx
     )
-    return await _respond(
-        rt,
-        model,
-        request,
-        stream,
-        lambda text: {"message": {"role": "assistant", "content": text}},
-    )
+    return await _respond(rt, model, request, stream, plan, chat=True)
 
 
 def _details(rt: Runtime) -> dict[str, Any]:
@@ -299,7 +320,7 @@ async def show() -> Any:
             f"{info.architecture}.block_count": info.num_layers,
             **({"kvgrove.tensor_parallel": info.tensor_parallel} if info.tensor_parallel else {}),
         },
-        "capabilities": ["completion"],
+        "capabilities": capabilities(rt.loaded.tokenizer),
         "modified_at": _model_entry(rt)["modified_at"],
     }
 

@@ -26,7 +26,6 @@ from kvgrove.http.common import (
     get_stop,
     predict_limit,
     read_json,
-    render_chat,
     require_ready,
     tagged,
 )
@@ -41,6 +40,7 @@ from kvgrove.http.fields import (
 from kvgrove.http.logprobs import completion_logprobs, token_entries, with_logprobs
 from kvgrove.http.ollama import runtime
 from kvgrove.http.structured import with_grammar
+from kvgrove.http.tools import ChatPlan, OpenAIStream, ReplyCalls, chat_plan, openai_message
 from kvgrove.sampling import SamplingParams
 
 bp = Blueprint("openai", __name__)
@@ -104,6 +104,7 @@ async def _respond(
     request: GenerationRequest,
     *,
     chat: bool,
+    plan: ChatPlan | None = None,
 ) -> Any:
     stream = get_bool(body, "stream", False)
     include_usage = get_bool(
@@ -126,15 +127,29 @@ async def _respond(
             return completion_logprobs(rt.loaded.tokenizer, tokens, sent)
         return {"content": token_entries(rt.loaded.tokenizer, tokens), "refusal": None}
 
+    splitter = plan.splitter() if plan is not None else None
+    calls = ReplyCalls(plan) if plan is not None else None
+    streamed = OpenAIStream(splitter, calls) if plan is not None else None
+
     def choice(
-        text: str | None, finish: str | None, *, delta: bool, tokens: tuple = ()
+        text: str | None,
+        finish: str | None,
+        *,
+        delta: bool,
+        tokens: tuple = (),
+        message: dict | None = None,
     ) -> dict[str, Any]:
         logprobs = logprobs_of(tokens) if (tokens or not delta) else None
         if not chat:
             return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         key = "delta" if delta else "message"
         content = {} if text is None else {"role": "assistant", "content": text}
+        if message is not None:
+            content = message
         return {"index": 0, key: content, "logprobs": logprobs, "finish_reason": finish}
+
+    def finish_reason(reason: str) -> str:
+        return "tool_calls" if calls is not None and calls.made else reason
 
     def envelope(choices: list, **extra: Any) -> dict[str, Any]:
         kind = obj + ".chunk" if (stream and chat) else obj
@@ -164,7 +179,10 @@ async def _respond(
                 return error_body(str(e), kind="server_error"), 500, headers
         assert final is not None
         text = "".join(texts)
-        only = choice(text, final.reason, delta=False, tokens=tuple(tokens))
+        message = openai_message(plan.split_all(text), calls) if plan is not None else None
+        only = choice(
+            text, finish_reason(final.reason), delta=False, tokens=tuple(tokens), message=message
+        )
         return envelope([only], usage=usage(final)), headers
 
     async def events_out() -> AsyncIterator[bytes]:
@@ -172,11 +190,22 @@ async def _respond(
         async with aclosing(gen.stream()) as events:
             try:
                 async for ev in events:
-                    if isinstance(ev, TextChunk):
+                    if isinstance(ev, TextChunk) and splitter is not None:
+                        deltas = streamed.deltas(splitter.feed(ev.text))
+                        if not deltas and wants_logprobs:
+                            deltas = [{}]  # the tokens' logprobs, their text held back
+                        for k, d in enumerate(deltas):
+                            toks = ev.tokens if k == 0 else ()
+                            c = choice(None, None, delta=True, tokens=toks, message=d)
+                            yield _sse(envelope([c]))
+                    elif isinstance(ev, TextChunk):
                         yield _sse(envelope([choice(ev.text, None, delta=True, tokens=ev.tokens)]))
                         sent += len(ev.text)
                     else:
-                        last = choice(None if chat else "", ev.reason, delta=True)
+                        if splitter is not None:
+                            for d in streamed.deltas(splitter.finish()):
+                                yield _sse(envelope([choice(None, None, delta=True, message=d)]))
+                        last = choice(None if chat else "", finish_reason(ev.reason), delta=True)
                         yield _sse(envelope([last]))
                         if include_usage:
                             yield _sse(envelope([], usage=usage(ev)))
@@ -190,12 +219,20 @@ async def _respond(
 
 
 def _prepare(
-    rt: Runtime, body: dict, render: Callable[[], str], *, add_special: bool, chat: bool
+    rt: Runtime,
+    body: dict,
+    render: Callable[[], str],
+    *,
+    add_special: bool,
+    chat: bool,
+    plan: ChatPlan | None = None,
 ) -> tuple[str, GenerationRequest]:
     model = check_model(rt, body)
     params, max_tokens, stop = parse_sampling(rt, body)
     api = "openai" if chat else "openai-completions"
     params = with_logprobs(with_grammar(rt, params, body, api=api), body, api=api)
+    if plan is not None:
+        params = plan.apply(params, body)
     ids = rt.loaded.tokenizer.encode(render(), add_special=add_special)
     return model, generation_request(rt, body, ids, params, max_tokens, stop, api="openai")
 
@@ -214,11 +251,11 @@ async def chat_completions() -> Any:
     check_roles(messages, OPENAI_ROLES)
     if not messages:
         raise BadRequest("messages must not be empty", param="messages")
-    tools = body.get("tools")
+    plan = chat_plan(rt, body, messages, api="openai")
     model, request = _prepare(
-        rt, body, lambda: render_chat(rt, messages, tools), add_special=False, chat=True
+        rt, body, lambda: plan.prompt, add_special=False, chat=True, plan=plan
     )
-    return await _respond(rt, body, model, request, chat=True)
+    return await _respond(rt, body, model, request, chat=True, plan=plan)
 
 
 @bp.post("/v1/completions")
