@@ -29,13 +29,14 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from kvgrove import faults
 from kvgrove.actors.accountant import Accountant
+from kvgrove.actors.api import Runtime
 from kvgrove.actors.executor import Executor
 from kvgrove.actors.pager import Pager
 from kvgrove.actors.registry import ModelRegistry
-from kvgrove.actors.runtime import Runtime
 from kvgrove.actors.scheduler import Scheduler
 from kvgrove.config import Settings, add_serve_arguments, settings_from_args
 from kvgrove.http.app import create_app
+from kvgrove.http.guard import Gate
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +132,12 @@ async def serve(
     parallel passes rank 0's, which broadcasts each step).
     """
     warn_if_exposed(settings)
-    runtime = Runtime(settings)
+    gate = Gate.for_settings(settings)
+    runtime = Runtime(settings, actors={"gate": gate})
     shutdown = shutdown if shutdown is not None else trio.Event()
     ready = trio.Event()
     http_done = trio.Event()
-    app = create_app(runtime)
+    app = create_app(runtime, gate)
 
     async def run_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
         try:
@@ -187,7 +189,6 @@ async def serve(
             runtime.scheduler_inbox = scheduler.inbox
             runtime.accountant_inbox = accountant.inbox
             runtime.pager_inbox = pager.inbox
-            runtime.executor_inbox = executor.inbox
             runtime.actors.update(
                 accountant=accountant, pager=pager, executor=executor, scheduler=scheduler
             )

@@ -179,7 +179,7 @@ def test_bind_warning(caplog):
 def test_openapi_matches_the_route_table(keyed):
     app_routes: dict[str, set[str]] = {}
     # The route table is read from a fresh app: the same blueprints the server registers.
-    from kvgrove.actors.runtime import Runtime
+    from kvgrove.actors.api import Runtime
     from kvgrove.http.app import create_app
 
     app = create_app(Runtime(Settings()))

@@ -8,11 +8,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
-from quart import Blueprint, Response, current_app
+from quart import Blueprint, Response
 
 import kvgrove
-from kvgrove.actors.requests import Finished, GenerationError, GenerationRequest, TextChunk
-from kvgrove.actors.runtime import Runtime
+from kvgrove.actors.api import Finished, GenerationError, GenerationRequest, Runtime, TextChunk
 from kvgrove.http import catalog
 from kvgrove.http.common import (
     BadRequest,
@@ -30,8 +29,10 @@ from kvgrove.http.common import (
     read_json,
     render_chat,
     require_ready,
+    runtime,
     tagged,
 )
+from kvgrove.http.errors import error_body
 from kvgrove.http.fields import (
     OLLAMA_CHAT,
     OLLAMA_GENERATE,
@@ -58,10 +59,6 @@ _FLOAT_OPTIONS = (
 )
 _INT_OPTIONS = ("top_k", "repeat_last_n", "seed")
 NS = 1_000_000_000
-
-
-def runtime() -> Runtime:
-    return current_app.config["KVGROVE_RUNTIME"]
 
 
 def now_iso() -> str:
@@ -143,7 +140,7 @@ async def _respond(
                     else:
                         final = ev
             except GenerationError as e:
-                return {"error": str(e)}, 500, headers
+                return error_body(str(e), openai=False, status=500), 500, headers
         assert final is not None
         body = {"model": model, "created_at": now_iso(), **piece("".join(texts))}
         if wants_logprobs:
@@ -164,7 +161,7 @@ async def _respond(
                         msg.update(final_fields(ev))
                     yield (json.dumps(msg) + "\n").encode()
             except GenerationError as e:
-                yield (json.dumps({"error": str(e)}) + "\n").encode()
+                yield (json.dumps(error_body(str(e), openai=False)) + "\n").encode()
 
     response = Response(lines(), mimetype="application/x-ndjson", headers=headers)
     response.timeout = None
