@@ -50,6 +50,7 @@ from kvgrove.actors.pager import Pager
 from kvgrove.actors.scheduler import Scheduler
 from kvgrove.config import Settings
 from kvgrove.faults import InjectedFault
+from kvgrove.memory.ledger import TIERS
 from kvgrove.sampling import SamplingParams
 from oracle.workload import Damage, RemoveFolder, Request, Restart, Scenario, Wave
 
@@ -58,7 +59,6 @@ CONTEXT = 500
 REFERENCE_TOKENS = 10  # the most any generated request asks for
 DEADLINE = 120.0  # seconds for one wave, or one composition's start or stop: a hang is a failure
 POLL = 0.002  # state polls (cancellation points, quiescence) look this often, under a deadline
-TIERS = ("device", "host", "disk")
 
 _models: dict[str, Any] = {}
 

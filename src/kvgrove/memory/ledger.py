@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import attrs
 
 CATEGORIES = ("weights", "live", "reserved", "device", "host", "disk")
-TIERS = ("device", "host", "disk")
+TIERS = ("device", "host", "disk")  # the prefix cache's tiers, fastest first: the one definition
 _DEVICE_CATEGORIES = ("weights", "live", "reserved", "device")
 
 

@@ -28,13 +28,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kvgrove.memory.ledger import Budgets
+from kvgrove.memory.ledger import TIERS, Budgets
 from kvgrove.memory.snapshots import WHOLE
 from kvgrove.memory.tiers import DiskHealth, Hit, IntegrityReport, LruIndex, Move, Tiers
 
 log = logging.getLogger(__name__)
 
-TIERS = ("device", "host", "disk")
 DEFAULT_NAMESPACE = "default"
 _SAFE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 

@@ -30,7 +30,7 @@ import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, Protocol
 
-TIERS = ("device", "host", "disk")
+from kvgrove.memory.ledger import TIERS
 
 
 class PayloadOps(Protocol):
