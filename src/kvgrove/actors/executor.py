@@ -298,7 +298,7 @@ class Executor:
         try:
             if match_in is not None:
                 self._prefix.match(request_id, match_in, tokens[: promised + 1])
-            restored = min(self._prefix.restore(request_id, cache), promised)
+            restored = min(self._prefix.fill(request_id, cache), promised)
             if restored and cache_tokens(cache) != restored:
                 raise RuntimeError(f"restored {cache_tokens(cache)} tokens, not {restored}")
         except Exception:

@@ -182,7 +182,7 @@ class Tiers:
 
         A corrupt disk entry on the path is dropped and the match retried, so the hit only
         ever shrinks to what verified. Pair with `release` (or use `use`). With `promote`
-        False the path stays where it is (lock only): `restore_hit` promotes when it is used."""
+        False the path stays where it is (lock only): `fill` promotes when it is used."""
         self.stats["lookups"] += 1
         self.stats["lookup_tokens"] += len(tokens)
         moves: list[Move] = []
@@ -211,7 +211,7 @@ class Tiers:
         finally:
             self.release(hit)
 
-    def restore_hit(self, cache: Sequence[Any], hit: Hit) -> int:
+    def fill(self, cache: Sequence[Any], hit: Hit) -> int:
         """Promote the hit's path to the device tier, stitch it into a fresh live cache and
         release the hit (the live cache holds its own copy).
 
@@ -234,12 +234,12 @@ class Tiers:
             self.release(hit)
             raise
         try:
-            self.restore(cache, hit)
+            self.stitch(cache, hit)
         finally:
             self.release(hit)
         return hit.usable_tokens
 
-    def restore(self, cache: Sequence[Any], hit: Hit) -> float:
+    def stitch(self, cache: Sequence[Any], hit: Hit) -> float:
         """Stitch the hit's path into a fresh live cache; returns the seconds it took."""
         if hit.usable_tokens == 0:
             return 0.0
@@ -247,7 +247,7 @@ class Tiers:
         # hit's node holding only the tokens after the cut: pieces past the usable end drop off.
         pieces = [n.payload for n in self.trie.path(hit.node) if n.start < hit.usable_tokens]
         faults.check("tiers.stitch")
-        seconds = snapshots.restore(cache, pieces, hit.usable_tokens)
+        seconds = snapshots.stitch(cache, pieces, hit.usable_tokens)
         self.stats["restore_seconds"] += seconds
         return seconds
 
