@@ -57,7 +57,7 @@ PROMPTS = [
 ]
 # Back at their idle values once every request is over. Cached KV (the prefix cache) is kept by
 # design: it is checked against its tier budgets instead.
-MEMORY_KEYS = ("weights_bytes", "live_cache_bytes", "reserved_bytes")
+MEMORY_KEYS = ("weights_bytes", "live_cache_bytes")
 
 
 def write_model(folder: Path) -> Path:

@@ -8,6 +8,7 @@ import sys
 import time
 
 import kvgrove
+from kvgrove import config
 
 
 def _progress_bar(label: str):
@@ -145,7 +146,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from kvgrove import config, serve
+    from kvgrove import serve
 
     settings = config.settings_from_args(args)
     if settings.tensor_parallel > 1:
@@ -163,12 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="serve the Ollama and OpenAI HTTP APIs")
-    try:
-        from kvgrove import config
-
-        config.add_serve_arguments(p)
-    except (ImportError, AttributeError):  # the server is not installed in this build
-        p.add_argument("--model")
+    config.add_serve_arguments(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("run", help="chat once with a model, streaming the reply")

@@ -12,7 +12,7 @@ Checks (each failure is a line in `Outcome.failures`):
 - the reported cached tokens equal those actually restored (the promise, less what a logged
   fallback recomputed);
 - after each wave: no lock held, `check_integrity()` holds, the ledger is back to baseline (no
-  live bytes, no reservations, cached bytes = the trie's bytes), no live sequence left;
+  live bytes nor sequences, cached bytes = the trie's bytes), no live sequence left;
 - no tier's charged bytes ever exceeded its budget; no actor crashed or hung.
 """
 
@@ -464,7 +464,7 @@ class Run:
             actors.accountant.ledger.check_integrity()
         except AssertionError as exc:
             self.fail(f"{where}: ledger integrity: {exc}")
-        if memory["live_cache_bytes"] or memory["reserved_bytes"] or memory["reservations"]:
+        if memory["live_cache_bytes"] or memory["live_sequences"]:
             self.fail(f"{where}: ledger not at baseline: {memory}")
         stats = actors.executor.statistics()
         if stats.live_sequences:

@@ -21,7 +21,6 @@ is *stall-parked* (`park_stalled`): preempted (its KV goes to the prefix cache),
 running slot back and waits like a queued request, re-admitted once its outbox drains; one stalled
 for `stall_limit_seconds` is ended by the shell (`over_stall_limit`). A slow but steady reader
 makes progress and is never parked; a long prefill has an empty outbox.
-`next_item` (one item per step, round-robin) is the unbatched planner, kept for comparison.
 """
 
 from __future__ import annotations
@@ -51,7 +50,6 @@ class SeqState:
     cached_tokens: int = 0
     fed: int = 0  # tokens of `history` now in the executor's cache
     generated: int = 0
-    last_token: int | None = None
     started: bool = False  # the executor knows it (holds its sampler)
     has_cache: bool = False  # the executor holds a cache for it
     finished: bool = False
@@ -178,7 +176,6 @@ class SchedulerCore:
         self.prefill_waits = 0
         self._waiting: list[SeqState] = []
         self._running: dict[int, SeqState] = {}  # insertion order = round-robin order
-        self._cursor = 0
         self._release: list[int] = []
         self._preempt: list[int] = []
         self._admitted = 0
@@ -438,17 +435,6 @@ class SchedulerCore:
             return  # gone, or already resuming from token 0
         seq.fed = seq.resume_tokens = max(0, min(kept_tokens, len(seq.history) - 1))
 
-    def next_item(self) -> StepItem | None:
-        """The next unit of work, round-robin over runnable sequences; None when none can run."""
-        order = list(self._running.values())
-        for i in range(len(order)):
-            seq = order[(self._cursor + i) % len(order)]
-            if seq.runnable:
-                self._cursor = (self._cursor + i + 1) % len(order)
-                self.steps_planned += 1
-                return self._item_for(seq, self.chunk_tokens)
-        return None
-
     def _item_for(self, seq: SeqState, budget: int) -> StepItem:
         start = None
         if not seq.started:
@@ -505,7 +491,6 @@ class SchedulerCore:
             seq.outbox.append(seq.done("stop"))
             return seq
         seq.generated += 1
-        seq.last_token = result.token
         seq.history.append(result.token)
         cached = seq.cached_tokens if seq.generated == 1 else None
         seq.outbox.append(Token(result.token, result.logprob, result.top_logprobs, cached))
@@ -521,16 +506,6 @@ class SchedulerCore:
         for item in items:
             seq = self._running.get(item.request_id)
             if seq is not None and not seq.finished:
-                seq.finished = True
-                seq.outbox.append(Failed(message))
-                out.append(seq)
-        return out
-
-    def fail_all(self, message: str) -> list[SeqState]:
-        """Every running sequence ends with `message`."""
-        out = []
-        for seq in list(self._running.values()):
-            if not seq.finished:
                 seq.finished = True
                 seq.outbox.append(Failed(message))
                 out.append(seq)

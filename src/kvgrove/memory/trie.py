@@ -380,8 +380,6 @@ class Trie:
         self._touch(path)
         return InsertResult(node, new_tokens, new_nodes)
 
-    insert = insert_prefix
-
     def attach(
         self,
         parent: Node,
