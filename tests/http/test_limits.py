@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import httpx
@@ -12,14 +11,12 @@ import trio
 from kvgrove.config import Settings
 from kvgrove.http.guard import Gate, TooBusy
 from kvgrove.serve import background
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import soak
+from tiny_models import write_decodable_llama
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    return soak.write_model(tmp_path_factory.mktemp("tiny") / "llama")
+    return write_decodable_llama(tmp_path_factory.mktemp("tiny") / "llama")
 
 
 @pytest.fixture(scope="module")
