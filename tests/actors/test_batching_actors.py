@@ -18,6 +18,7 @@ from kvgrove.models.generate import generate
 from kvgrove.models.loading import load
 from kvgrove.sampling import SamplingParams
 from tiny_models import write_tiny_model
+from waiting import wait_until
 
 GREEDY = SamplingParams(temperature=0)
 MARKED = 311  # a prompt holding this token makes the faulty model's forward raise
@@ -122,10 +123,15 @@ def solo(folder, prompts, n):
 
 
 async def idle_memory(accountant):
-    await trio.sleep(0.05)
-    send, recv = trio.open_memory_channel(1)
-    await accountant.inbox.send(MemoryQuery(send))
-    memory = await recv.receive()
+    """The ledger's summary once the last release step's charges are in (no live bytes)."""
+
+    async def idle():
+        send, recv = trio.open_memory_channel(1)
+        await accountant.inbox.send(MemoryQuery(send))
+        memory = await recv.receive()
+        return memory if memory["live_cache_bytes"] == 0 else None
+
+    memory = await wait_until(idle, what="no live cache bytes")
     accountant.ledger.check_integrity()
     return memory
 
