@@ -32,6 +32,8 @@ import trio
 
 from kvgrove.actors.engine import start_engine
 from kvgrove.config import Settings
+from kvgrove.models.loading import find, load
+from kvgrove.paths import kv_dir
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +161,6 @@ class ModelRegistry:
         """A lease on `name`'s group, loading it first if needed (ModelLoadError if it can't).
         Names only: a request never makes the server open a file path of its choosing.
         None when the name leads to the server's own model (another alias of it)."""
-        from kvgrove.models.loading import find
-
         try:
             found = await trio.to_thread.run_sync(partial(find, name, paths=False))
         except (FileNotFoundError, ValueError) as e:
@@ -213,8 +213,6 @@ class ModelRegistry:
     async def _run_group(self, group: ModelGroup, name: str) -> None:
         folder = self.settings.kv_cache_dir
         if folder is None:
-            from kvgrove.paths import kv_dir
-
             folder = str(kv_dir())
         digest = hashlib.sha256(group.key.encode()).hexdigest()[:16]
         settings = attrs.evolve(
@@ -226,7 +224,6 @@ class ModelRegistry:
             def loader(name: str) -> Any:
                 return custom(name)
         else:
-            from kvgrove.models.loading import load
 
             def loader(name: str) -> Any:
                 def progress(fraction: float) -> None:
