@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import time
 
+import attrs
 import pytest
 import trio
 
-from kvgrove.actors.accountant import Accountant
-from kvgrove.actors.executor import Executor
+from kvgrove.actors.engine import start_engine
 from kvgrove.actors.messages import Cancel, Done, MemoryQuery, Resume, Submit, Token
-from kvgrove.actors.scheduler import Scheduler
 from kvgrove.config import Settings
 from kvgrove.models.loading import load
 from kvgrove.sampling import SamplingParams
@@ -24,13 +23,9 @@ def tiny_llama(tmp_path_factory) -> str:
 
 
 async def start_actors(nursery, settings):
-    accountant = Accountant(settings)
-    await nursery.start(accountant.run)
-    executor = Executor(settings, accountant=accountant.inbox.clone(), loader=load)
-    await nursery.start(executor.run)
-    scheduler = Scheduler(settings, executor=executor.inbox.clone())
-    await nursery.start(scheduler.run)
-    return accountant, executor, scheduler
+    """The actors as served (start_engine), the prefix cache off."""
+    engine = await start_engine(nursery, attrs.evolve(settings, prefix_cache=False), loader=load)
+    return engine.accountant, engine.executor, engine.scheduler
 
 
 def make_submit(rid, reply, *, n_prompt=20, max_tokens=6):

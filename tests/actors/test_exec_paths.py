@@ -10,8 +10,7 @@ import pytest
 import trio
 
 from kvgrove import faults
-from kvgrove.actors.accountant import Accountant
-from kvgrove.actors.executor import Executor
+from kvgrove.actors.engine import start_engine
 from kvgrove.actors.messages import (
     CacheQuery,
     Done,
@@ -22,9 +21,7 @@ from kvgrove.actors.messages import (
     Token,
 )
 from kvgrove.actors.metrics import Metrics
-from kvgrove.actors.pager import Pager
 from kvgrove.actors.requests import Finished, Generation, GenerationRequest
-from kvgrove.actors.scheduler import Scheduler
 from kvgrove.config import Settings
 from kvgrove.models.caches import cache_nbytes, make_cache
 from kvgrove.models.generate import generate, prefill_chunks
@@ -55,26 +52,9 @@ def _disarm():
 
 
 async def start(nursery, settings, kv_budget_bytes=None):
-    accountant = Accountant(settings)
-    await nursery.start(accountant.run)
-    executor = Executor(settings, accountant=accountant.inbox.clone())
-    loaded = await nursery.start(executor.run)
-    pager = Pager(
-        settings,
-        mlx=executor.mlx,
-        loaded=loaded,
-        executor=executor.inbox.clone(),
-        accountant=accountant.inbox.clone(),
-    )
-    await nursery.start(pager.run)
-    scheduler = Scheduler(
-        settings,
-        executor=executor.inbox.clone(),
-        pager=pager.inbox.clone(),
-        kv_budget_bytes=kv_budget_bytes,
-    )
-    await nursery.start(scheduler.run)
-    return accountant, executor, pager, scheduler, loaded
+    """The actors as served (start_engine)."""
+    e = await start_engine(nursery, settings, kv_budget_bytes=kv_budget_bytes)
+    return e.accountant, e.executor, e.pager, e.scheduler, e.loaded
 
 
 async def ask(inbox, make):

@@ -12,8 +12,7 @@ import time
 import pytest
 import trio
 
-from kvgrove.actors.accountant import Accountant
-from kvgrove.actors.executor import Executor
+from kvgrove.actors.engine import start_engine
 from kvgrove.actors.messages import (
     CacheQuery,
     Cancel,
@@ -24,8 +23,6 @@ from kvgrove.actors.messages import (
     Submit,
     Token,
 )
-from kvgrove.actors.pager import Pager
-from kvgrove.actors.scheduler import Scheduler
 from kvgrove.config import Settings
 from kvgrove.models.generate import generate
 from kvgrove.models.loading import load
@@ -52,21 +49,9 @@ def tiny(tmp_path_factory):
 
 
 async def start(nursery, settings):
-    accountant = Accountant(settings)
-    await nursery.start(accountant.run)
-    executor = Executor(settings, accountant=accountant.inbox.clone())
-    loaded = await nursery.start(executor.run)
-    pager = Pager(
-        settings,
-        mlx=executor.mlx,
-        loaded=loaded,
-        executor=executor.inbox.clone(),
-        accountant=accountant.inbox.clone(),
-    )
-    await nursery.start(pager.run)
-    scheduler = Scheduler(settings, executor=executor.inbox.clone(), pager=pager.inbox.clone())
-    await nursery.start(scheduler.run)
-    return accountant, executor, pager, scheduler
+    """The actors as served (start_engine)."""
+    engine = await start_engine(nursery, settings)
+    return engine.accountant, engine.executor, engine.pager, engine.scheduler
 
 
 async def ask(inbox, make):

@@ -49,10 +49,12 @@ async def start_engine(
     *,
     loader: Callable[[str | None], Any] | None = None,
     executor_factory: Callable[..., Executor] = Executor,
+    kv_budget_bytes: int | None = None,
 ) -> Engine:
     """Start the actors in `nursery` (they run until it is cancelled); return once the model is
     loaded and every actor is running. `loader` replaces kvgrove.models.loading.load;
-    `executor_factory` makes the executor (tensor parallel passes rank 0's)."""
+    `executor_factory` makes the executor (tensor parallel passes rank 0's); `kv_budget_bytes`
+    bounds the live caches (None = their share of the device budget, as served)."""
     accountant = Accountant(settings)
     await nursery.start(accountant.run)
     executor = executor_factory(settings, accountant=accountant.inbox.clone(), loader=loader)
@@ -65,6 +67,11 @@ async def start_engine(
         accountant=accountant.inbox.clone(),
     )
     await nursery.start(pager.run)
-    scheduler = Scheduler(settings, executor=executor.inbox.clone(), pager=pager.inbox.clone())
+    scheduler = Scheduler(
+        settings,
+        executor=executor.inbox.clone(),
+        pager=pager.inbox.clone(),
+        kv_budget_bytes=kv_budget_bytes,
+    )
     await nursery.start(scheduler.run)
     return Engine(loaded, accountant, executor, pager, scheduler)
