@@ -13,13 +13,12 @@ from kvgrove.actors.messages import Cancel, Done, MemoryQuery, Resume, Submit, T
 from kvgrove.config import Settings
 from kvgrove.models.loading import load
 from kvgrove.sampling import SamplingParams
-from tiny_models import write_tiny_model
 from waiting import wait_until
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory) -> str:
-    return str(write_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "llama"))
+@pytest.fixture
+def tiny_llama(tiny) -> str:
+    return tiny("llama")
 
 
 async def start_actors(nursery, settings):

@@ -15,24 +15,10 @@ from kvgrove.config import Settings
 from kvgrove.models.generate import generate
 from kvgrove.models.loading import load
 from kvgrove.sampling import SamplingParams
-from tiny_models import write_tiny_model
 from waiting import wait_until
 
 GREEDY = SamplingParams(temperature=0)
 MARKED = 311  # a prompt holding this token makes the faulty model's forward raise
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folders = {}
-
-    def get(arch: str) -> str:
-        if arch not in folders:
-            folder = tmp_path_factory.mktemp("tiny") / arch
-            folders[arch] = str(write_tiny_model(folder, arch))
-        return folders[arch]
-
-    return get
 
 
 class FaultyModel:

@@ -27,22 +27,9 @@ from kvgrove.models.caches import cache_nbytes, make_cache
 from kvgrove.models.generate import generate, prefill_chunks
 from kvgrove.models.loading import load
 from kvgrove.sampling import SamplingParams
-from tiny_models import write_tiny_model
 
 GREEDY = SamplingParams(temperature=0)
 DEADLINE_SECONDS = 60
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folders = {}
-
-    def get(arch: str) -> str:
-        if arch not in folders:
-            folders[arch] = str(write_tiny_model(tmp_path_factory.mktemp("tiny") / arch, arch))
-        return folders[arch]
-
-    return get
 
 
 @pytest.fixture(autouse=True)

@@ -27,25 +27,10 @@ from kvgrove.config import Settings
 from kvgrove.models.generate import generate
 from kvgrove.models.loading import load
 from kvgrove.sampling import SamplingParams
-from tiny_models import write_tiny_model
 from waiting import wait_until
 
 GREEDY = SamplingParams(temperature=0)
 ARCHS = ["llama", "qwen3_next", "glm4_moe_lite", "window", "gemma3", "default"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folders = {}
-
-    def get(arch: str) -> str | None:
-        if arch == "default":
-            return None  # the real bundled model (SmolLM2-135M, float32)
-        if arch not in folders:
-            folders[arch] = str(write_tiny_model(tmp_path_factory.mktemp("tiny") / arch, arch))
-        return folders[arch]
-
-    return get
 
 
 async def start(nursery, settings):
