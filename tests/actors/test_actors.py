@@ -8,6 +8,7 @@ import attrs
 import pytest
 import trio
 
+from actor_calls import ask
 from kvgrove.actors.engine import start_engine
 from kvgrove.actors.messages import Cancel, Done, MemoryQuery, Resume, Submit, Token
 from kvgrove.config import Settings
@@ -37,12 +38,6 @@ def make_submit(rid, reply, *, n_prompt=20, max_tokens=6):
         stop_ids=frozenset(),
         reply=reply,
     )
-
-
-async def ask(inbox, make):
-    send, recv = trio.open_memory_channel(1)
-    await inbox.send(make(send))
-    return await recv.receive()
 
 
 def live_bytes_zero(accountant):

@@ -9,13 +9,12 @@ from __future__ import annotations
 import pytest
 import trio
 
+from actor_calls import GREEDY, ask, run
 from kvgrove import faults
 from kvgrove.actors.engine import start_engine
 from kvgrove.actors.messages import (
     CacheQuery,
-    Done,
     ExecutorQuery,
-    Failed,
     MemoryQuery,
     Submit,
     Token,
@@ -26,9 +25,7 @@ from kvgrove.config import Settings
 from kvgrove.models.caches import cache_nbytes, make_cache
 from kvgrove.models.generate import generate, prefill_chunks
 from kvgrove.models.loading import load
-from kvgrove.sampling import SamplingParams
 
-GREEDY = SamplingParams(temperature=0)
 DEADLINE_SECONDS = 60
 
 
@@ -42,26 +39,6 @@ async def start(nursery, settings, kv_budget_bytes=None):
     """The actors as served (start_engine)."""
     e = await start_engine(nursery, settings, kv_budget_bytes=kv_budget_bytes)
     return e.accountant, e.executor, e.pager, e.scheduler, e.loaded
-
-
-async def ask(inbox, make):
-    send, recv = trio.open_memory_channel(1)
-    await inbox.send(make(send))
-    with trio.fail_after(DEADLINE_SECONDS):
-        return await recv.receive()
-
-
-async def run(scheduler, rid, prompt, n):
-    send, recv = trio.open_memory_channel(64)
-    await scheduler.inbox.send(Submit(rid, tuple(prompt), GREEDY, n, 400, frozenset(), send))
-    out = []
-    with trio.fail_after(DEADLINE_SECONDS):
-        async for msg in recv:
-            out.append(msg)
-            if isinstance(msg, Done | Failed):
-                break
-    assert isinstance(out[-1], Done), out[-1]
-    return [m.token for m in out if isinstance(m, Token)], out[-1]
 
 
 async def run_together(scheduler, prompts, n, rid0):

@@ -12,24 +12,20 @@ import time
 import pytest
 import trio
 
+from actor_calls import GREEDY, ask, run
 from kvgrove.actors.engine import start_engine
 from kvgrove.actors.messages import (
     CacheQuery,
     Cancel,
-    Done,
     ExecutorQuery,
-    Failed,
     MemoryQuery,
     Submit,
-    Token,
 )
 from kvgrove.config import Settings
 from kvgrove.models.generate import generate
 from kvgrove.models.loading import load
-from kvgrove.sampling import SamplingParams
 from waiting import wait_until
 
-GREEDY = SamplingParams(temperature=0)
 ARCHS = ["llama", "qwen3_next", "glm4_moe_lite", "window", "gemma3", "default"]
 
 
@@ -37,25 +33,6 @@ async def start(nursery, settings):
     """The actors as served (start_engine)."""
     engine = await start_engine(nursery, settings)
     return engine.accountant, engine.executor, engine.pager, engine.scheduler
-
-
-async def ask(inbox, make):
-    send, recv = trio.open_memory_channel(1)
-    await inbox.send(make(send))
-    return await recv.receive()
-
-
-async def run(scheduler, rid, prompt, n, *, namespace=""):
-    send, recv = trio.open_memory_channel(64)
-    submit = Submit(rid, tuple(prompt), GREEDY, n, 400, frozenset(), send, namespace=namespace)
-    await scheduler.inbox.send(submit)
-    out = []
-    async for msg in recv:
-        out.append(msg)
-        if isinstance(msg, Done | Failed):
-            break
-    assert isinstance(out[-1], Done), out[-1]
-    return [m.token for m in out if isinstance(m, Token)], out[-1]
 
 
 def conversation(seed: int) -> list[tuple[int, ...]]:
