@@ -51,7 +51,7 @@ def main() -> None:
         rows.append(("snapshot", time.perf_counter() - t0))
         with tiers.use(list(range(tokens))) as hit:
             fresh = [SpanKVCache() for _ in range(LAYERS)]
-            rows.append((f"stitch ({nodes} nodes)", tiers.restore(fresh, hit)))
+            rows.append((f"stitch ({nodes} nodes)", tiers.stitch(fresh, hit)))
         for target in ("host", "disk"):
             moves = [tiers.demote(n, target) for n in tiers.trie.lru_nodes()]
             rows.append((f"page out -> {target}", sum(m.seconds for m in moves)))

@@ -23,11 +23,8 @@ import kvgrove  # noqa: F401  (must come first: it loads OpenBLAS before mlx is 
 import trio
 
 from _common import prompt_of, table
-from kvgrove.actors.accountant import Accountant
-from kvgrove.actors.executor import Executor
+from kvgrove.actors.engine import start_engine
 from kvgrove.actors.messages import Done, Failed, Submit, Token
-from kvgrove.actors.pager import Pager
-from kvgrove.actors.scheduler import Scheduler
 from kvgrove.config import Settings
 from kvgrove.sampling import SamplingParams
 
@@ -40,14 +37,8 @@ async def one_config(args, prefix_cache: bool) -> list[object]:
         kv_cache_dir=tempfile.mkdtemp(prefix="kvgrove-bench-"),
     )
     async with trio.open_nursery() as nursery:
-        accountant = Accountant(settings)
-        await nursery.start(accountant.run)
-        executor = Executor(settings, accountant=accountant.inbox.clone())
-        loaded = await nursery.start(executor.run)
-        pager = Pager(settings, mlx=executor.mlx, loaded=loaded, executor=executor.inbox.clone())
-        await nursery.start(pager.run)
-        scheduler = Scheduler(settings, executor=executor.inbox.clone(), pager=pager.inbox.clone())
-        await nursery.start(scheduler.run)
+        engine = await start_engine(nursery, settings)  # the actors as served
+        loaded, executor, scheduler = engine.loaded, engine.executor, engine.scheduler
         prompt = tuple(prompt_of(loaded.tokenizer, args.prompt_tokens))
         ttft, cached = [], []
         t0 = time.perf_counter()

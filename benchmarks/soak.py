@@ -57,33 +57,15 @@ PROMPTS = [
 ]
 # Back at their idle values once every request is over. Cached KV (the prefix cache) is kept by
 # design: it is checked against its tier budgets instead.
-MEMORY_KEYS = ("weights_bytes", "live_cache_bytes", "reserved_bytes")
+MEMORY_KEYS = ("weights_bytes", "live_cache_bytes")
 
 
 def write_model(folder: Path) -> Path:
-    """The tiny llama, its tokenizer padded to the model's 320 ids so every token decodes."""
+    """The tiny llama whose every token decodes (the tests' own helper)."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_models import VOCAB, write_tiny_model
+    from tiny_models import write_decodable_llama
 
-    write_tiny_model(folder, "llama")
-    path = folder / "tokenizer.json"
-    tok = json.loads(path.read_text())
-    ids = [*tok["model"]["vocab"].values(), *(t["id"] for t in tok["added_tokens"])]
-    have = max(ids) + 1
-    for i in range(have, VOCAB):
-        tok["added_tokens"].append(
-            {
-                "id": i,
-                "content": f"<pad{i}>",
-                "single_word": False,
-                "lstrip": False,
-                "rstrip": False,
-                "normalized": False,
-                "special": False,
-            }
-        )
-    path.write_text(json.dumps(tok))
-    return folder
+    return write_decodable_llama(folder)
 
 
 def soak_settings(model: Path, *, small_budgets: bool = False, **overrides: Any) -> Settings:

@@ -21,8 +21,8 @@ import kvgrove  # noqa: F401  (must come first: it loads OpenBLAS before mlx is 
 import numpy as np
 
 from _common import table
-from kvgrove.memory.ledger import Budgets
-from kvgrove.memory.prefix_cache import TIERS, PrefixCache
+from kvgrove.memory.ledger import TIERS, Budgets
+from kvgrove.memory.prefix_cache import PrefixCache
 from kvgrove.memory.snapshots import Payload
 
 SPAN_TOKENS = 4

@@ -24,14 +24,14 @@ from kvgrove.grammar import (
     lark_grammar,
     regex_grammar,
 )
-from kvgrove.models.bundled import default_model_path
+from kvgrove.models.bundled import DEFAULT, pull
 from kvgrove.sampling import SamplingParams, SequenceSampler, build_sample
 from kvgrove.tokenize import load_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return load_tokenizer(default_model_path())
+    return load_tokenizer(pull(DEFAULT))
 
 
 def decode(tok, samplers, *, steps, seed, eos_bias=0.0):

@@ -203,3 +203,26 @@ def write_tiny_model(
     (folder / "config.json").write_text(json.dumps(config))
     _write_tokenizer(folder, chat_template)
     return folder
+
+
+def write_decodable_llama(folder: Path) -> Path:
+    """The tiny llama, its tokenizer padded to the model's 320 ids so every token decodes."""
+    write_tiny_model(folder, "llama")
+    path = folder / "tokenizer.json"
+    tok = json.loads(path.read_text())
+    ids = [*tok["model"]["vocab"].values(), *(t["id"] for t in tok["added_tokens"])]
+    have = max(ids) + 1
+    for i in range(have, VOCAB):
+        tok["added_tokens"].append(
+            {
+                "id": i,
+                "content": f"<pad{i}>",
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": False,
+            }
+        )
+    path.write_text(json.dumps(tok))
+    return folder

@@ -1,8 +1,9 @@
 """Swap MLX's reference BLAS for OpenBLAS on Linux CPUs.
 
-MLX's Linux CPU wheel links the netlib reference BLAS, which is ~70x slower than OpenBLAS for
-float32 matmul. Loading an OpenBLAS with RTLD_GLOBAL *before* mlx is imported makes the dynamic
-linker resolve MLX's `cblas_*` symbols to it (same results, measured by benchmarks/blas.py).
+MLX's Linux CPU wheel links the netlib reference BLAS, tens of times slower than OpenBLAS for
+float32 matmul (README's figures come from benchmarks/blas.py). Loading an OpenBLAS with
+RTLD_GLOBAL *before* mlx is imported makes the dynamic linker resolve MLX's `cblas_*` symbols to
+it (same results, measured by benchmarks/blas.py).
 This runs on `import kvgrove`, so every entry point gets it; it never raises.
 """
 
@@ -101,7 +102,7 @@ def preload() -> str | None:
             return _state["path"]
         _state["reason"] = "; ".join(dict.fromkeys(errors)) or "no OpenBLAS found"
     log.warning(
-        "OpenBLAS not loaded (%s): float32 matmul on CPU will be ~70x slower. "
+        "OpenBLAS not loaded (%s): float32 matmul on CPU will be tens of times slower. "
         "Install it with `apt-get install libopenblas0-pthread` (or set KVGROVE_OPENBLAS).",
         _state["reason"],
     )

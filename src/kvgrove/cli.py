@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
+from typing import Any
 
 import kvgrove
+from kvgrove import config
 
 
 def _progress_bar(label: str):
@@ -98,11 +101,13 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from kvgrove.models.generate import Timings, generate
-    from kvgrove.models.loading import load
+    """One generation through the server's engine (the same actors, batching and prefix cache),
+    composed in this process without HTTP. The disk tier is off: a one-shot run never contends
+    with a server for the cache folder."""
+    import trio
+
     from kvgrove.sampling import SamplingParams
 
-    lm = load(args.model)
     params = SamplingParams(
         temperature=args.temperature,
         top_k=args.top_k,
@@ -114,50 +119,72 @@ def cmd_run(args: argparse.Namespace) -> int:
         frequency_penalty=args.frequency_penalty,
         seed=args.seed,
     )
-    tok = lm.tokenizer
-    if args.raw:
-        prompt = tok.encode(args.prompt, add_special=True)
-    else:
-        messages = [{"role": "system", "content": args.system}] if args.system else []
-        messages.append({"role": "user", "content": args.prompt})
-        prompt = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
-    limit = lm.info.context_length
-    if len(prompt) >= limit:
+    settings = config.Settings(model=args.model, disk_budget_bytes=0)
+    return trio.run(_run_once, settings, args, params)
+
+
+async def _run_once(settings: config.Settings, args: argparse.Namespace, params: Any) -> int:
+    import trio
+
+    from kvgrove.actors.engine import start_engine
+    from kvgrove.actors.metrics import Metrics
+    from kvgrove.actors.requests import Finished, Generation, GenerationRequest
+
+    async with trio.open_nursery() as nursery:
+        engine = await start_engine(nursery, settings)
+        try:
+            tok = engine.loaded.tokenizer
+            if args.raw:
+                prompt = tok.encode(args.prompt, add_special=True)
+            else:
+                messages = [{"role": "system", "content": args.system}] if args.system else []
+                messages.append({"role": "user", "content": args.prompt})
+                prompt = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+            limit = engine.loaded.info.context_length
+            if len(prompt) >= limit:
+                print(
+                    f"input length ({len(prompt)} tokens) exceeds the model's maximum context "
+                    f"length ({limit} tokens)",
+                    file=sys.stderr,
+                )
+                return 2
+            max_tokens = min(
+                args.num_predict if args.num_predict >= 0 else limit, limit - len(prompt)
+            )
+            request = GenerationRequest(tuple(prompt), params, max_tokens, limit, api="cli")
+            generation = Generation(
+                request=request,
+                scheduler=engine.scheduler.inbox,
+                tokenizer=tok,
+                metrics=Metrics(),
+                reply_channel_items=settings.reply_channel_items,
+            )
+            async for event in generation.stream():
+                if isinstance(event, Finished):
+                    _report(event, args.verbose)
+                else:
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+            return 0
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+def _report(done: Any, verbose: bool) -> None:
+    sys.stdout.write("\n")
+    if verbose:
+        prefill = done.prompt_tokens / done.prefill_seconds if done.prefill_seconds else 0.0
+        n = done.generated_tokens - 1  # the first token comes out of the prefill
+        decode = n / done.decode_seconds if done.decode_seconds and n > 0 else 0.0
         print(
-            f"input length ({len(prompt)} tokens) exceeds the model's maximum context length "
-            f"({limit} tokens)",
+            f"prompt: {done.prompt_tokens} tokens ({done.cached_tokens} cached), "
+            f"{prefill:.1f} tok/s; generated: {done.generated_tokens} tokens, {decode:.1f} tok/s",
             file=sys.stderr,
         )
-        return 2
-    max_tokens = min(args.num_predict if args.num_predict >= 0 else limit, limit - len(prompt))
-    timings = Timings()
-    detok = tok.detokenizer()
-    for step in generate(
-        lm.model,
-        prompt,
-        params,
-        max_tokens=max_tokens,
-        stop_ids=tok.eos_ids,
-        timings=timings,
-    ):
-        if step.token in tok.eos_ids:
-            break
-        sys.stdout.write(detok.add(step.token))
-        sys.stdout.flush()
-    sys.stdout.write(detok.flush() + "\n")
-    if args.verbose:
-        print(
-            f"prompt: {timings.prompt_tokens} tokens, "
-            f"{timings.prefill_tokens_per_second:.1f} tok/s; "
-            f"generated: {timings.generated_tokens} tokens, "
-            f"{timings.decode_tokens_per_second:.1f} tok/s",
-            file=sys.stderr,
-        )
-    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from kvgrove import config, serve
+    from kvgrove import serve
 
     settings = config.settings_from_args(args)
     if settings.tensor_parallel > 1:
@@ -175,12 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="serve the Ollama and OpenAI HTTP APIs")
-    try:
-        from kvgrove import config
-
-        config.add_serve_arguments(p)
-    except (ImportError, AttributeError):  # the server is not installed in this build
-        p.add_argument("--model")
+    config.add_serve_arguments(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("run", help="chat once with a model, streaming the reply")
@@ -247,7 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         if busy is None:
             raise
         print(f"error: {busy}", file=sys.stderr)  # another server owns the cache folder
-        return 2
+        # As serve.main does after a clean stop: skip the interpreter's teardown, where
+        # destroying the loaded model's MLX stream threads intermittently aborted the process
+        # ("terminate called without an active exception", exit -6) instead of exiting 2.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
     finally:
         logging.getLogger(__name__).debug("done in %.2fs", time.perf_counter() - start)
 

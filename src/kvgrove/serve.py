@@ -1,8 +1,8 @@
 """The composition root: opens the channels, starts the actors in order, serves HTTP, shuts down.
 
 Lifetimes nest: the HTTP server starts first (so /health can say 503 while the model loads),
-then the accountant, the pager, the executor (which loads the model on its MLX thread) and the
-scheduler, each with `nursery.start`, so each is running before the next needs it. On
+then the actors (`start_engine`: the accountant, the executor, which loads the model on its MLX
+thread, the pager and the scheduler, each running before the next needs it). On
 SIGINT/SIGTERM (or `shutdown`), hypercorn stops accepting, gives in-flight streams
 `shutdown_grace_seconds` to finish, then cancels them; the actors are cancelled last.
 """
@@ -28,15 +28,14 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from kvgrove import faults
-from kvgrove.actors.accountant import Accountant
+from kvgrove.actors.api import Runtime
+from kvgrove.actors.engine import start_engine
 from kvgrove.actors.executor import Executor
-from kvgrove.actors.pager import Pager
 from kvgrove.actors.registry import ModelRegistry
-from kvgrove.actors.runtime import Runtime
-from kvgrove.actors.scheduler import Scheduler
 from kvgrove.actors.warmup import warm_up
 from kvgrove.config import Settings, add_serve_arguments, settings_from_args
 from kvgrove.http.app import create_app
+from kvgrove.http.guard import Gate
 from kvgrove.models import quant
 
 log = logging.getLogger(__name__)
@@ -143,11 +142,12 @@ async def serve(
     """
     warn_if_exposed(settings)
     configure_mlx(settings)
-    runtime = Runtime(settings)
+    gate = Gate.for_settings(settings)
+    runtime = Runtime(settings, actors={"gate": gate})
     shutdown = shutdown if shutdown is not None else trio.Event()
     ready = trio.Event()
     http_done = trio.Event()
-    app = create_app(runtime)
+    app = create_app(runtime, gate)
 
     async def run_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
         try:
@@ -173,47 +173,31 @@ async def serve(
         task_status.started(Server(runtime, binds, ready, shutdown))
 
         async with trio.open_nursery() as actors:
-            accountant = Accountant(settings)
-            await actors.start(accountant.run)
-            executor = executor_factory(
-                settings, accountant=accountant.inbox.clone(), loader=loader
+            engine = await start_engine(
+                actors, settings, loader=loader, executor_factory=executor_factory
             )
-            loaded = await actors.start(executor.run)
-            pager = Pager(
-                settings,
-                mlx=executor.mlx,
-                loaded=loaded,
-                executor=executor.inbox.clone(),
-                accountant=accountant.inbox.clone(),
-            )
-            await actors.start(pager.run)
-            scheduler = Scheduler(
-                settings, executor=executor.inbox.clone(), pager=pager.inbox.clone()
-            )
-            await actors.start(scheduler.run)
             if settings.max_loaded_models:
-                registry = ModelRegistry(settings, loader=loader, own_path=loaded.info.path)
+                registry = ModelRegistry(settings, loader=loader, own_path=engine.loaded.info.path)
                 await actors.start(registry.run)
                 runtime.registry = registry
-            runtime.loaded = loaded
-            runtime.scheduler_inbox = scheduler.inbox
-            runtime.accountant_inbox = accountant.inbox
-            runtime.pager_inbox = pager.inbox
-            runtime.executor_inbox = executor.inbox
-            runtime.actors.update(
-                accountant=accountant, pager=pager, executor=executor, scheduler=scheduler
-            )
+            runtime.loaded = engine.loaded
+            runtime.scheduler_inbox = engine.scheduler.inbox
+            runtime.accountant_inbox = engine.accountant.inbox
+            runtime.pager_inbox = engine.pager.inbox
+            runtime.actors.update(engine.actors)
             if settings.warm_up and not shutdown.is_set():
                 await warm_up(
-                    scheduler.inbox,
-                    loaded.tokenizer,
-                    context_tokens=min(settings.default_context_tokens, loaded.info.context_length),
+                    engine.scheduler.inbox,
+                    engine.loaded.tokenizer,
+                    context_tokens=min(
+                        settings.default_context_tokens, engine.loaded.info.context_length
+                    ),
                     reply_channel_items=settings.reply_channel_items,
                 )
             if not shutdown.is_set():
                 runtime.state = "ready"
             ready.set()
-            log.info("ready: %s", loaded.info.name)
+            log.info("ready: %s", engine.loaded.info.name)
             await http_done.wait()
             actors.cancel_scope.cancel()
         nursery.cancel_scope.cancel()

@@ -4,32 +4,28 @@ from __future__ import annotations
 
 import time
 
+import attrs
 import pytest
 import trio
 
-from kvgrove.actors.accountant import Accountant
-from kvgrove.actors.executor import Executor
+from actor_calls import ask
+from kvgrove.actors.engine import start_engine
 from kvgrove.actors.messages import Cancel, Done, MemoryQuery, Resume, Submit, Token
-from kvgrove.actors.scheduler import Scheduler
 from kvgrove.config import Settings
 from kvgrove.models.loading import load
 from kvgrove.sampling import SamplingParams
-from tiny_models import write_tiny_model
+from waiting import wait_until
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory) -> str:
-    return str(write_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "llama"))
+@pytest.fixture
+def tiny_llama(tiny) -> str:
+    return tiny("llama")
 
 
 async def start_actors(nursery, settings):
-    accountant = Accountant(settings)
-    await nursery.start(accountant.run)
-    executor = Executor(settings, accountant=accountant.inbox.clone(), loader=load)
-    await nursery.start(executor.run)
-    scheduler = Scheduler(settings, executor=executor.inbox.clone())
-    await nursery.start(scheduler.run)
-    return accountant, executor, scheduler
+    """The actors as served (start_engine), the prefix cache off."""
+    engine = await start_engine(nursery, attrs.evolve(settings, prefix_cache=False), loader=load)
+    return engine.accountant, engine.executor, engine.scheduler
 
 
 def make_submit(rid, reply, *, n_prompt=20, max_tokens=6):
@@ -44,10 +40,14 @@ def make_submit(rid, reply, *, n_prompt=20, max_tokens=6):
     )
 
 
-async def ask(inbox, make):
-    send, recv = trio.open_memory_channel(1)
-    await inbox.send(make(send))
-    return await recv.receive()
+def live_bytes_zero(accountant):
+    """A condition for wait_until: the ledger's memory summary once it holds no live bytes."""
+
+    async def check():
+        memory = await ask(accountant.inbox, MemoryQuery)
+        return memory if memory["live_cache_bytes"] == 0 else None
+
+    return check
 
 
 async def collect(recv) -> list:
@@ -76,9 +76,7 @@ async def test_slow_reader_parks_only_its_own_sequence(tiny_llama):
             slow.append(await slow_recv.receive())
             scheduler.inbox.send_nowait(Resume(1))
         assert [m.token for m in slow[:-1]] == [m.token for m in fast[:-1]]  # same prompt
-        await trio.sleep(0.05)
-        memory = await ask(accountant.inbox, MemoryQuery)
-        assert memory["live_cache_bytes"] == 0
+        await wait_until(live_bytes_zero(accountant), what="the live caches charged off")
         accountant.ledger.check_integrity()
         nursery.cancel_scope.cancel()
 
@@ -91,8 +89,11 @@ async def test_cancel_mid_prefill_stops_within_one_chunk(tiny_llama):
         other_send, other_recv = trio.open_memory_channel(64)
         await scheduler.inbox.send(make_submit(1, send, n_prompt=300, max_tokens=5))
         await scheduler.inbox.send(make_submit(2, other_send, n_prompt=12, max_tokens=5))
-        while not any(rid == 1 for rid, _, _ in executor.step_log):
-            await trio.sleep(0.001)
+        await wait_until(
+            lambda: any(rid == 1 for rid, _, _ in executor.step_log),
+            what="request 1's first prefill chunk",
+            poll=0,
+        )
         cancelled_at = time.monotonic()
         recv.close()
         await scheduler.inbox.send(Cancel(1, cancelled_at))
@@ -102,8 +103,9 @@ async def test_cancel_mid_prefill_stops_within_one_chunk(tiny_llama):
         assert len(late) <= 1
         steps_for_1 = sum(1 for rid, _, _ in executor.step_log if rid == 1)
         assert steps_for_1 < 300 // 4
-        await trio.sleep(0.05)
-        assert executor.statistics().live_sequences == 0
-        memory = await ask(accountant.inbox, MemoryQuery)
-        assert memory["live_cache_bytes"] == 0 and memory["weights_bytes"] > 0
+        await wait_until(
+            lambda: executor.statistics().live_sequences == 0, what="the live caches released"
+        )
+        memory = await wait_until(live_bytes_zero(accountant), what="the live caches charged off")
+        assert memory["weights_bytes"] > 0
         nursery.cancel_scope.cancel()

@@ -9,31 +9,16 @@ import pytest
 import trio
 from mlx_lm.models import cache as mlx_cache
 
-from kvgrove.actors.accountant import Accountant
-from kvgrove.actors.executor import Executor
+from kvgrove.actors.engine import start_engine
 from kvgrove.actors.messages import Done, Failed, MemoryQuery, Submit, Token
-from kvgrove.actors.scheduler import Scheduler
 from kvgrove.config import Settings
 from kvgrove.models.generate import generate
 from kvgrove.models.loading import load
 from kvgrove.sampling import SamplingParams
-from tiny_models import write_tiny_model
+from waiting import wait_until
 
 GREEDY = SamplingParams(temperature=0)
 MARKED = 311  # a prompt holding this token makes the faulty model's forward raise
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folders = {}
-
-    def get(arch: str) -> str:
-        if arch not in folders:
-            folder = tmp_path_factory.mktemp("tiny") / arch
-            folders[arch] = str(write_tiny_model(folder, arch))
-        return folders[arch]
-
-    return get
 
 
 class FaultyModel:
@@ -72,15 +57,14 @@ def wrapping_loader(**kwargs):
 
 
 async def start_actors(nursery, settings, *, loader=load, kv_budget_bytes=None):
-    accountant = Accountant(settings)
-    await nursery.start(accountant.run)
-    executor = Executor(settings, accountant=accountant.inbox.clone(), loader=loader)
-    await nursery.start(executor.run)
-    scheduler = Scheduler(
-        settings, executor=executor.inbox.clone(), kv_budget_bytes=kv_budget_bytes
+    """The actors as served (start_engine), the prefix cache off."""
+    engine = await start_engine(
+        nursery,
+        attrs.evolve(settings, prefix_cache=False),
+        loader=loader,
+        kv_budget_bytes=kv_budget_bytes,
     )
-    await nursery.start(scheduler.run)
-    return accountant, executor, scheduler
+    return engine.accountant, engine.executor, engine.scheduler
 
 
 def prompts_of_lengths(*lengths):
@@ -122,10 +106,15 @@ def solo(folder, prompts, n):
 
 
 async def idle_memory(accountant):
-    await trio.sleep(0.05)
-    send, recv = trio.open_memory_channel(1)
-    await accountant.inbox.send(MemoryQuery(send))
-    memory = await recv.receive()
+    """The ledger's summary once the last release step's charges are in (no live bytes)."""
+
+    async def idle():
+        send, recv = trio.open_memory_channel(1)
+        await accountant.inbox.send(MemoryQuery(send))
+        memory = await recv.receive()
+        return memory if memory["live_cache_bytes"] == 0 else None
+
+    memory = await wait_until(idle, what="no live cache bytes")
     accountant.ledger.check_integrity()
     return memory
 
@@ -215,16 +204,18 @@ async def test_a_failing_step_fails_only_its_requests_and_serving_goes_on(tiny):
 
 async def test_memory_pressure_preempts_the_newest_and_it_resumes_with_solo_tokens(tiny):
     folder = tiny("llama")
-    prompts = prompts_of_lengths(30, 30, 30, 30)
-    expected = solo(folder, prompts, 16)
+    prompts = prompts_of_lengths(200, 200, 200, 200)
+    expected = solo(folder, prompts, 80)
     settings = Settings(model=folder)
-    # Room for about two of them: tiny llama holds 2 layers x 2 x 2 heads x 16 x 4 bytes per
-    # token (512), in 256-token buffers, batched or not.
+    # Room for two of them: tiny llama holds 2 layers x 2 x 2 heads x 16 x 4 bytes per token
+    # (512), in 256-token buffers, batched or not. Two are admitted (the third does not fit
+    # beside them); when their decode crosses 256 tokens their buffers double, the caches
+    # outgrow the budget and the newest is preempted.
     async with trio.open_nursery() as nursery:
         accountant, _executor, scheduler = await start_actors(
             nursery, settings, kv_budget_bytes=300_000
         )
-        results = await run_all(scheduler, prompts, 16)
+        results = await run_all(scheduler, prompts, 80)
         assert [tokens(r) for r in results] == expected
         assert scheduler.statistics().preempted >= 1
         memory = await idle_memory(accountant)

@@ -37,7 +37,7 @@ def test_long_prompt_is_prefilled_in_chunks_then_sampled():
     core.admit(submit(1, 10))
     sizes = []
     while True:
-        item = core.next_item()
+        (item,) = core.plan_step()
         sizes.append((len(item.tokens), item.sample, item.start is not None))
         seq = core.on_result(item, result(item, 7 if item.sample else None))
         if item.sample:
@@ -47,23 +47,10 @@ def test_long_prompt_is_prefilled_in_chunks_then_sampled():
     assert seq.fed == 10
 
 
-def test_round_robin_interleaves_prefill_chunks_and_decode():
-    core = SchedulerCore(chunk_tokens=4, max_running=4)
-    core.admit(submit(1, 2))
-    core.admit(submit(2, 12))
-    order = []
-    for _ in range(6):
-        item = core.next_item()
-        order.append(item.request_id)
-        seq = core.on_result(item, result(item, 5 if item.sample else None))
-        seq.outbox.clear()  # delivered
-    assert order == [1, 2, 1, 2, 1, 2]
-
-
 def test_stop_token_ends_without_emitting_it():
     core = SchedulerCore(chunk_tokens=8, max_running=1)
     core.admit(submit(1, 3))
-    item = core.next_item()
+    (item,) = core.plan_step()
     seq = core.on_result(item, result(item, EOS))
     (done,) = seq.outbox
     assert isinstance(done, Done) and done.reason == "stop" and done.generated_tokens == 0
@@ -74,10 +61,11 @@ def test_max_tokens_and_context_limit_end_with_length():
     core.admit(submit(1, 3, max_tokens=2))
     core.admit(submit(2, 3, max_tokens=None, context=5))
     delivered: dict[int, list] = {1: [], 2: []}
-    while (item := core.next_item()) is not None:
-        seq = core.on_result(item, result(item, 9))
-        delivered[item.request_id] += seq.outbox
-        seq.outbox.clear()
+    while items := core.plan_step():
+        for item in items:
+            seq = core.on_result(item, result(item, 9))
+            delivered[item.request_id] += seq.outbox
+            seq.outbox.clear()
     for rid in (1, 2):
         msgs = delivered[rid]
         assert msgs[:2] == [Token(9), Token(9)]
@@ -89,10 +77,14 @@ def test_parked_sequence_is_not_planned_and_others_go_on():
     core = SchedulerCore(chunk_tokens=8, max_running=2)
     core.admit(submit(1, 2, max_tokens=None))
     core.admit(submit(2, 2, max_tokens=None))
-    item = core.next_item()
-    core.on_result(item, result(item, 9))  # seq 1 now holds an undelivered token: parked
+    for item in core.plan_step():
+        core.on_result(item, result(item, 9))
+    core.get(2).outbox.clear()  # delivered; seq 1 still holds its token: parked
     assert core.get(1).parked
-    assert [core.next_item().request_id for _ in range(2)] == [2, 2]
+    for _ in range(2):
+        (item,) = core.plan_step()
+        assert item.request_id == 2
+        core.on_result(item, result(item, 9)).outbox.clear()
     assert core.statistics().parked == 1
 
 
@@ -148,10 +140,10 @@ def test_cancel_releases_started_sequences_and_admits_waiting():
     core = SchedulerCore(chunk_tokens=8, max_running=1)
     core.admit(submit(1, 2))
     core.admit(submit(2, 2))
-    assert core.next_item().request_id == 1
+    assert [item.request_id for item in core.plan_step()] == [1]
     core.remove(1, cancelled=True)
     assert core.take_release() == (1,)
-    assert core.next_item().request_id == 2
+    assert [item.request_id for item in core.plan_step()] == [2]
     core.remove(2, cancelled=True)
     assert core.take_release() == (2,)
     assert core.statistics().cancelled == 2 and core.idle
@@ -161,7 +153,7 @@ def test_max_tokens_zero_is_done_at_once():
     core = SchedulerCore(chunk_tokens=8, max_running=1)
     seq = core.admit(submit(1, 2, max_tokens=0))
     assert seq.finished and seq.outbox[0].reason == "length"
-    assert core.next_item() is None
+    assert core.plan_step() == ()
 
 
 @pytest.mark.parametrize(

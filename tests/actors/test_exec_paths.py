@@ -9,43 +9,24 @@ from __future__ import annotations
 import pytest
 import trio
 
+from actor_calls import GREEDY, ask, run
 from kvgrove import faults
-from kvgrove.actors.accountant import Accountant
-from kvgrove.actors.executor import Executor
+from kvgrove.actors.engine import start_engine
 from kvgrove.actors.messages import (
     CacheQuery,
-    Done,
     ExecutorQuery,
-    Failed,
     MemoryQuery,
     Submit,
     Token,
 )
 from kvgrove.actors.metrics import Metrics
-from kvgrove.actors.pager import Pager
 from kvgrove.actors.requests import Finished, Generation, GenerationRequest
-from kvgrove.actors.scheduler import Scheduler
 from kvgrove.config import Settings
 from kvgrove.models.caches import cache_nbytes, make_cache
 from kvgrove.models.generate import generate, prefill_chunks
 from kvgrove.models.loading import load
-from kvgrove.sampling import SamplingParams
-from tiny_models import write_tiny_model
 
-GREEDY = SamplingParams(temperature=0)
 DEADLINE_SECONDS = 60
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folders = {}
-
-    def get(arch: str) -> str:
-        if arch not in folders:
-            folders[arch] = str(write_tiny_model(tmp_path_factory.mktemp("tiny") / arch, arch))
-        return folders[arch]
-
-    return get
 
 
 @pytest.fixture(autouse=True)
@@ -55,46 +36,9 @@ def _disarm():
 
 
 async def start(nursery, settings, kv_budget_bytes=None):
-    accountant = Accountant(settings)
-    await nursery.start(accountant.run)
-    executor = Executor(settings, accountant=accountant.inbox.clone())
-    loaded = await nursery.start(executor.run)
-    pager = Pager(
-        settings,
-        mlx=executor.mlx,
-        loaded=loaded,
-        executor=executor.inbox.clone(),
-        accountant=accountant.inbox.clone(),
-    )
-    await nursery.start(pager.run)
-    scheduler = Scheduler(
-        settings,
-        executor=executor.inbox.clone(),
-        pager=pager.inbox.clone(),
-        kv_budget_bytes=kv_budget_bytes,
-    )
-    await nursery.start(scheduler.run)
-    return accountant, executor, pager, scheduler, loaded
-
-
-async def ask(inbox, make):
-    send, recv = trio.open_memory_channel(1)
-    await inbox.send(make(send))
-    with trio.fail_after(DEADLINE_SECONDS):
-        return await recv.receive()
-
-
-async def run(scheduler, rid, prompt, n):
-    send, recv = trio.open_memory_channel(64)
-    await scheduler.inbox.send(Submit(rid, tuple(prompt), GREEDY, n, 400, frozenset(), send))
-    out = []
-    with trio.fail_after(DEADLINE_SECONDS):
-        async for msg in recv:
-            out.append(msg)
-            if isinstance(msg, Done | Failed):
-                break
-    assert isinstance(out[-1], Done), out[-1]
-    return [m.token for m in out if isinstance(m, Token)], out[-1]
+    """The actors as served (start_engine)."""
+    e = await start_engine(nursery, settings, kv_budget_bytes=kv_budget_bytes)
+    return e.accountant, e.executor, e.pager, e.scheduler, e.loaded
 
 
 async def run_together(scheduler, prompts, n, rid0):

@@ -7,81 +7,32 @@ host tier and the disk tier, for plain attention (llama), hybrid recurrent (qwen
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import trio
 
-from kvgrove.actors.accountant import Accountant
-from kvgrove.actors.executor import Executor
+from actor_calls import GREEDY, ask, run
+from kvgrove.actors.engine import start_engine
 from kvgrove.actors.messages import (
     CacheQuery,
-    Done,
+    Cancel,
     ExecutorQuery,
-    Failed,
     MemoryQuery,
     Submit,
-    Token,
 )
-from kvgrove.actors.pager import Pager
-from kvgrove.actors.scheduler import Scheduler
 from kvgrove.config import Settings
 from kvgrove.models.generate import generate
 from kvgrove.models.loading import load
-from kvgrove.sampling import SamplingParams
-from tiny_models import write_tiny_model
+from waiting import wait_until
 
-GREEDY = SamplingParams(temperature=0)
 ARCHS = ["llama", "qwen3_next", "glm4_moe_lite", "window", "gemma3", "default"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folders = {}
-
-    def get(arch: str) -> str | None:
-        if arch == "default":
-            return None  # the real bundled model (SmolLM2-135M, float32)
-        if arch not in folders:
-            folders[arch] = str(write_tiny_model(tmp_path_factory.mktemp("tiny") / arch, arch))
-        return folders[arch]
-
-    return get
-
-
 async def start(nursery, settings):
-    accountant = Accountant(settings)
-    await nursery.start(accountant.run)
-    executor = Executor(settings, accountant=accountant.inbox.clone())
-    loaded = await nursery.start(executor.run)
-    pager = Pager(
-        settings,
-        mlx=executor.mlx,
-        loaded=loaded,
-        executor=executor.inbox.clone(),
-        accountant=accountant.inbox.clone(),
-    )
-    await nursery.start(pager.run)
-    scheduler = Scheduler(settings, executor=executor.inbox.clone(), pager=pager.inbox.clone())
-    await nursery.start(scheduler.run)
-    return accountant, executor, pager, scheduler
-
-
-async def ask(inbox, make):
-    send, recv = trio.open_memory_channel(1)
-    await inbox.send(make(send))
-    return await recv.receive()
-
-
-async def run(scheduler, rid, prompt, n, *, namespace=""):
-    send, recv = trio.open_memory_channel(64)
-    submit = Submit(rid, tuple(prompt), GREEDY, n, 400, frozenset(), send, namespace=namespace)
-    await scheduler.inbox.send(submit)
-    out = []
-    async for msg in recv:
-        out.append(msg)
-        if isinstance(msg, Done | Failed):
-            break
-    assert isinstance(out[-1], Done), out[-1]
-    return [m.token for m in out if isinstance(m, Token)], out[-1]
+    """The actors as served (start_engine)."""
+    engine = await start_engine(nursery, settings)
+    return engine.accountant, engine.executor, engine.pager, engine.scheduler
 
 
 def conversation(seed: int) -> list[tuple[int, ...]]:
@@ -117,9 +68,11 @@ def reference(folder, system, turns, n):
 
 
 async def check_clean(accountant, pager, executor):
-    # Let the scheduler send the last release step, then wait for the executor to finish it
-    # (it answers queries in order, after the step's charges are sent).
-    await trio.sleep(0.05)
+    # Wait for the scheduler's last release step to give up every live cache, then for the
+    # executor to answer a query (it answers in order, after the step's charges are sent).
+    await wait_until(
+        lambda: executor.statistics().live_sequences == 0, what="the live caches released"
+    )
     await ask(executor.inbox, ExecutorQuery)
     summary = await ask(pager.inbox, lambda r: CacheQuery(r, check=True))
     memory = await ask(accountant.inbox, MemoryQuery)
@@ -205,19 +158,23 @@ async def test_cache_survives_a_restart_on_the_same_directory(tiny, tmp_path):
 async def test_cancelled_requests_unlock_and_keep_what_they_computed(tiny, tmp_path):
     folder = tiny("llama")
     prompt = tuple((7 * i) % 240 + 10 for i in range(150))
-    settings = Settings(model=folder, prefill_chunk_tokens=16, kv_cache_dir=str(tmp_path))
+    settings = Settings(model=folder, prefill_chunk_tokens=8, kv_cache_dir=str(tmp_path))
     async with trio.open_nursery() as nursery:
         accountant, executor, pager, scheduler = await start(nursery, settings)
         _, done = await run(scheduler, 1, prompt[:40], 2)
-        # A request that matches the cached prefix, then goes away mid-prefill.
+        # A request that matches the cached prefix, then goes away mid-prefill: once its first
+        # chunk (of 14) has run, as the request actor does when its client leaves.
         send, recv = trio.open_memory_channel(64)
         await scheduler.inbox.send(Submit(2, prompt, GREEDY, 50, 400, frozenset(), send))
-        with trio.move_on_after(0.2):
-            async for _ in recv:
-                pass
+        await wait_until(
+            lambda: any(rid == 2 for rid, _, _ in executor.step_log),
+            what="request 2's first prefill chunk",
+            poll=0,
+        )
         recv.close()
-        await trio.sleep(0.3)
+        await scheduler.inbox.send(Cancel(2, time.monotonic()))
         await check_clean(accountant, pager, executor)
+        assert sum(rid == 2 for rid, _, _ in executor.step_log) < 14  # it was mid-prefill
         _, done = await run(scheduler, 3, prompt, 2)
         assert done.cached_tokens >= 39
         await check_clean(accountant, pager, executor)

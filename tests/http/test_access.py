@@ -3,31 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import sys
-from pathlib import Path
 
 import httpx
 import ollama
 import openai
 import pytest
 
-from kvgrove.actors.messages import Submit
 from kvgrove.config import Settings, add_serve_arguments, settings_from_args
-from kvgrove.http.guard import OPEN_PATHS, key_id
+from kvgrove.http.guard import OPEN_PATHS
 from kvgrove.http.openapi import spec
 from kvgrove.serve import background, is_loopback, warn_if_exposed
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import soak
+from tiny_models import write_decodable_llama
 
 KEYS = ("key-one", "key-two")
 
 
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory):
-    model = soak.write_model(tmp_path_factory.mktemp("tiny") / "llama")
+    model = write_decodable_llama(tmp_path_factory.mktemp("tiny") / "llama")
     settings = Settings(port=0, model=str(model), api_keys=KEYS, shutdown_grace_seconds=0.5)
     with background(settings) as bg:
         yield bg
@@ -90,51 +84,30 @@ def test_official_clients_send_the_key(keyed):
     assert e.value.status_code == 401
 
 
-class SubmitSpy:
-    """Stands in for the scheduler's inbox, recording each Submit's namespace."""
-
-    def __init__(self, inbox) -> None:
-        self.inbox = inbox
-        self.namespaces: list[str] = []
-
-    async def send(self, msg) -> None:
-        if isinstance(msg, Submit):
-            self.namespaces.append(msg.namespace)
-        await self.inbox.send(msg)
-
-    def send_nowait(self, msg) -> None:
-        self.inbox.send_nowait(msg)
-
-
-@contextlib.contextmanager
-def spy_on_submits(runtime):
-    spy = SubmitSpy(runtime.scheduler_inbox)
-    runtime.scheduler_inbox = spy
-    try:
-        yield spy.namespaces
-    finally:
-        runtime.scheduler_inbox = spy.inbox
+def cached_tokens(url: str, path: str, prompt: str, key: str, salt: str | None) -> int:
+    """Prompt tokens the request found in the prefix cache (raw prompts: the same ids on both
+    APIs)."""
+    salted = {"cache_salt": salt} if salt else {}
+    if path == "/api/generate":
+        body = {"model": "llama", "prompt": prompt, "raw": True, "stream": False}
+        body["options"] = {"num_predict": 1}
+    else:
+        body = {"model": "llama", "prompt": prompt, "max_tokens": 1}
+    r = httpx.post(url + path, json={**body, **salted}, headers=bearer(key), timeout=120)
+    assert r.status_code == 200, r.text
+    if path == "/api/generate":
+        return r.json()["prompt_cache_count"]
+    return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
 
 
 def test_each_key_and_salt_gets_its_own_namespace(keyed):
-    """Submit carries the namespace the pager keys its trie by: one per (key, cache_salt)."""
-    cases = [(KEYS[0], None), (KEYS[0], None), (KEYS[1], None), (KEYS[0], "s"), (KEYS[1], "s")]
-    with spy_on_submits(keyed.runtime) as seen:
-        for key, salt in cases:
-            salted = {"cache_salt": salt} if salt else {}
-            for path, body in (
-                ("/api/generate", GEN),
-                ("/v1/completions", {"model": "llama", "prompt": "x", "max_tokens": 2}),
-            ):
-                r = httpx.post(
-                    keyed.url + path, json={**body, **salted}, headers=bearer(key), timeout=60
-                )
-                assert r.status_code == 200, r.text
-    by_case = seen[::2]
-    assert seen[1::2] == by_case  # both APIs agree
-    assert by_case[0] == by_case[1] != ""
-    assert len({by_case[0], by_case[2], by_case[3], by_case[4]}) == 4
-    assert all(KEYS[0] not in ns and key_id(KEYS[0]) not in ns for ns in by_case)
+    """Cached prompts are shared within one (key, cache_salt) and with no other: a prompt one
+    namespace cached is computed afresh in each other, and found again in its own, by either
+    API."""
+    prompt = "namespaces are kept apart " * 4
+    for key, salt in ((KEYS[0], None), (KEYS[1], None), (KEYS[0], "s"), (KEYS[1], "s")):
+        assert cached_tokens(keyed.url, "/api/generate", prompt, key, salt) == 0, (key, salt)
+        assert cached_tokens(keyed.url, "/v1/completions", prompt, key, salt) > 0, (key, salt)
     r = httpx.post(
         f"{keyed.url}/api/generate", json={**GEN, "cache_salt": 5}, headers=bearer(KEYS[0])
     )
@@ -142,17 +115,22 @@ def test_each_key_and_salt_gets_its_own_namespace(keyed):
 
 
 def test_without_keys_only_cache_salt_makes_a_namespace(live_server):
-    body = {"model": "smollm2", "prompt": "hi", "stream": False, "options": {"num_predict": 1}}
-    with spy_on_submits(live_server.runtime) as seen:
-        for extra in ({}, {"cache_salt": "a"}, {"cache_salt": "b"}):
-            r = httpx.post(
-                f"{live_server.url}/api/generate",
-                json={**body, **extra},
-                headers=bearer("anything"),  # no keys configured: any bearer is accepted
-                timeout=120,
-            )
-            assert r.status_code == 200
-    assert seen[0] == "" and "" != seen[1] != seen[2] != ""
+    url, prompt = live_server.url, "Only a cache salt sets a namespace apart here. " * 2
+    body = {"model": "smollm2", "prompt": prompt, "raw": True, "stream": False}
+    body["options"] = {"num_predict": 1}
+
+    def cached(bearer_key: str, **extra) -> int:
+        r = httpx.post(  # no keys configured: any bearer is accepted
+            f"{url}/api/generate", json={**body, **extra}, headers=bearer(bearer_key), timeout=120
+        )
+        assert r.status_code == 200, r.text
+        return r.json()["prompt_cache_count"]
+
+    assert cached("anything") == 0
+    assert cached("something else") > 0  # the bearer makes no namespace: the shared one
+    assert cached("anything", cache_salt="a") == 0
+    assert cached("anything", cache_salt="b") == 0
+    assert cached("anything", cache_salt="a") > 0
 
 
 def test_keys_from_flags_and_environment(monkeypatch):
@@ -179,7 +157,7 @@ def test_bind_warning(caplog):
 def test_openapi_matches_the_route_table(keyed):
     app_routes: dict[str, set[str]] = {}
     # The route table is read from a fresh app: the same blueprints the server registers.
-    from kvgrove.actors.runtime import Runtime
+    from kvgrove.actors.api import Runtime
     from kvgrove.http.app import create_app
 
     app = create_app(Runtime(Settings()))

@@ -98,7 +98,7 @@ async def test_half_of_twenty_streams_disconnect(live_server):
     # prefix cache already holds these prompts and their greedy continuations from the reference
     # runs, so what the streams store adds no bytes.)
     now = await idle_memory(url)
-    for key in ("weights_bytes", "reserved_bytes", "cached_kv_bytes", "device_used_bytes"):
+    for key in ("weights_bytes", "live_cache_bytes", "cached_kv_bytes", "device_used_bytes"):
         assert now[key] == baseline[key], key
 
     scheduler = live_server.runtime.actors["scheduler"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 import tempfile
 from pathlib import Path
 
@@ -17,9 +16,7 @@ import trio
 
 from kvgrove.config import Settings
 from kvgrove.serve import background
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import soak
+from tiny_models import write_decodable_llama
 
 MAX_RUNNING = 2
 STALL = 0.5
@@ -29,7 +26,7 @@ LONG = {"model": "llama", "prompt": "hello", "options": {"temperature": 0, "num_
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    return soak.write_model(tmp_path_factory.mktemp("tiny") / "llama")
+    return write_decodable_llama(tmp_path_factory.mktemp("tiny") / "llama")
 
 
 def _settings(model: Path, **overrides) -> Settings:

@@ -13,9 +13,7 @@ Bounded: ~300 cases in all, derandomized, a few tens of seconds.
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
-from pathlib import Path
 
 import httpx
 import pytest
@@ -25,9 +23,7 @@ from hypothesis import strategies as st
 from kvgrove.config import Settings
 from kvgrove.http.openapi import SCHEMAS
 from kvgrove.serve import background
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import soak
+from tiny_models import write_decodable_llama
 
 BODY_LIMIT = 16 * 1024
 TALLY: Counter = Counter()
@@ -56,7 +52,7 @@ VALID = {
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory):
-    model = soak.write_model(tmp_path_factory.mktemp("tiny") / "llama")
+    model = write_decodable_llama(tmp_path_factory.mktemp("tiny") / "llama")
     config = Settings(
         port=0,
         model=str(model),

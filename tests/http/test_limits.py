@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -12,14 +12,12 @@ import trio
 from kvgrove.config import Settings
 from kvgrove.http.guard import Gate, TooBusy
 from kvgrove.serve import background
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import soak
+from tiny_models import write_decodable_llama
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    return soak.write_model(tmp_path_factory.mktemp("tiny") / "llama")
+    return write_decodable_llama(tmp_path_factory.mktemp("tiny") / "llama")
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +120,12 @@ async def test_beyond_the_queue_is_429_with_retry_after(limited):
 async def test_a_client_that_leaves_the_queue_frees_its_place(limited):
     async with httpx.AsyncClient(base_url=limited.url, timeout=60) as c:
         async with c.stream("POST", "/api/generate", json=LONG) as first:
-            with trio.move_on_after(0.5):  # queued, then gone
-                await c.post("/api/generate", json={**LONG, "stream": False})
+            async with trio.open_nursery() as nursery:  # queued, then gone
+                nursery.start_soon(partial(c.post, "/api/generate", json={**LONG, "stream": False}))
+                with trio.fail_after(10):
+                    while (await trio.to_thread.run_sync(gate_stats, limited)).queued != 1:
+                        await trio.sleep(0.02)
+                nursery.cancel_scope.cancel()
             with trio.fail_after(10):
                 while (await trio.to_thread.run_sync(gate_stats, limited)).queued:
                     await trio.sleep(0.02)

@@ -16,6 +16,9 @@ from kvgrove.models.loading import load
 from kvgrove.serve import serve
 from tiny_models import write_tiny_model
 
+# Each server test as a whole, its model load and shutdown included: past it the test fails.
+DEADLINE_SECONDS = 180
+
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> str:
@@ -58,37 +61,39 @@ async def test_health_is_503_while_loading_then_ok(tiny_llama):
         return load(name)
 
     settings = Settings(port=0, model=tiny_llama, shutdown_grace_seconds=0.5)
-    async with trio.open_nursery() as nursery:
-        server = await nursery.start(
-            partial(serve, settings, handle_signals=False, loader=slow_load)
-        )
-        async with httpx.AsyncClient(base_url=server.url) as c:
-            r = await c.get("/health")
-            assert r.status_code == 503 and r.json() == {"status": "loading"}
-            r = await c.post("/api/generate", json={"model": "llama", "prompt": "x"})
-            assert r.status_code == 503
-            release.set()
-            with trio.fail_after(30):
-                await server.ready.wait()
-            r = await c.get("/health")
-            assert r.status_code == 200 and r.json() == {"status": "ok"}
-        server.shutdown.set()
+    with trio.fail_after(DEADLINE_SECONDS):  # a hung start or shutdown fails the test
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                partial(serve, settings, handle_signals=False, loader=slow_load)
+            )
+            async with httpx.AsyncClient(base_url=server.url) as c:
+                r = await c.get("/health")
+                assert r.status_code == 503 and r.json() == {"status": "loading"}
+                r = await c.post("/api/generate", json={"model": "llama", "prompt": "x"})
+                assert r.status_code == 503
+                release.set()
+                with trio.fail_after(30):
+                    await server.ready.wait()
+                r = await c.get("/health")
+                assert r.status_code == 200 and r.json() == {"status": "ok"}
+            server.shutdown.set()
 
 
 async def test_graceful_shutdown_lets_a_stream_finish(tmp_path):
     # Its own cache folder: the session's live server owns the default one.
     settings = Settings(port=0, shutdown_grace_seconds=8, kv_cache_dir=str(tmp_path))
-    async with trio.open_nursery() as nursery:
-        server = await nursery.start(partial(serve, settings, handle_signals=False))
-        await server.ready.wait()
-        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
-            req = {"model": "smollm2", "prompt": "Hello", "options": {"num_predict": 6}}
-            async with c.stream("POST", "/api/generate", json=req) as r:
-                lines = r.aiter_lines()
-                await lines.__anext__()
-                server.shutdown.set()
-                rest = [json.loads(line) async for line in lines]
-            assert rest[-1]["done"] and rest[-1]["eval_count"] == 6
+    with trio.fail_after(DEADLINE_SECONDS):  # a hung start or shutdown fails the test
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(partial(serve, settings, handle_signals=False))
+            await server.ready.wait()
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+                req = {"model": "smollm2", "prompt": "Hello", "options": {"num_predict": 6}}
+                async with c.stream("POST", "/api/generate", json=req) as r:
+                    lines = r.aiter_lines()
+                    await lines.__anext__()
+                    server.shutdown.set()
+                    rest = [json.loads(line) async for line in lines]
+                assert rest[-1]["done"] and rest[-1]["eval_count"] == 6
     # serve() returned on its own (within the grace period): the stream was let finish.
 
 
@@ -97,17 +102,23 @@ async def test_tokens_the_tokenizer_cannot_decode_end_the_stream_with_an_error(t
     # emit ids the tokenizer has no text for.
     folder = write_tiny_model(tmp_path / "wide", "llama", vocab_size=4000)
     settings = Settings(port=0, model=str(folder), shutdown_grace_seconds=0.5)
-    async with trio.open_nursery() as nursery:
-        server = await nursery.start(partial(serve, settings, handle_signals=False))
-        await server.ready.wait()
-        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
-            req = {"model": "wide", "prompt": "abc", "raw": True, "options": {"num_predict": 60}}
-            r = await c.post("/api/generate", json=req)
-            last = json.loads(r.text.splitlines()[-1])
-            assert "outside the vocabulary" in last["error"]
-            r = await c.get("/health")  # and the server goes on
-            assert r.status_code == 200
-        server.shutdown.set()
+    with trio.fail_after(DEADLINE_SECONDS):  # a hung start or shutdown fails the test
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(partial(serve, settings, handle_signals=False))
+            await server.ready.wait()
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+                req = {
+                    "model": "wide",
+                    "prompt": "abc",
+                    "raw": True,
+                    "options": {"num_predict": 60},
+                }
+                r = await c.post("/api/generate", json=req)
+                last = json.loads(r.text.splitlines()[-1])
+                assert "outside the vocabulary" in last["error"]
+                r = await c.get("/health")  # and the server goes on
+                assert r.status_code == 200
+            server.shutdown.set()
 
 
 async def test_cache_check_reports_and_repairs_over_http(tiny_llama, tmp_path):
@@ -119,30 +130,34 @@ async def test_cache_check_reports_and_repairs_over_http(tiny_llama, tmp_path):
         kv_cache_dir=str(tmp_path),
         shutdown_grace_seconds=0.5,
     )
-    async with trio.open_nursery() as nursery:
-        server = await nursery.start(partial(serve, settings, handle_signals=False))
-        await server.ready.wait()
-        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
-            req = {"model": "llama", "prompt": "a prompt long enough to cache", "raw": True}
-            req |= {"stream": False, "options": {"num_predict": 2}}
-            assert (await c.post("/api/generate", json=req)).status_code == 200
-            with trio.fail_after(30):  # the sequence's KV is stored when the executor releases it
-                while not (await c.get("/api/cache")).json()["bytes"]["disk"]:
-                    await trio.sleep(0.05)
-            files = list(tmp_path.rglob("*.safetensors"))
-            assert files
-            for f in files:
-                f.unlink()
-            r = await c.get("/api/cache", params={"check": "1"})
-            assert r.status_code == 200
-            report = r.json()["integrity"]
-            assert not report["clean"] and report["repaired"] and not report["unrepaired"]
-            assert (await c.get("/api/cache", params={"check": "1"})).json()["integrity"]["clean"]
-            assert (await c.get("/health")).json() == {"status": "ok"}
-            assert (await c.post("/api/generate", json=req)).status_code == 200
-            text = (await c.get("/metrics")).text
-            assert 'kvgrove_prefix_cache_disk_degraded{tier="disk"} 0' in text, text
-        server.shutdown.set()
+    with trio.fail_after(DEADLINE_SECONDS):  # a hung start or shutdown fails the test
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(partial(serve, settings, handle_signals=False))
+            await server.ready.wait()
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+                req = {"model": "llama", "prompt": "a prompt long enough to cache", "raw": True}
+                req |= {"stream": False, "options": {"num_predict": 2}}
+                assert (await c.post("/api/generate", json=req)).status_code == 200
+                # The sequence's KV is stored when the executor releases it.
+                with trio.fail_after(30):
+                    while not (await c.get("/api/cache")).json()["bytes"]["disk"]:
+                        await trio.sleep(0.05)
+                files = list(tmp_path.rglob("*.safetensors"))
+                assert files
+                for f in files:
+                    f.unlink()
+                r = await c.get("/api/cache", params={"check": "1"})
+                assert r.status_code == 200
+                report = r.json()["integrity"]
+                assert not report["clean"] and report["repaired"] and not report["unrepaired"]
+                assert (await c.get("/api/cache", params={"check": "1"})).json()["integrity"][
+                    "clean"
+                ]
+                assert (await c.get("/health")).json() == {"status": "ok"}
+                assert (await c.post("/api/generate", json=req)).status_code == 200
+                text = (await c.get("/metrics")).text
+                assert 'kvgrove_prefix_cache_disk_degraded{tier="disk"} 0' in text, text
+            server.shutdown.set()
 
 
 async def test_a_second_server_on_a_cache_folder_fails_at_start_naming_it(tiny_llama, tmp_path):

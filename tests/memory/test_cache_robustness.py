@@ -53,10 +53,10 @@ def per_token(model, tmp_path) -> int:
 
 
 def answer_with_cache(model, cache: PrefixCache, rid: int, tokens: list[int]) -> list[int]:
-    """What a request gets: match, restore, compute the rest, decode greedily."""
+    """What a request gets: match, fill, compute the rest, decode greedily."""
     cached = cache.match(rid, "", tokens)
     live = make_cache(model)
-    restored = cache.restore(rid, live)
+    restored = cache.fill(rid, live)
     assert restored <= cached and cache_tokens(live) == restored
     steps = generate(model, tokens, GREEDY, max_tokens=4, cache=live, cached_tokens=restored)
     return [s.token for s in steps]
@@ -135,7 +135,7 @@ def test_disk_read_errors_recompute(model, tmp_path):
     assert cache.tier_bytes()["disk"] > 0
     assert cache.match(1, "", prompt(1)) == len(prompt(1)) - 1
     with faults.injected("disk.read", error=OSError):
-        assert cache.restore(1, make_cache(model)) == 0
+        assert cache.fill(1, make_cache(model)) == 0
     assert cache.statistics()["disk_read_errors"] == 1
     assert answer_with_cache(model, cache, 2, prompt(1)) == reference(model, prompt(1))
     assert cache.check_integrity().clean
@@ -241,7 +241,7 @@ def test_tampered_header_is_rejected_at_read(model, tmp_path):
     (path,) = (tmp_path / "t" / "default").glob("*.safetensors")
     _tamper_tokens(path, a[:3], [a[0] + 1, *a[1:3]])
     assert cache.match(1, "", a) == len(a) - 1
-    assert cache.restore(1, make_cache(model)) == 0  # failed verification: recompute
+    assert cache.fill(1, make_cache(model)) == 0  # failed verification: recompute
     assert cache.statistics()["corrupt_entries"] == 1 and not path.exists()
     assert answer_with_cache(model, cache, 2, a) == reference(model, a)
     assert cache.check_integrity().clean
@@ -379,7 +379,7 @@ def test_a_failed_restore_releases_the_lock_and_propagates(model, tmp_path, wher
         live = live[:-1] if len(live) > 1 else []  # a live cache of another layout
     assert cache.match(1, "", p) == len(p) - 1
     with pytest.raises(ValueError):
-        cache.restore(1, live)
+        cache.fill(1, live)
     assert cache.statistics()["locked_requests"] == 0
     assert node.lock_count == 0
     cache.budgets = Budgets(0, 0, 0)

@@ -46,7 +46,7 @@ def test_a_split_after_the_match_still_restores_the_matched_prefix(model, tmp_pa
     other = [*base[:36], 250, 251, 252]
     cache.store("", other, prefilled(model, other))
     live = make_cache(model)
-    assert cache.restore(1, live) == 36
+    assert cache.fill(1, live) == 36
     assert cache_tokens(live) == 36
     expected = [s.token for s in generate(model, query, GREEDY, max_tokens=5)]
     got = [

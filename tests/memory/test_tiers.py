@@ -69,7 +69,7 @@ def restored(tiers: Tiers, model, prompt, max_tokens):
     cache = make_cache(model)
     with tiers.use(prompt, max_tokens=max_tokens) as hit:
         assert all(n.tier == "device" for n in tiers.trie.path(hit.node))
-        tiers.restore(cache, hit)
+        tiers.stitch(cache, hit)
     return cache, hit
 
 
@@ -118,7 +118,7 @@ def test_shared_prefix_reuse_and_fork_point_snapshot(models, arch, tmp_path):
     assert hit.matched_tokens == 20
     assert hit.usable_tokens == (20 if sliceable else 16)
     cache = make_cache(model)
-    tiers.restore(cache, hit)
+    tiers.stitch(cache, hit)
     tiers.release(hit)
     # Split the prefill at the fork point so hybrid models get whole state there too.
     prefill(model, cache, b, hit.usable_tokens, hit.matched_tokens)
@@ -181,7 +181,7 @@ def test_corrupted_file_is_dropped_and_recomputed(models, tmp_path, where, resta
     assert hit.usable_tokens == 16
     assert not path.exists()
     cache = make_cache(model)
-    tiers.restore(cache, hit)
+    tiers.stitch(cache, hit)
     tiers.release(hit)
     prefill(model, cache, prompt, 16, 40)
     assert greedy(model, prompt, cache, 40) == greedy(model, prompt)

@@ -45,7 +45,7 @@ def test_window_snapshot_restores_after_wrap(model, prompt, decoded):
     n = prompt + decoded
     payload = snapshots.take(cache, 0, n)
     restored = make_cache(model)
-    snapshots.restore(restored, [payload], n)
+    snapshots.stitch(restored, [payload], n)
     chunk, decode = [11, 12, 13, 14, 15, 16], [21, 22, 23, 24, 25, 26, 27, 28, 29, 30]
     expected = _continue(model, cache, chunk, decode)
     got = _continue(model, restored, chunk, decode)

@@ -12,7 +12,7 @@ Checks (each failure is a line in `Outcome.failures`):
 - the reported cached tokens equal those actually restored (the promise, less what a logged
   fallback recomputed);
 - after each wave: no lock held, `check_integrity()` holds, the ledger is back to baseline (no
-  live bytes, no reservations, cached bytes = the trie's bytes), no live sequence left;
+  live bytes nor sequences, cached bytes = the trie's bytes), no live sequence left;
 - no tier's charged bytes ever exceeded its budget; no actor crashed or hung.
 """
 
@@ -50,6 +50,7 @@ from kvgrove.actors.pager import Pager
 from kvgrove.actors.scheduler import Scheduler
 from kvgrove.config import Settings
 from kvgrove.faults import InjectedFault
+from kvgrove.memory.ledger import TIERS
 from kvgrove.sampling import SamplingParams
 from oracle.workload import Damage, RemoveFolder, Request, Restart, Scenario, Wave
 
@@ -58,7 +59,6 @@ CONTEXT = 500
 REFERENCE_TOKENS = 10  # the most any generated request asks for
 DEADLINE = 120.0  # seconds for one wave, or one composition's start or stop: a hang is a failure
 POLL = 0.002  # state polls (cancellation points, quiescence) look this often, under a deadline
-TIERS = ("device", "host", "disk")
 
 _models: dict[str, Any] = {}
 
@@ -464,7 +464,7 @@ class Run:
             actors.accountant.ledger.check_integrity()
         except AssertionError as exc:
             self.fail(f"{where}: ledger integrity: {exc}")
-        if memory["live_cache_bytes"] or memory["reserved_bytes"] or memory["reservations"]:
+        if memory["live_cache_bytes"] or memory["live_sequences"]:
             self.fail(f"{where}: ledger not at baseline: {memory}")
         stats = actors.executor.statistics()
         if stats.live_sequences:

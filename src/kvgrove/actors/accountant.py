@@ -1,8 +1,8 @@
 """The accountant actor: owns the byte ledger and answers /api/memory.
 
 Others tell it what they hold (`Charge`); it answers `MemoryQuery` with the ledger plus MLX's
-own allocator counters. When a tier is over budget it tells the pager (`Pressure`), which will
-evict once the prefix cache exists.
+own allocator counters. It is the ledger's only writer. Nothing is evicted on its word: the
+prefix cache keeps its tiers within their budgets itself (it rebalances after every store).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class Accountant:
                 disk_bytes=settings.disk_budget_bytes,
             )
         )
-        # The most device bytes (weights + live + reserved + cached KV) any reading has shown.
+        # The most device bytes (weights + live + cached KV) any reading has shown.
         self.peak_device_bytes = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

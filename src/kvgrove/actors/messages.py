@@ -120,7 +120,7 @@ class ExecutorQuery:
 class Charge:
     """Set the bytes held by (category, owner); 0 removes the entry."""
 
-    category: str  # "weights" | "live" | "reserved" | "device" | "host" | "disk"
+    category: str  # "weights" | "live" | "device" | "host" | "disk"
     owner: str
     nbytes: int
 

@@ -156,7 +156,7 @@ class Pager:
             try:
                 if r.rematch:
                     self.cache.match(r.request_id, r.namespace, r.tokens[: r.promised + 1])
-                restored = min(self.cache.restore(r.request_id, cache), r.promised)
+                restored = min(self.cache.fill(r.request_id, cache), r.promised)
                 if restored and cache_tokens(cache) != restored:
                     raise RuntimeError(f"restored {cache_tokens(cache)} tokens, not {restored}")
             except Exception:

@@ -21,7 +21,6 @@ is *stall-parked* (`park_stalled`): preempted (its KV goes to the prefix cache),
 running slot back and waits like a queued request, re-admitted once its outbox drains; one stalled
 for `stall_limit_seconds` is ended by the shell (`over_stall_limit`). A slow but steady reader
 makes progress and is never parked; a long prefill has an empty outbox.
-`next_item` (one item per step, round-robin) is the unbatched planner, kept for comparison.
 """
 
 from __future__ import annotations
@@ -44,14 +43,13 @@ from kvgrove.actors.messages import (
 
 
 @attrs.define(eq=False)
-class Sequence:
+class SeqState:
     """One request's generation state as the scheduler sees it."""
 
     submit: Submit
     cached_tokens: int = 0
     fed: int = 0  # tokens of `history` now in the executor's cache
     generated: int = 0
-    last_token: int | None = None
     started: bool = False  # the executor knows it (holds its sampler)
     has_cache: bool = False  # the executor holds a cache for it
     finished: bool = False
@@ -176,9 +174,8 @@ class SchedulerCore:
         self.share_prefills = share_prefills
         self._rematch: list[int] = []
         self.prefill_waits = 0
-        self._waiting: list[Sequence] = []
-        self._running: dict[int, Sequence] = {}  # insertion order = round-robin order
-        self._cursor = 0
+        self._waiting: list[SeqState] = []
+        self._running: dict[int, SeqState] = {}  # insertion order = round-robin order
         self._release: list[int] = []
         self._preempt: list[int] = []
         self._admitted = 0
@@ -193,10 +190,10 @@ class SchedulerCore:
 
     # -- admission and removal ------------------------------------------------------------
 
-    def admit(self, submit: Submit, *, cached_tokens: int = 0) -> Sequence:
+    def admit(self, submit: Submit, *, cached_tokens: int = 0) -> SeqState:
         assert submit.prompt_tokens, "empty prompts are rejected before the scheduler"
         assert 0 <= cached_tokens < len(submit.prompt_tokens)
-        seq = Sequence(
+        seq = SeqState(
             submit,
             cached_tokens=cached_tokens,
             fed=cached_tokens,
@@ -209,12 +206,12 @@ class SchedulerCore:
         self._fill()
         return seq
 
-    def priority(self, seq: Sequence) -> int:
+    def priority(self, seq: SeqState) -> int:
         """Cache-aware order with aging: cached prefix tokens plus credit for steps waited."""
         waited = self.steps_planned - seq.submitted_step
         return seq.cached_tokens + self.aging_tokens_per_step * waited
 
-    def _best_waiting(self) -> Sequence:
+    def _best_waiting(self) -> SeqState:
         # max() keeps the first of equals: ties go to the earliest arrival.
         return max(self._waiting, key=self.priority)
 
@@ -233,7 +230,7 @@ class SchedulerCore:
             self._running[seq.request_id] = seq
             self._find_leader(seq)
 
-    def _find_leader(self, seq: Sequence) -> None:
+    def _find_leader(self, seq: SeqState) -> None:
         """If a running sequence is prefilling (or about to) more of seq's prompt than seq has
         cached, seq waits for it: the longest such shared prefix wins."""
         if not self.share_prefills or seq.started or seq.waited or seq.finished:
@@ -282,13 +279,13 @@ class SchedulerCore:
         if not seq.started and 0 <= cached_tokens < len(seq.prompt):
             seq.cached_tokens = seq.fed = cached_tokens
 
-    def get(self, request_id: int) -> Sequence | None:
+    def get(self, request_id: int) -> SeqState | None:
         seq = self._running.get(request_id)
         if seq is not None:
             return seq
         return next((s for s in self._waiting if s.request_id == request_id), None)
 
-    def remove(self, request_id: int, *, cancelled: bool) -> Sequence | None:
+    def remove(self, request_id: int, *, cancelled: bool) -> SeqState | None:
         """Forget a sequence (delivered or cancelled); its executor state is released next step."""
         seq = self._running.pop(request_id, None)
         if seq is None:
@@ -313,14 +310,14 @@ class SchedulerCore:
 
     # -- stalled readers ------------------------------------------------------------------
 
-    def note_delivery(self, seq: Sequence, *, progressed: bool, blocked: bool, now: float) -> None:
+    def note_delivery(self, seq: SeqState, *, progressed: bool, blocked: bool, now: float) -> None:
         """Delivery to seq's reply channel: progress clears its stall; a block starts one."""
         if progressed or not seq.outbox:
             seq.stalled_since = None
         if blocked and seq.stalled_since is None:
             seq.stalled_since = now
 
-    def park_stalled(self, now: float, stall_seconds: float) -> list[Sequence]:
+    def park_stalled(self, now: float, stall_seconds: float) -> list[SeqState]:
         """Running sequences stalled for `stall_seconds` leave the batch: preempted (the
         executor keeps their KV in the prefix cache, their sampler), slot given back, waiting
         like a queued request until their outbox drains."""
@@ -340,7 +337,7 @@ class SchedulerCore:
             self._fill()
         return out
 
-    def over_stall_limit(self, now: float, limit_seconds: float) -> list[Sequence]:
+    def over_stall_limit(self, now: float, limit_seconds: float) -> list[SeqState]:
         """Sequences whose delivery has made no progress for `limit_seconds` (to be ended)."""
         return [
             s
@@ -348,7 +345,7 @@ class SchedulerCore:
             if s.stalled_since is not None and now - s.stalled_since >= limit_seconds
         ]
 
-    def sequences(self) -> Iterator[Sequence]:
+    def sequences(self) -> Iterator[SeqState]:
         yield from self._running.values()
         yield from self._waiting
 
@@ -396,7 +393,7 @@ class SchedulerCore:
             self.steps_planned += 1
         return tuple(items)
 
-    def _fits(self, seq: Sequence, *, running: bool, planned: float = 0.0) -> bool:
+    def _fits(self, seq: SeqState, *, running: bool, planned: float = 0.0) -> bool:
         """Whether seq's cache can be built now without outgrowing the budget, beside the live
         caches and the `planned` bytes of those this step starts."""
         if self.kv_budget_bytes is None:
@@ -416,7 +413,7 @@ class SchedulerCore:
                 return
             self.preempt(max(holders, key=lambda s: s.order))
 
-    def preempt(self, seq: Sequence) -> None:
+    def preempt(self, seq: SeqState) -> None:
         """Drop seq's cache (sampler kept). Its KV goes into the prefix cache; once the executor
         says how much it kept (`on_preempted`), it resumes from there, else from token 0."""
         assert seq.has_cache
@@ -438,18 +435,7 @@ class SchedulerCore:
             return  # gone, or already resuming from token 0
         seq.fed = seq.resume_tokens = max(0, min(kept_tokens, len(seq.history) - 1))
 
-    def next_item(self) -> StepItem | None:
-        """The next unit of work, round-robin over runnable sequences; None when none can run."""
-        order = list(self._running.values())
-        for i in range(len(order)):
-            seq = order[(self._cursor + i) % len(order)]
-            if seq.runnable:
-                self._cursor = (self._cursor + i + 1) % len(order)
-                self.steps_planned += 1
-                return self._item_for(seq, self.chunk_tokens)
-        return None
-
-    def _item_for(self, seq: Sequence, budget: int) -> StepItem:
+    def _item_for(self, seq: SeqState, budget: int) -> StepItem:
         start = None
         if not seq.started:
             seq.started = True
@@ -478,7 +464,7 @@ class SchedulerCore:
 
     # -- results --------------------------------------------------------------------------
 
-    def on_result(self, item: StepItem, result: ItemResult) -> Sequence | None:
+    def on_result(self, item: StepItem, result: ItemResult) -> SeqState | None:
         """Account a finished item; queue Token / Done / Failed in the sequence's outbox."""
         seq = self._running.get(result.request_id)
         if seq is None or seq.finished or not seq.has_cache:
@@ -505,7 +491,6 @@ class SchedulerCore:
             seq.outbox.append(seq.done("stop"))
             return seq
         seq.generated += 1
-        seq.last_token = result.token
         seq.history.append(result.token)
         cached = seq.cached_tokens if seq.generated == 1 else None
         seq.outbox.append(Token(result.token, result.logprob, result.top_logprobs, cached))
@@ -515,22 +500,12 @@ class SchedulerCore:
             seq.outbox.append(seq.done("length"))
         return seq
 
-    def fail_items(self, items: tuple[StepItem, ...], message: str) -> list[Sequence]:
+    def fail_items(self, items: tuple[StepItem, ...], message: str) -> list[SeqState]:
         """A step failed as a whole: the sequences in it end with `message`, no others."""
         out = []
         for item in items:
             seq = self._running.get(item.request_id)
             if seq is not None and not seq.finished:
-                seq.finished = True
-                seq.outbox.append(Failed(message))
-                out.append(seq)
-        return out
-
-    def fail_all(self, message: str) -> list[Sequence]:
-        """Every running sequence ends with `message`."""
-        out = []
-        for seq in list(self._running.values()):
-            if not seq.finished:
                 seq.finished = True
                 seq.outbox.append(Failed(message))
                 out.append(seq)

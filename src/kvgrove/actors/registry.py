@@ -30,10 +30,7 @@ from typing import Any
 import attrs
 import trio
 
-from kvgrove.actors.accountant import Accountant
-from kvgrove.actors.executor import Executor
-from kvgrove.actors.pager import Pager
-from kvgrove.actors.scheduler import Scheduler
+from kvgrove.actors.engine import start_engine
 from kvgrove.config import Settings
 from kvgrove.models.loading import find, load
 from kvgrove.paths import kv_dir
@@ -239,29 +236,10 @@ class ModelRegistry:
                 group.cancel = scope
                 async with trio.open_nursery() as actors:
                     # A ledger of its own: the server's ledger keeps describing its own model.
-                    accountant = Accountant(settings)
-                    await actors.start(accountant.run)
-                    executor = Executor(
-                        settings, accountant=accountant.inbox.clone(), loader=lambda _: loader(name)
-                    )
-                    loaded = await actors.start(executor.run)
-                    pager = Pager(
-                        settings,
-                        mlx=executor.mlx,
-                        loaded=loaded,
-                        executor=executor.inbox.clone(),
-                        accountant=accountant.inbox.clone(),
-                    )
-                    await actors.start(pager.run)
-                    scheduler = Scheduler(
-                        settings, executor=executor.inbox.clone(), pager=pager.inbox.clone()
-                    )
-                    await actors.start(scheduler.run)
-                    group.loaded = loaded
-                    group.scheduler_inbox = scheduler.inbox
-                    group.actors.update(
-                        accountant=accountant, executor=executor, pager=pager, scheduler=scheduler
-                    )
+                    engine = await start_engine(actors, settings, loader=lambda _: loader(name))
+                    group.loaded = engine.loaded
+                    group.scheduler_inbox = engine.scheduler.inbox
+                    group.actors.update(engine.actors)
                     group.idle_since = trio.current_time()
                     self.loads += 1
                     log.info("loaded %s on demand", group.name)

@@ -30,7 +30,7 @@ from kvgrove.actors.messages import (
     StepResult,
     Submit,
 )
-from kvgrove.actors.plan import SchedulerCore, Sequence
+from kvgrove.actors.plan import SchedulerCore, SeqState
 from kvgrove.config import Settings
 
 # While every sequence is parked the scheduler re-tries delivery at this interval, in case a
@@ -209,7 +209,7 @@ class Scheduler:
             if seq.outbox:
                 self._deliver(seq)
 
-    def _deliver(self, seq: Sequence) -> None:
+    def _deliver(self, seq: SeqState) -> None:
         """Move the outbox into the reply channel until it is full (then the sequence parks)."""
         reply = seq.submit.reply
         progressed = False

@@ -9,24 +9,22 @@ from quart import request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from kvgrove.actors.runtime import Runtime
+from kvgrove.actors.api import Runtime
 from kvgrove.http import catalog, ollama, openai, openapi, ops
 from kvgrove.http.common import BadRequest, NotReady
-from kvgrove.http.guard import Guard
+from kvgrove.http.errors import error_body, is_openai
+from kvgrove.http.guard import Gate, Guard
 
 log = logging.getLogger(__name__)
 
 
 def _error(message: str, status: int, param: str | None = None) -> tuple[dict[str, Any], int]:
-    if request.path.startswith("/v1/"):
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        return openai.error_body(message, param=param, kind=kind), status
-    return {"error": message}, status
+    return error_body(message, openai=is_openai(request.path), status=status, param=param), status
 
 
-def create_app(runtime: Runtime) -> QuartTrio:
-    """The app, wrapped in the `Guard` (keys, admission); the gate's statistics are published
-    as runtime.actors["gate"]."""
+def create_app(runtime: Runtime, gate: Gate | None = None) -> QuartTrio:
+    """The app, wrapped in the `Guard` (keys, admission through `gate`, by default one made
+    from the settings)."""
     settings = runtime.settings
     app = QuartTrio("kvgrove")
     app.config["KVGROVE_RUNTIME"] = runtime
@@ -35,9 +33,7 @@ def create_app(runtime: Runtime) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     for bp in (ollama.bp, openai.bp, ops.bp, openapi.bp, catalog.bp):
         app.register_blueprint(bp)
-    guard = Guard(app.asgi_app, settings)
-    app.asgi_app = guard  # type: ignore[method-assign]
-    runtime.actors["gate"] = guard.gate
+    app.asgi_app = Guard(app.asgi_app, settings, gate)  # type: ignore[method-assign]
 
     @app.errorhandler(BadRequest)
     async def bad_request(e: BadRequest) -> Any:

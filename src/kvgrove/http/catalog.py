@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from quart import Blueprint, Response, current_app, g, request
+from quart import Blueprint, Response, g, request
 
-from kvgrove.actors.runtime import current_lease
-from kvgrove.http.common import BadRequest, get_bool, get_str, model_names, read_json
+from kvgrove.actors.api import ModelLoadError
+from kvgrove.http.common import BadRequest, get_bool, get_str, model_names, read_json, runtime
 from kvgrove.models import bundled, hf_hub, ollama_store
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ async def pick_model() -> None:
     registry (loading it on first use); the handler then sees it as `runtime.loaded`."""
     if request.method != "POST" or request.path not in _MODEL_ROUTES:
         return
-    rt = current_app.config["KVGROVE_RUNTIME"]
+    rt = runtime()
     if rt.registry is None or rt.default_loaded is None or not rt.ready:
         return
     try:
@@ -247,10 +247,8 @@ async def pick_model() -> None:
     name = body.get("model") or body.get("name")
     if not isinstance(name, str) or not name or name in model_names(rt):
         return
-    from kvgrove.actors.registry import ModelLoadError
-
     try:
-        lease = await rt.registry.acquire(name, keep_alive_seconds(body.get("keep_alive")))
+        lease = await rt.lease(name, keep_alive_seconds(body.get("keep_alive")))
     except ModelLoadError as e:
         if "not found" in str(e):
             return  # the handler's model check answers, naming the field
@@ -258,7 +256,6 @@ async def pick_model() -> None:
     if lease is None:
         return  # another name of the server's own model
     g.kvgrove_lease = lease
-    current_lease.set(lease)
 
 
 @bp.teardown_app_request

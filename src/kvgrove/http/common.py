@@ -11,10 +11,9 @@ import json
 import math
 from typing import Any
 
-from quart import request
+from quart import current_app, request
 
-from kvgrove.actors.requests import GenerationRequest
-from kvgrove.actors.runtime import Runtime
+from kvgrove.actors.api import GenerationRequest, Runtime
 from kvgrove.http.guard import KEY_ID_SCOPE
 
 
@@ -31,6 +30,11 @@ class NotReady(Exception):
 
 
 MISSING: Any = object()
+
+
+def runtime() -> Runtime:
+    """The running server's Runtime (the app's one handle on the actors)."""
+    return current_app.config["KVGROVE_RUNTIME"]
 
 
 MAX_JSON_DEPTH = 64

@@ -31,6 +31,7 @@ import attrs
 import trio
 
 from kvgrove.config import Settings
+from kvgrove.http.errors import error_body, is_openai
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +46,6 @@ KEY_ID_SCOPE = "kvgrove.key_id"
 def key_id(key: str) -> str:
     """A key's identity for cache namespacing: a hash, so the key itself is never stored."""
     return hashlib.sha256(b"kvgrove-key\0" + key.encode()).hexdigest()[:32]
-
-
-def error_body(path: str, message: str, *, kind: str, code: str) -> dict[str, Any]:
-    if path.startswith("/v1/"):
-        return {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    return {"error": message}
 
 
 @attrs.frozen
@@ -78,6 +73,10 @@ class Gate:
         self._queued = 0
         self._admitted = 0
         self._rejected = 0
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> Gate:
+        return cls(settings.max_concurrent_requests, settings.max_queued_requests)
 
     def acquire_nowait(self) -> None:
         """Take a free slot or raise trio.WouldBlock (a waiter, if any, is served first)."""
@@ -124,11 +123,11 @@ class Gate:
 class Guard:
     """ASGI middleware: authentication, then admission, then the app."""
 
-    def __init__(self, app: Any, settings: Settings) -> None:
+    def __init__(self, app: Any, settings: Settings, gate: Gate | None = None) -> None:
         self.app = app
         self.settings = settings
         self._keys = {key_id(k): k.encode() for k in settings.api_keys}
-        self.gate = Gate(settings.max_concurrent_requests, settings.max_queued_requests)
+        self.gate = gate if gate is not None else Gate.for_settings(settings)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -140,8 +139,8 @@ class Guard:
             kid = self._authenticate(scope)
             if kid is None:
                 body = error_body(
-                    path,
                     "a valid API key is required (Authorization: Bearer <key>)",
+                    openai=is_openai(path),
                     kind="invalid_request_error",
                     code="invalid_api_key",
                 )
@@ -156,9 +155,9 @@ class Guard:
             return
         if state == "timeout":
             body = error_body(
-                path,
                 f"the request body was not received within "
                 f"{self.settings.body_timeout_seconds:g} seconds",
+                openai=is_openai(path),
                 kind="invalid_request_error",
                 code="request_timeout",
             )
@@ -169,8 +168,8 @@ class Guard:
             return
         if not admitted:
             body = error_body(
-                path,
                 "too many requests: the server is at its concurrency and queue limits",
+                openai=is_openai(path),
                 kind="rate_limit_error",
                 code="rate_limit_exceeded",
             )

@@ -8,11 +8,10 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-from quart import Blueprint, Response, current_app
+from quart import Blueprint, Response
 
 import kvgrove
-from kvgrove.actors.requests import Finished, GenerationError, GenerationRequest, TextChunk
-from kvgrove.actors.runtime import Runtime
+from kvgrove.actors.api import Finished, GenerationError, GenerationRequest, Runtime, TextChunk
 from kvgrove.http import catalog
 from kvgrove.http.common import (
     BadRequest,
@@ -29,8 +28,10 @@ from kvgrove.http.common import (
     predict_limit,
     read_json,
     require_ready,
+    runtime,
     tagged,
 )
+from kvgrove.http.errors import error_body
 from kvgrove.http.fields import (
     OLLAMA_CHAT,
     OLLAMA_GENERATE,
@@ -65,10 +66,6 @@ _FLOAT_OPTIONS = (
 )
 _INT_OPTIONS = ("top_k", "repeat_last_n", "seed")
 NS = 1_000_000_000
-
-
-def runtime() -> Runtime:
-    return current_app.config["KVGROVE_RUNTIME"]
 
 
 def now_iso() -> str:
@@ -158,7 +155,7 @@ async def _respond(
                     else:
                         final = ev
             except GenerationError as e:
-                return {"error": str(e)}, 500, headers
+                return error_body(str(e), openai=False, status=500), 500, headers
         assert final is not None
         body = {"model": model, "created_at": now_iso(), **piece(plan.split_all("".join(texts)))}
         if wants_logprobs:
@@ -186,7 +183,7 @@ async def _respond(
                         msg.update(final_fields(ev))
                     yield (json.dumps(msg) + "\n").encode()
             except GenerationError as e:
-                yield (json.dumps({"error": str(e)}) + "\n").encode()
+                yield (json.dumps(error_body(str(e), openai=False)) + "\n").encode()
 
     response = Response(lines(), mimetype="application/x-ndjson", headers=headers)
     response.timeout = None

@@ -11,8 +11,7 @@ from typing import Any
 
 from quart import Blueprint, Response
 
-from kvgrove.actors.requests import Finished, GenerationError, GenerationRequest, TextChunk
-from kvgrove.actors.runtime import Runtime
+from kvgrove.actors.api import Finished, GenerationError, GenerationRequest, Runtime, TextChunk
 from kvgrove.http.catalog import store_entries
 from kvgrove.http.common import (
     BadRequest,
@@ -27,8 +26,10 @@ from kvgrove.http.common import (
     predict_limit,
     read_json,
     require_ready,
+    runtime,
     tagged,
 )
+from kvgrove.http.errors import error_body
 from kvgrove.http.fields import (
     OPENAI_CHAT,
     OPENAI_COMPLETIONS,
@@ -38,16 +39,11 @@ from kvgrove.http.fields import (
     check_roles,
 )
 from kvgrove.http.logprobs import completion_logprobs, token_entries, with_logprobs
-from kvgrove.http.ollama import runtime
 from kvgrove.http.structured import with_grammar
 from kvgrove.http.tools import ChatPlan, OpenAIStream, ReplyCalls, chat_plan, openai_message
 from kvgrove.sampling import SamplingParams
 
 bp = Blueprint("openai", __name__)
-
-
-def error_body(message: str, *, param: str | None = None, kind: str = "invalid_request_error"):
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
 def parse_sampling(rt: Runtime, body: dict) -> tuple[SamplingParams, int, tuple[str, ...]]:
@@ -176,7 +172,7 @@ async def _respond(
                     else:
                         final = ev
             except GenerationError as e:
-                return error_body(str(e), kind="server_error"), 500, headers
+                return error_body(str(e), openai=True, status=500), 500, headers
         assert final is not None
         text = "".join(texts)
         message = openai_message(plan.split_all(text), calls) if plan is not None else None
@@ -210,7 +206,7 @@ async def _respond(
                         if include_usage:
                             yield _sse(envelope([], usage=usage(ev)))
             except GenerationError as e:
-                yield _sse(error_body(str(e), kind="server_error"))
+                yield _sse(error_body(str(e), openai=True, status=500))
         yield b"data: [DONE]\n\n"
 
     response = Response(events_out(), mimetype="text/event-stream", headers=headers)

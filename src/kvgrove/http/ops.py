@@ -6,9 +6,7 @@ from typing import Any
 
 from quart import Blueprint, Response, request
 
-from kvgrove.actors.messages import CacheQuery, MemoryQuery
-from kvgrove.http.common import require_ready
-from kvgrove.http.ollama import runtime
+from kvgrove.http.common import require_ready, runtime
 
 bp = Blueprint("ops", __name__)
 
@@ -25,7 +23,7 @@ async def health() -> Any:
 async def memory() -> Any:
     rt = runtime()
     require_ready(rt)
-    return await rt.ask(rt.accountant_inbox, MemoryQuery)
+    return await rt.memory()
 
 
 @bp.get("/api/cache")
@@ -33,7 +31,7 @@ async def cache() -> Any:
     rt = runtime()
     require_ready(rt)
     check = request.args.get("check", "") in ("1", "true")
-    return await rt.ask(rt.pager_inbox, lambda reply: CacheQuery(reply, check=check))
+    return await rt.prefix_cache(check=check)
 
 
 @bp.get("/metrics")
@@ -41,14 +39,14 @@ async def metrics() -> Any:
     rt = runtime()
     gauges: dict[str, Any] = {}
     if rt.ready:
-        mem = await rt.ask(rt.accountant_inbox, MemoryQuery)
+        mem = await rt.memory()
         tiers = {
             "weights": mem["weights_bytes"],
             "live": mem["live_cache_bytes"],
             **mem["cached_kv_bytes"],
         }
         gauges["kvgrove_memory_bytes"] = ("Bytes held, by tier.", tiers)
-        cache = await rt.ask(rt.pager_inbox, CacheQuery)
+        cache = await rt.prefix_cache()
         if cache.get("enabled"):
             gauges["kvgrove_prefix_cache_hit_ratio"] = (
                 "Prompt tokens served from the prefix cache / prompt tokens looked up.",

@@ -1,31 +1,23 @@
 """The byte ledger: who holds how many bytes, by category, against per-tier budgets. No trio here.
 
-Categories: "weights" (the model), "live" (caches of running sequences), "reserved" (bytes
-promised to admitted work, see `reserve`), and the prefix cache's tiers "device", "host",
-"disk". Device usage is weights + live + reserved + device-tier snapshots; host and disk usage
-are their tier's snapshots. The accountant actor wraps one Ledger; the prefix cache charges its
-tiers through `set` (one aggregate entry per trie).
+Categories: "weights" (the model), "live" (caches of running sequences), and the prefix
+cache's tiers "device", "host", "disk". Device usage is weights + live + device-tier snapshots;
+host and disk usage are their tier's snapshots. The accountant actor wraps one Ledger and is its
+only writer: the others send it `Charge`s (the tiers: one aggregate entry per trie).
 
-Invariants (`check_integrity`): every entry is > 0 and belongs to a known category, the running
-totals equal the sum of the entries, and reservations are exactly the "reserved" entries.
+Invariants (`check_integrity`): every entry is > 0 and belongs to a known category, and the
+running totals equal the sum of the entries.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
-import itertools
-from collections.abc import Iterator
 
 import attrs
 
-CATEGORIES = ("weights", "live", "reserved", "device", "host", "disk")
-TIERS = ("device", "host", "disk")
-_DEVICE_CATEGORIES = ("weights", "live", "reserved", "device")
-
-
-class OverBudget(Exception):
-    """A reservation would take a tier past its budget."""
+TIERS = ("device", "host", "disk")  # the prefix cache's tiers, fastest first: the one definition
+CATEGORIES = ("weights", "live", *TIERS)
+_DEVICE_CATEGORIES = ("weights", "live", "device")
 
 
 @attrs.frozen
@@ -38,12 +30,6 @@ class Budgets:
         return {"device": self.device_bytes, "host": self.host_bytes, "disk": self.disk_bytes}[tier]
 
 
-@attrs.frozen
-class Reservation:
-    owner: str
-    nbytes: int
-
-
 class Ledger:
     """Entries keyed by (category, owner), with running totals per category."""
 
@@ -51,8 +37,6 @@ class Ledger:
         self.budgets = budgets
         self._entries: dict[tuple[str, str], int] = {}
         self._totals: collections.Counter[str] = collections.Counter()
-        self._reservations: dict[str, int] = {}
-        self._ids = itertools.count(1)
 
     # -- entries ---------------------------------------------------------------------------
 
@@ -93,44 +77,6 @@ class Ledger:
         """Bytes over budget per tier (only tiers that are over)."""
         return {t: -self.headroom(t) for t in TIERS if self.headroom(t) < 0}
 
-    # -- reservations ----------------------------------------------------------------------
-
-    def can_reserve(self, nbytes: int) -> bool:
-        return nbytes <= self.headroom("device")
-
-    def acquire(self, nbytes: int, *, owner: str | None = None, force: bool = False) -> Reservation:
-        """Promise `nbytes` of device memory to `owner`; raises OverBudget unless it fits or
-        `force`. Pair with `release` (or use `reserve`, which does)."""
-        if nbytes < 0:
-            raise ValueError(f"nbytes must be >= 0, got {nbytes}")
-        if not force and not self.can_reserve(nbytes):
-            raise OverBudget(
-                f"reserving {nbytes} bytes needs {nbytes - self.headroom('device')} more "
-                f"than the device budget ({self.budgets.device_bytes} bytes) allows"
-            )
-        owner = owner if owner is not None else f"reservation-{next(self._ids)}"
-        if owner in self._reservations:
-            raise ValueError(f"{owner!r} already holds a reservation")
-        self._reservations[owner] = nbytes
-        self.set("reserved", owner, nbytes)
-        return Reservation(owner, nbytes)
-
-    def release(self, reservation: Reservation) -> None:
-        if self._reservations.pop(reservation.owner, None) is None:
-            raise ValueError(f"{reservation.owner!r} holds no reservation")
-        self.set("reserved", reservation.owner, 0)
-
-    @contextlib.contextmanager
-    def reserve(
-        self, nbytes: int, *, owner: str | None = None, force: bool = False
-    ) -> Iterator[Reservation]:
-        """`with ledger.reserve(n):` holds n device bytes for the block, released on any exit."""
-        reservation = self.acquire(nbytes, owner=owner, force=force)
-        try:
-            yield reservation
-        finally:
-            self.release(reservation)
-
     # -- checks and views ------------------------------------------------------------------
 
     def check_integrity(self) -> None:
@@ -141,8 +87,6 @@ class Ledger:
             totals[category] += n
         for category in CATEGORIES:
             assert totals[category] == self._totals[category], category
-        reserved = {o: n for (c, o), n in self._entries.items() if c == "reserved"}
-        assert reserved == {o: n for o, n in self._reservations.items() if n}, "reservations"
 
     def totals(self) -> dict[str, int]:
         return {c: self._totals[c] for c in CATEGORIES}
@@ -153,8 +97,6 @@ class Ledger:
             "weights_bytes": self._totals["weights"],
             "live_cache_bytes": self._totals["live"],
             "live_sequences": len(self.owners("live")),
-            "reserved_bytes": self._totals["reserved"],
-            "reservations": len(self._reservations),
             "cached_kv_bytes": {t: self._totals[t] for t in TIERS},
             "device_used_bytes": self.device_bytes,
             "budgets_bytes": {t: self.budgets.of(t) for t in TIERS},

@@ -28,13 +28,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kvgrove.memory.ledger import Budgets
+from kvgrove.memory.ledger import TIERS, Budgets
 from kvgrove.memory.snapshots import WHOLE
 from kvgrove.memory.tiers import DiskHealth, Hit, IntegrityReport, LruIndex, Move, Tiers
 
 log = logging.getLogger(__name__)
 
-TIERS = ("device", "host", "disk")
 DEFAULT_NAMESPACE = "default"
 _SAFE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -178,12 +177,12 @@ class PrefixCache:
     def tiers(self, namespace: str = DEFAULT_NAMESPACE) -> Tiers:
         return self._tiers_for_dir(namespace_dir(namespace or DEFAULT_NAMESPACE))
 
-    # -- one sequence's life: match (lock) -> restore -> store (unlock) --------------------------
+    # -- one sequence's life: match (lock) -> fill -> store (unlock) --------------------------
 
     def match(self, request_id: int, namespace: str, tokens: Sequence[int]) -> int:
         """Lock the longest usable cached prefix of `tokens` for `request_id` and return its
         length (at least one token is left to evaluate). Nothing moves yet: the path is
-        promoted when the sequence starts (`restore`), so a queued request holds no device
+        promoted when the sequence starts (`fill`), so a queued request holds no device
         memory, and the lock only keeps the path from being dropped meanwhile."""
         self.release(request_id)
         if len(tokens) < 2:
@@ -197,7 +196,7 @@ class PrefixCache:
         self._hits[request_id] = (tiers, hit)
         return hit.usable_tokens
 
-    def restore(self, request_id: int, cache: Sequence[Any]) -> int:
+    def fill(self, request_id: int, cache: Sequence[Any]) -> int:
         """Promote and stitch the locked prefix of `request_id` into a fresh live cache, then
         unlock it (the live cache has its own copy) and rebalance. Returns the tokens restored:
         fewer than matched only if a file failed to verify (the caller computes the rest). Any
@@ -207,7 +206,7 @@ class PrefixCache:
             return 0
         tiers, hit = held
         try:
-            return tiers.restore_hit(cache, hit)
+            return tiers.fill(cache, hit)
         finally:
             self.rebalance()
             self._collect(tiers)

@@ -143,7 +143,7 @@ def take(
     return _device_payload(end - start, kinds, arrays, whole)
 
 
-def restore(cache: Sequence[Any], pieces: Sequence[Payload], tokens: int) -> float:
+def stitch(cache: Sequence[Any], pieces: Sequence[Payload], tokens: int) -> float:
     """Rebuild a fresh live cache from the device payloads of a path, holding its first `tokens`
     tokens (the last piece may be used in part only if every layer is sliceable). Returns the
     seconds the stitch took."""
@@ -151,7 +151,7 @@ def restore(cache: Sequence[Any], pieces: Sequence[Payload], tokens: int) -> flo
     if tokens == 0:
         return 0.0
     if any(p.tier != "device" for p in pieces):
-        raise ValueError("restore needs every piece on the device tier (promote first)")
+        raise ValueError("stitch needs every piece on the device tier (promote first)")
     total = sum(p.tokens for p in pieces)
     last = pieces[-1]
     if not (total - last.tokens < tokens <= total):

@@ -4,19 +4,12 @@
 budgets: demotion in LRU order device -> host -> disk -> dropped, promotion before use; locked
 nodes never move down. Every copy is timed (`Move`) for metrics.
 
-The disk tier is a folder per model fingerprint and namespace, one safetensors file per node. A
-file's header carries everything needed to rebuild the trie after a restart (its span's tokens,
-where it starts, the key of the prefix it hangs from, its own key, the whole-state flag, the MLX
-dtypes, its last use) and a CRC-32 of the header and the tensor bytes, verified on every load; a
-file must also describe exactly the node (path) it is filed under. A file that fails to parse or
-to verify is deleted and its node dropped, so the caller recomputes instead of answering from bad
-data. Files are written to a temporary name, fsynced and renamed, so a crash mid-write leaves
-nothing that is trusted; stray temporary files are removed at startup.
-
-A disk that fails to write (full, I/O error, folder gone) never fails a request: the node that
-could not be written is dropped instead, the tier is marked degraded (`DiskHealth`: logged once,
-counted in statistics) and skipped (host demotes to dropped, so it stays within budget) until a
-back-off has passed; the next write that succeeds clears the flag.
+The disk tier is a folder per model fingerprint and namespace, one file per node, in the format
+of memory/disk.py. A file that fails to parse or to verify is deleted and its node dropped, so the
+caller recomputes instead of answering from bad data; a file must also describe exactly the node
+(path) it is filed under. A disk that fails to write (full, I/O error, folder gone) never fails a
+request: the node that could not be written is dropped instead and the tier is skipped while
+`DiskHealth` says it is degraded (host demotes to dropped, so it stays within budget).
 
 Sync and single-threaded: a pager actor calls these on the MLX thread. Only the explicit moves
 (`demote`, `promote`, `rebalance`, `flush`) and splits of disk payloads touch the disk.
@@ -25,36 +18,31 @@ Sync and single-threaded: a pager actor calls these on the MLX thread. Only the 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
-import os
 import time
-import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import attrs
-import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import load_file, save_file
 
 from kvgrove import faults
 from kvgrove.memory import snapshots
-from kvgrove.memory.ledger import Budgets
+from kvgrove.memory.disk import (
+    CorruptEntry,
+    DiskHealth,
+    DiskStore,
+    describes,
+    node_header,
+    node_key,
+    path_key,
+    read_header,
+)
+from kvgrove.memory.ledger import TIERS, Budgets
 from kvgrove.memory.snapshots import Payload
 from kvgrove.memory.trie import InsertResult, LruIndex, Node, Trie
 
 log = logging.getLogger(__name__)
-
-FORMAT = "kvgrove-kv-2"
-RECENCY = "recency.json"
-_ORDER = ("device", "host", "disk")
-
-
-class CorruptEntry(Exception):
-    """A disk file failed to parse or to verify."""
 
 
 class Move(NamedTuple):
@@ -100,171 +88,6 @@ class Hit:
     matched_tokens: int
     usable_tokens: int
     moves: tuple[Move, ...]
-
-
-def path_key(tokens: Sequence[int]) -> str:
-    """A stable name for a token prefix (the disk files' keys)."""
-    return hashlib.blake2b(np.asarray(tokens, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
-
-
-def _crc(arrays: dict[str, np.ndarray], meta: dict[str, str]) -> int:
-    """CRC-32 of the header (every field but the checksum itself) and the tensor bytes."""
-    header = {k: v for k, v in meta.items() if k != "crc32"}
-    crc = zlib.crc32(json.dumps(header, sort_keys=True).encode())
-    for key in sorted(arrays):
-        crc = zlib.crc32(key.encode(), crc)
-        crc = zlib.crc32(np.ascontiguousarray(arrays[key]).data, crc)
-    return crc
-
-
-class DiskHealth:
-    """Whether the disk tier is writable: degraded after a failed write, retried after a
-    back-off (doubling up to `max_backoff`), cleared by the next write that succeeds. One per
-    prefix cache (shared by its namespaces); `clock` is injectable for tests."""
-
-    def __init__(
-        self, *, backoff: float = 1.0, max_backoff: float = 60.0, clock: Any = time.monotonic
-    ) -> None:
-        self.backoff, self.max_backoff, self.clock = backoff, max_backoff, clock
-        self.degraded = False
-        self.write_errors = 0
-        self.read_errors = 0
-        self.dropped_writes = 0  # nodes dropped because they could not be written
-        self.last_error = ""
-        self._delay = backoff
-        self._retry_at = 0.0
-
-    def writable(self) -> bool:
-        return not self.degraded or self.clock() >= self._retry_at
-
-    def failed(self, exc: BaseException, where: Path) -> None:
-        self.write_errors += 1
-        self.last_error = f"{where}: {exc}"
-        if not self.degraded:
-            log.warning("disk tier degraded (writes dropped until it works again): %s", exc)
-            self._delay = self.backoff
-        else:
-            self._delay = min(self._delay * 2, self.max_backoff)
-        self.degraded = True
-        self._retry_at = self.clock() + self._delay
-
-    def succeeded(self) -> None:
-        if self.degraded:
-            log.warning("disk tier writable again")
-        self.degraded = False
-
-    def statistics(self) -> dict:
-        return {
-            "disk_degraded": self.degraded,
-            "disk_write_errors": self.write_errors,
-            "disk_read_errors": self.read_errors,
-            "disk_dropped_writes": self.dropped_writes,
-            "disk_last_error": self.last_error,
-        }
-
-
-class DiskStore:
-    """One folder of safetensors files, written atomically and verified on load. The folder is
-    made on the first write (an empty namespace leaves none)."""
-
-    def __init__(self, root: Path, *, fsync: bool = True) -> None:
-        self.root = Path(root)
-        self.fsync = fsync
-        self.remove_strays()
-
-    def remove_strays(self) -> list[str]:
-        gone = []
-        with contextlib.suppress(OSError):
-            for stray in self.root.glob("*.tmp"):
-                stray.unlink(missing_ok=True)
-                gone.append(stray.name)
-        return gone
-
-    def path(self, key: str) -> Path:
-        return self.root / f"{key}.safetensors"
-
-    def write(self, key: str, arrays: dict[str, np.ndarray], meta: dict[str, str]) -> int:
-        """Write atomically; returns the checksum recorded in the header (raises OSError)."""
-        meta = {**meta, "format": FORMAT, "key": key}
-        checksum = _crc(arrays, meta)
-        final = self.path(key)
-        tmp = final.with_name(final.name + ".tmp")
-        try:
-            faults.check("disk.write")
-            self.root.mkdir(parents=True, exist_ok=True)
-            save_file(arrays, str(tmp), metadata={**meta, "crc32": str(checksum)})
-            if self.fsync:
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            os.replace(tmp, final)
-        except Exception as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            if isinstance(exc, OSError):
-                raise
-            raise OSError(f"writing {final}: {exc}") from exc  # safetensors wraps some errors
-        return checksum
-
-    def read(self, key: str, checksum: int | None) -> tuple[dict[str, np.ndarray], dict]:
-        """Load and verify (checksum over header and tensors, the header's own key); returns
-        (arrays, header). Raises CorruptEntry on any failure, an I/O error included."""
-        try:
-            faults.check("disk.read")
-            arrays = load_file(str(self.path(key)))
-            meta = self.header(key)
-            recorded = int(meta.get("crc32", "-1"))
-            actual = _crc(arrays, meta)
-        except Exception as exc:  # unreadable, or a damaged header the checksum cannot parse
-            raise CorruptEntry(f"{key}: {exc}") from exc
-        if actual != recorded or (checksum is not None and recorded != checksum):
-            raise CorruptEntry(f"{key}: checksum mismatch")
-        return arrays, meta
-
-    def header(self, key: str) -> dict[str, str]:
-        with safe_open(str(self.path(key)), framework="numpy") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise CorruptEntry(f"{key}: not a {FORMAT} file")
-        if meta.get("key") != key:
-            raise CorruptEntry(f"{key}: the file says it is {meta.get('key')!r}")
-        return meta
-
-    def delete(self, key: str) -> None:
-        with contextlib.suppress(OSError):  # a folder gone (or not one) holds no file to delete
-            self.path(key).unlink(missing_ok=True)
-
-    def stored_keys(self) -> list[str]:
-        try:
-            names = [p.name for p in self.root.glob("*.safetensors")]
-        except OSError:
-            return []
-        return sorted(n.removesuffix(".safetensors") for n in names)
-
-    def read_recency(self) -> dict[str, int]:
-        try:
-            data = json.loads((self.root / RECENCY).read_text())
-            return {str(k): int(v) for k, v in data.items()}
-        except (OSError, ValueError, TypeError, AttributeError):
-            return {}
-
-    def write_recency(self, recency: dict[str, int]) -> None:
-        """Last use per key (rewritten at flush: disk nodes touched since they were written)."""
-        final = self.root / RECENCY
-        tmp = final.with_name(final.name + ".tmp")
-        faults.check("disk.write")
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(recency))
-        os.replace(tmp, final)
-
-    def remove_folder(self) -> None:
-        """Remove the folder if nothing of ours is left in it."""
-        with contextlib.suppress(OSError):
-            (self.root / RECENCY).unlink(missing_ok=True)
-            self.remove_strays()
-            self.root.rmdir()
 
 
 class Tiers:
@@ -359,7 +182,7 @@ class Tiers:
 
         A corrupt disk entry on the path is dropped and the match retried, so the hit only
         ever shrinks to what verified. Pair with `release` (or use `use`). With `promote`
-        False the path stays where it is (lock only): `restore_hit` promotes when it is used."""
+        False the path stays where it is (lock only): `fill` promotes when it is used."""
         self.stats["lookups"] += 1
         self.stats["lookup_tokens"] += len(tokens)
         moves: list[Move] = []
@@ -388,7 +211,7 @@ class Tiers:
         finally:
             self.release(hit)
 
-    def restore_hit(self, cache: Sequence[Any], hit: Hit) -> int:
+    def fill(self, cache: Sequence[Any], hit: Hit) -> int:
         """Promote the hit's path to the device tier, stitch it into a fresh live cache and
         release the hit (the live cache holds its own copy).
 
@@ -411,12 +234,12 @@ class Tiers:
             self.release(hit)
             raise
         try:
-            self.restore(cache, hit)
+            self.stitch(cache, hit)
         finally:
             self.release(hit)
         return hit.usable_tokens
 
-    def restore(self, cache: Sequence[Any], hit: Hit) -> float:
+    def stitch(self, cache: Sequence[Any], hit: Hit) -> float:
         """Stitch the hit's path into a fresh live cache; returns the seconds it took."""
         if hit.usable_tokens == 0:
             return 0.0
@@ -424,7 +247,7 @@ class Tiers:
         # hit's node holding only the tokens after the cut: pieces past the usable end drop off.
         pieces = [n.payload for n in self.trie.path(hit.node) if n.start < hit.usable_tokens]
         faults.check("tiers.stitch")
-        seconds = snapshots.restore(cache, pieces, hit.usable_tokens)
+        seconds = snapshots.stitch(cache, pieces, hit.usable_tokens)
         self.stats["restore_seconds"] += seconds
         return seconds
 
@@ -475,7 +298,7 @@ class Tiers:
             seconds = time.perf_counter() - t0
             self._count(source, "dropped", nbytes, seconds)
             return Move(node.id, source, "dropped", nbytes, seconds)
-        if _ORDER.index(target) <= _ORDER.index(source):
+        if TIERS.index(target) <= TIERS.index(source):
             raise ValueError(f"cannot demote from {source} to {target}")
         p = node.payload
         try:
@@ -507,7 +330,7 @@ class Tiers:
     def rebalance(self) -> list[Move]:
         """Demote least recently used unlocked nodes until every tier is within its budget."""
         moves: list[Move] = []
-        for tier in _ORDER:
+        for tier in TIERS:
             while self.tier_bytes(tier) > self.budgets.of(tier):
                 oldest = self.trie.oldest(tier)
                 if oldest is None:
@@ -549,7 +372,7 @@ class Tiers:
             "bytes": info.bytes_by_tier,
             "nodes_by_tier": info.nodes_by_tier,
             "locked_bytes": info.locked_bytes,
-            "budgets_bytes": {t: self.budgets.of(t) for t in _ORDER},
+            "budgets_bytes": {t: self.budgets.of(t) for t in TIERS},
             **self.stats,
             "moved_bytes": {f"{s}->{t}": n for (s, t), n in self.moved_bytes.items()},
             "moved_seconds": {f"{s}->{t}": x for (s, t), x in self.moved_seconds.items()},
@@ -622,17 +445,16 @@ class Tiers:
     def _write(self, p: Payload, node: Node) -> Payload:
         assert self.disk is not None
         path = self.trie.path_tokens(node)
-        key = f"{path_key(path)}-{node.start}"
-        meta = {
-            "start": str(node.start),
-            "tokens": json.dumps(list(node.tokens)),
-            "prefix": path_key(path[: node.start]),
-            "whole": "1" if p.whole else "0",
-            "restore_point": "1" if node.restore_point else "0",
-            "kinds": json.dumps(list(p.kinds)),
-            "dtypes": json.dumps(p.dtypes),
-            "last_use": str(node.last_use),
-        }
+        key = node_key(path, node.start)
+        meta = node_header(
+            path,
+            node.start,
+            whole=p.whole,
+            restore_point=node.restore_point,
+            kinds=p.kinds,
+            dtypes=p.dtypes,
+            last_use=node.last_use,
+        )
         checksum = self.disk.write(key, p.arrays, meta)
         return attrs.evolve(p, arrays={}, tier="disk", key=key, checksum=checksum)
 
@@ -643,14 +465,10 @@ class Tiers:
             arrays, meta = self.disk.read(p.key, p.checksum)
             if {k: tuple(a.shape) for k, a in arrays.items()} != p.shapes:
                 raise CorruptEntry(f"{p.key}: shapes differ from the index")
-            if node is not None:
-                path = self.trie.path_tokens(node)
-                if (
-                    meta.get("tokens") != json.dumps(list(node.tokens))
-                    or meta.get("start") != str(node.start)
-                    or p.key != f"{path_key(path)}-{node.start}"
-                ):
-                    raise CorruptEntry(f"{p.key}: the file is not the node it is filed under")
+            if node is not None and not describes(
+                meta, p.key, self.trie.path_tokens(node), node.start
+            ):
+                raise CorruptEntry(f"{p.key}: the file is not the node it is filed under")
         except CorruptEntry as exc:
             if isinstance(exc.__cause__, OSError):
                 self.health.read_errors += 1
@@ -675,59 +493,46 @@ class Tiers:
         recency = self.disk.read_recency()
         for key in self.disk.stored_keys():
             try:
-                meta = self.disk.header(key)
-                with safe_open(str(self.disk.path(key)), framework="numpy") as f:
-                    shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-                tokens = tuple(json.loads(meta["tokens"]))
-                kinds = tuple(json.loads(meta["kinds"]))
-                if kinds != self.kinds or not tokens:
+                stored = read_header(self.disk, key)
+                if stored.kinds != self.kinds:
                     raise CorruptEntry(f"{key}: another layout")
-                dtypes = json.loads(meta["dtypes"])
-                for name, dtype in dtypes.items():  # a flipped byte can name no dtype at all
-                    if not snapshots.is_dtype_name(dtype) or name not in shapes:
-                        raise CorruptEntry(f"{key}: {name} has no dtype {dtype!r} or no tensor")
-                payload = Payload(
-                    len(tokens),
-                    kinds,
-                    {},
-                    dtypes,
-                    shapes,
-                    meta["whole"] == "1",
-                    "disk",
-                    key,
-                    int(meta["crc32"]),
-                )
-                # Every field recovery uses is parsed here: a damaged header is deleted, never
-                # left to fail the start (the checksum itself is verified at read).
-                meta = {
-                    **meta,
-                    "restore_point": str(meta["restore_point"]),
-                    "last_use": str(int(meta.get("last_use", "0"))),
-                }
-                entries.append((int(meta["start"]), meta["prefix"], tokens, meta, payload))
             except Exception:
                 self.disk.delete(key)
+                continue
+            payload = Payload(
+                len(stored.tokens),
+                stored.kinds,
+                {},
+                stored.dtypes,
+                stored.shapes,
+                stored.whole,
+                "disk",
+                key,
+                stored.checksum,
+            )
+            entries.append((stored, payload))
         by_path: dict[str, Node] = {path_key(()): self.trie.root}
         paths: dict[str, tuple[int, ...]] = {path_key(()): ()}
         loaded = 0
-        for start, prefix, tokens, meta, payload in sorted(entries, key=lambda e: e[0]):
+        for stored, payload in sorted(entries, key=lambda e: e[0].start):
+            start, prefix, tokens = stored.start, stored.prefix, stored.tokens
             parent = by_path.get(prefix)
             if parent is None or parent.end != start or tokens[0] in parent.children:
                 self.disk.delete(payload.key)  # its prefix did not survive: useless
                 continue
             full = paths[prefix] + tokens
-            if payload.key != f"{path_key(full)}-{start}":
+            if payload.key != node_key(full, start):
                 # The header's tokens (or start, or prefix) are not those the file is filed
                 # under: a tampered or misplaced file never serves another prompt.
                 self.stats["corrupt_entries"] += 1
                 self.disk.delete(payload.key)
                 continue
-            last_use = recency.get(payload.key, int(meta.get("last_use", "0")))
+            last_use = recency.get(payload.key, stored.last_use)
             node = self.trie.attach(
                 parent,
                 tokens,
                 payload,
-                restore_point=meta["restore_point"] == "1",
+                restore_point=stored.restore_point,
                 last_use=last_use,
             )
             paths[path_key(full)] = full

@@ -30,7 +30,7 @@ import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, Protocol
 
-TIERS = ("device", "host", "disk")
+from kvgrove.memory.ledger import TIERS
 
 
 class PayloadOps(Protocol):
@@ -379,8 +379,6 @@ class Trie:
             node.restore_point |= restore_point
         self._touch(path)
         return InsertResult(node, new_tokens, new_nodes)
-
-    insert = insert_prefix
 
     def attach(
         self,

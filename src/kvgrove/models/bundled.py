@@ -108,7 +108,3 @@ def pull(spec: BundledModel = DEFAULT, *, progress: Progress | None = None) -> P
                 shutil.copyfileobj(src, out, 1 << 20)
         partial.replace(target)  # atomic: a crash never leaves a half file at `target`
     return target
-
-
-def default_model_path(*, progress: Progress | None = None) -> Path:
-    return pull(DEFAULT, progress=progress)

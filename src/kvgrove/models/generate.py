@@ -69,7 +69,7 @@ def forward(model: nn.Module, cache: list[Any], tokens: mx.array) -> mx.array:
 
 
 @attrs.frozen
-class Step:
+class Generated:
     """One generated token."""
 
     token: int
@@ -106,7 +106,7 @@ def generate(
     cached_tokens: int = 0,
     chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
     timings: Timings | None = None,
-) -> Iterator[Step]:
+) -> Iterator[Generated]:
     """Generate up to `max_tokens` tokens after `prompt_tokens`, stopping after any of `stop_ids`.
 
     `cache` may already hold the first `cached_tokens` prompt tokens (a prefix-cache hit); at least
@@ -155,7 +155,7 @@ def generate(
             timings.prefill_seconds = decode_start - start
         timings.generated_tokens = n
         timings.decode_seconds = time.perf_counter() - decode_start
-        yield Step(choice.token, choice.logprob, choice.top_logprobs)
+        yield Generated(choice.token, choice.logprob, choice.top_logprobs)
         if choice.token in stop_ids or n >= max_tokens:
             return
         pending = nxt if nxt is not None else launch(pending.tokens)

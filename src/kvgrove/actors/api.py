@@ -1,4 +1,7 @@
-"""What the HTTP layer holds of the running server: actor inboxes, the model, the metrics."""
+"""The actors' one interface to the HTTP layer: the `Runtime` (a generation API and queries) and
+the types a generation speaks in. http/ imports nothing else of actors/: it never builds an actor
+message nor holds an inbox of its own.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +13,28 @@ from typing import Any
 import attrs
 import trio
 
+from kvgrove.actors.messages import CacheQuery, MemoryQuery
 from kvgrove.actors.metrics import Metrics
-from kvgrove.actors.requests import Finished, Generation, GenerationRequest, TextChunk
+from kvgrove.actors.registry import ModelLoadError
+from kvgrove.actors.requests import (
+    Finished,
+    Generation,
+    GenerationError,
+    GenerationRequest,
+    TextChunk,
+)
 from kvgrove.config import Settings
+
+__all__ = [
+    "Finished",
+    "Generation",
+    "GenerationError",
+    "GenerationRequest",
+    "ModelLoadError",
+    "Runtime",
+    "TextChunk",
+    "current_lease",
+]
 
 # The model group the current HTTP request picked (a registry Lease), None = the server's own.
 current_lease: contextvars.ContextVar[Any] = contextvars.ContextVar("kvgrove_lease", default=None)
@@ -39,12 +61,11 @@ class Runtime:
     state: str = "loading"  # "loading" | "ready" | "stopping"
     default_loaded: Any = attrs.field(default=None, alias="loaded")  # the server's own model
     started_at: float = attrs.field(factory=time.time)
-    ready_at: float | None = None
+    # Set by serve.py (the composition root) as the actors start; the HTTP layer only reads.
     scheduler_inbox: trio.MemorySendChannel | None = None
     accountant_inbox: trio.MemorySendChannel | None = None
     pager_inbox: trio.MemorySendChannel | None = None
-    executor_inbox: trio.MemorySendChannel | None = None
-    # The actor objects themselves, for statistics() in tests and /metrics; never mutated here.
+    # The actor objects (and the HTTP gate), for statistics() in tests and /metrics.
     actors: dict[str, Any] = attrs.field(factory=dict)
     registry: Any = None  # kvgrove.actors.registry.ModelRegistry: other models on demand
 
@@ -83,7 +104,24 @@ class Runtime:
             reply_channel_items=self.settings.reply_channel_items,
         )
 
-    async def ask(self, inbox: trio.MemorySendChannel, make: Callable[[Any], Any]) -> Any:
+    async def lease(self, name: str, keep_alive_seconds: float | None) -> Any:
+        """Lease model `name` from the registry for the current request (loading it on first
+        use), so that `loaded` and `generation` use it; None when `name` is another name of the
+        server's own model. Raises ModelLoadError."""
+        lease = await self.registry.acquire(name, keep_alive_seconds)
+        if lease is not None:
+            current_lease.set(lease)
+        return lease
+
+    async def memory(self) -> dict[str, Any]:
+        """The ledger's summary (the /api/memory body)."""
+        return await self._ask(self.accountant_inbox, MemoryQuery)
+
+    async def prefix_cache(self, *, check: bool = False) -> dict[str, Any]:
+        """The prefix trie's summary (the /api/cache body); `check` runs check_integrity()."""
+        return await self._ask(self.pager_inbox, lambda reply: CacheQuery(reply, check=check))
+
+    async def _ask(self, inbox: Any, make: Callable[[Any], Any]) -> Any:
         """Send make(reply_channel) to an actor and wait for its one reply."""
         send, recv = trio.open_memory_channel[Any](1)
         with send, recv:

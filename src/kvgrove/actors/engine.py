@@ -1,0 +1,77 @@
+"""The engine: the four actors behind every generation, composed in one place.
+
+`start_engine` starts, in order and each with `nursery.start` (so each runs before the next
+needs it), the accountant, the executor (which loads the model on its MLX thread), the pager
+(given that thread) and the scheduler. serve.py composes the server's own model with it, the
+registry each model it loads on demand, `kvgrove run` its one generation, and the tests their
+actors: one wiring, so what is tested is what serves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import trio
+
+from kvgrove.actors.accountant import Accountant
+from kvgrove.actors.executor import Executor
+from kvgrove.actors.pager import Pager
+from kvgrove.actors.scheduler import Scheduler
+from kvgrove.config import Settings
+
+
+@attrs.frozen
+class Engine:
+    """The running actors of one model and the model they loaded."""
+
+    loaded: Any  # kvgrove.models.loading.LoadedModel
+    accountant: Accountant
+    executor: Executor
+    pager: Pager
+    scheduler: Scheduler
+
+    @property
+    def actors(self) -> dict[str, Any]:
+        """By name, for statistics() (tests, /metrics)."""
+        return {
+            "accountant": self.accountant,
+            "executor": self.executor,
+            "pager": self.pager,
+            "scheduler": self.scheduler,
+        }
+
+
+async def start_engine(
+    nursery: trio.Nursery,
+    settings: Settings,
+    *,
+    loader: Callable[[str | None], Any] | None = None,
+    executor_factory: Callable[..., Executor] = Executor,
+    kv_budget_bytes: int | None = None,
+) -> Engine:
+    """Start the actors in `nursery` (they run until it is cancelled); return once the model is
+    loaded and every actor is running. `loader` replaces kvgrove.models.loading.load;
+    `executor_factory` makes the executor (tensor parallel passes rank 0's); `kv_budget_bytes`
+    bounds the live caches (None = their share of the device budget, as served)."""
+    accountant = Accountant(settings)
+    await nursery.start(accountant.run)
+    executor = executor_factory(settings, accountant=accountant.inbox.clone(), loader=loader)
+    loaded = await nursery.start(executor.run)
+    pager = Pager(
+        settings,
+        mlx=executor.mlx,
+        loaded=loaded,
+        executor=executor.inbox.clone(),
+        accountant=accountant.inbox.clone(),
+    )
+    await nursery.start(pager.run)
+    scheduler = Scheduler(
+        settings,
+        executor=executor.inbox.clone(),
+        pager=pager.inbox.clone(),
+        kv_budget_bytes=kv_budget_bytes,
+    )
+    await nursery.start(scheduler.run)
+    return Engine(loaded, accountant, executor, pager, scheduler)
