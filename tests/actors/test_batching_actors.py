@@ -122,10 +122,16 @@ def solo(folder, prompts, n):
 
 
 async def idle_memory(accountant):
-    await trio.sleep(0.05)
-    send, recv = trio.open_memory_channel(1)
-    await accountant.inbox.send(MemoryQuery(send))
-    memory = await recv.receive()
+    """The ledger once the live caches are charged off (the executor does it after the step
+    that releases them, which may come after the last token was delivered), with a deadline."""
+    with trio.fail_after(10):
+        while True:
+            send, recv = trio.open_memory_channel(1)
+            await accountant.inbox.send(MemoryQuery(send))
+            memory = await recv.receive()
+            if memory["live_cache_bytes"] == 0:
+                break
+            await trio.sleep(0.005)
     accountant.ledger.check_integrity()
     return memory
 
