@@ -142,6 +142,12 @@ class Settings:
     # New prompts that arrive together prefill in one left-padded forward pass (plain-attention
     # models); off = one forward per prompt.
     batch_prefill: bool = True
+    # The batched decode launches step N+1 from step N's still-lazy tokens before N's tokens go
+    # up (plain-attention models): "on", "off", or "auto" = on with a GPU (on a CPU the model's
+    # compute and the server's host work share the same cores: benchmarks/overlap.py).
+    decode_overlap: str = attrs.field(
+        default="auto", validator=attrs.validators.in_(("auto", "on", "off"))
+    )
     device_cache_bytes: int = attrs.field(default=0, validator=_non_negative)
     kv_cache_dir: str | None = None  # None = <kvgrove cache dir>/kv
     # Other models on demand, besides `model` (which stays loaded): a request naming one loads

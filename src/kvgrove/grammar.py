@@ -129,12 +129,20 @@ class Constraint:
         if self._matcher.is_error():
             raise GrammarError(self._matcher.get_error())
         self._eos = sorted(tokenizer.eos_ids)
+        self._bitmask: np.ndarray | None = None  # for the state now (until the next accept)
 
     def bitmask(self, words: int) -> np.ndarray:
         """The allowed tokens packed 32 to a uint32 word, bit ``t % 32`` of word ``t // 32``.
 
         ``words`` is the logits' width in words; ids past the vocabulary are never allowed.
+        Computed once per state: the executor asks for it early, while the device computes.
         """
+        if self._bitmask is not None and self._bitmask.shape[0] == words:
+            return self._bitmask
+        self._bitmask = self._compute_bitmask(words)
+        return self._bitmask
+
+    def _compute_bitmask(self, words: int) -> np.ndarray:
         packed = np.zeros(words, dtype=np.uint32)
         if self._matcher.is_error():
             # A token the grammar did not allow got in (it cannot, through the sampler):
@@ -154,6 +162,7 @@ class Constraint:
         return np.unpackbits(packed.view(np.uint8), bitorder="little")[:width].astype(bool)
 
     def accept(self, token: int) -> None:
+        self._bitmask = None
         if not self._matcher.is_stopped():
             self._matcher.consume_token(int(token))
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+import mlx.core as mx
 import trio
 
 from kvgrove.actors.messages import (
@@ -38,6 +39,13 @@ log = logging.getLogger(__name__)
 __all__ = ["Executor", "ExecutorStats", "MLXThread", "str_error"]
 
 
+def overlap_on(settings: Settings) -> bool:
+    """Whether the batched decode runs one step ahead (`Settings.decode_overlap`)."""
+    if settings.decode_overlap == "auto":
+        return mx.default_device().type == mx.DeviceType.gpu
+    return settings.decode_overlap == "on"
+
+
 @attrs.frozen
 class ExecutorStats:
     steps: int
@@ -48,6 +56,8 @@ class ExecutorStats:
     batch_rows: int = 0  # rows in the running batch now
     max_batch_rows: int = 0  # the most rows one batched forward pass has decoded
     batched: bool = True  # False: the model's caches cannot batch; rows decode one by one
+    overlapped_steps: int = 0  # batched decodes launched before the scheduler planned them
+    wasted_row_steps: int = 0  # rows decoded ahead that the plan did not take
 
 
 class Executor:
@@ -65,7 +75,9 @@ class Executor:
         loader: Callable[[str | None], Any] | None = None,
     ) -> None:
         self.runner = StepRunner(
-            chunk_tokens=settings.prefill_chunk_tokens, batch_prefill=settings.batch_prefill
+            chunk_tokens=settings.prefill_chunk_tokens,
+            batch_prefill=settings.batch_prefill,
+            overlap=overlap_on(settings),
         )
         self.settings = settings
         self.inbox, self._inbox = trio.open_memory_channel[object](settings.executor_inbox_items)
@@ -86,6 +98,7 @@ class Executor:
         self._settings = settings
         self.runner.chunk_tokens = settings.prefill_chunk_tokens
         self.runner.batch_prefill = settings.batch_prefill
+        self.runner.overlap = overlap_on(settings)
 
     @property
     def mlx(self) -> MLXHandle:
@@ -194,4 +207,6 @@ class Executor:
             batch_rows=r.batch_rows,
             max_batch_rows=r.max_batch_rows,
             batched=r.batched,
+            overlapped_steps=r.overlapped_steps,
+            wasted_row_steps=r.wasted_row_steps,
         )

@@ -142,6 +142,12 @@ class RunningBatch:
         mx.eval([_arrays(c) for c in out])
         return out
 
+    def trim(self, n: int = 1) -> None:
+        """Take the last n tokens off every row (plain-attention batches only)."""
+        for c in self.cache:
+            c.trim(n)
+        self.tokens = [t - n for t in self.tokens]
+
     def forward(self, model: nn.Module, tokens: Sequence[int] | mx.array) -> mx.array:
         """One decode step: row i is fed tokens[i]; returns (B, V) logits, lazily."""
         assert self.cache is not None and len(tokens) == len(self.ids)

@@ -84,6 +84,21 @@ class DecodeLaunch:
     start: float
 
 
+@attrs.define
+class Ahead:
+    """The batch's next decode forward, launched from this step's still-lazy tokens before they
+    went up (the overlap). The next step uses it if it decodes a subset of `ids`, each fed the
+    token it was fed here; the rows it leaves out drop the extra token as they leave the batch
+    (one wasted row-step each). Any other plan takes the token off the whole batch."""
+
+    ids: list[int]  # the batch's rows, in order
+    logits: mx.array | None  # (B, V), lazily; None if the forward failed (`error`)
+    start: float
+    error: Exception | None = None
+    fed: dict[int, int] = attrs.Factory(dict)  # request id -> the token it was fed
+    keep: list[int] = attrs.Factory(list)  # rows (indices into `ids`) the next step decodes
+
+
 @attrs.frozen
 class PrefillLaunch:
     """Whole prompts prefilling together in one batch cache, their first tokens pending."""
@@ -121,9 +136,12 @@ def standing_copy(cache: Sequence[Any]) -> list[Any]:
 class StepRunner:
     """Runs steps for one model. `keeping`: collect `Keep`s for the prefix cache."""
 
-    def __init__(self, *, chunk_tokens: int, batch_prefill: bool) -> None:
+    def __init__(self, *, chunk_tokens: int, batch_prefill: bool, overlap: bool = True) -> None:
         self.chunk_tokens = chunk_tokens
         self.batch_prefill = batch_prefill
+        self.overlap = overlap  # launch the next batched decode before this one's tokens go up
+        self._ahead: Ahead | None = None
+        self._ahead_rows: set[int] = set()  # rows leaving with one token too many (the overlap)
         self.model: Any = None
         self.tokenizer: Any = None
         self.keeping = False
@@ -141,6 +159,8 @@ class StepRunner:
         self.items = 0
         self.tokens = 0
         self.max_batch_rows = 0
+        self.overlapped_steps = 0  # batched decodes that ran ahead of the scheduler's plan
+        self.wasted_row_steps = 0  # rows computed ahead that the plan did not take
 
     def use_model(self, model: Any, tokenizer: Any) -> None:
         self.model, self.tokenizer = model, tokenizer
@@ -189,6 +209,7 @@ class StepRunner:
         """Rows leave the batch when released, preempted, or not decoding now (parked); the
         released and preempted give up their caches. A failed result if that failed."""
         self.steps += 1
+        self._settle_ahead(step)
         decode_ids = {it.request_id for it in step.items if self._is_decode(it)}
         leaving = {*step.release, *step.preempt}
         try:
@@ -204,6 +225,7 @@ class StepRunner:
             log.exception("releasing sequences failed")
             for rid in list(self._batch.ids) + list(leaving):
                 self._drop(rid)
+            self._ahead, self._ahead_rows = None, set()
             return StepResult((), error=str_error(e))
         if step.release and not self._live:
             mx.clear_cache()
@@ -238,16 +260,19 @@ class StepRunner:
         decode_ids = {it.request_id for it in decode}
         others = [it for it in step.items if it.request_id not in decode_ids]
         results: dict[int, ItemResult] = {}
-        batch = self._launch_decode(decode, results)
+        ahead, self._ahead, self._ahead_rows = self._ahead, None, set()
+        batch = self._launch_decode(decode, results, ahead)
         # The prefill graphs are built while the batch computes.
         together = self._launch_prefill_together(others)
         for item in others:
             if together is None or item not in together.items:
                 results[item.request_id] = self._run_item(item)
-        if batch is not None:
-            self._finish_decode(batch, results)
         if together is not None:
             self._finish_prefill_together(together, results)
+        self._launch_ahead(batch, results)
+        if batch is not None:
+            self._finish_decode(batch, results)
+        self._prepare_ahead(results)
         self._restored = {}
         for it in step.items:  # a first item reports the prompt tokens actually restored
             live, result = self._live.get(it.request_id), results[it.request_id]
@@ -334,6 +359,10 @@ class StepRunner:
     def _detach(self, ids: list[int]) -> None:
         """Rows leave the batch (one copy however many), each back to its own cache."""
         for rid, cache in self._batch.leave(ids).items():
+            if rid in self._ahead_rows:  # computed ahead, not taken: the token comes off
+                self._ahead_rows.discard(rid)
+                for c in cache:
+                    c.trim(1)
             live = self._live[rid]
             live.cache, live.in_batch = cache, False
 
@@ -354,6 +383,7 @@ class StepRunner:
             for rid in self._batch.ids:
                 self._live.pop(rid, None)
             self._batch = RunningBatch()
+            self._ahead, self._ahead_rows = None, set()
 
     def _is_decode(self, item: StepItem) -> bool:
         live = self._live.get(item.request_id)
@@ -371,15 +401,99 @@ class StepRunner:
 
     # -- the batched decode ---------------------------------------------------------------
 
-    def _launch_decode(self, decode: list[StepItem], results: dict) -> DecodeLaunch | None:
+    def _settle_ahead(self, step: Any) -> None:
+        """Before the step changes the batch: take the decode run ahead, or undo it."""
+        ahead = self._ahead
+        if ahead is None:
+            return
+        fed = {it.request_id: it.tokens[0] for it in step.items if self._is_decode(it)}
+        leaving = {*step.release, *step.preempt}
+        if (
+            fed
+            and self._batch.ids == ahead.ids
+            and fed.keys() <= set(ahead.ids) - leaving
+            and all(ahead.fed.get(rid) == token for rid, token in fed.items())
+        ):
+            ahead.keep = [i for i, rid in enumerate(ahead.ids) if rid in fed]
+            self._ahead_rows = set(ahead.ids) - fed.keys()  # they leave the batch in `begin`
+            self.wasted_row_steps += len(self._ahead_rows)
+            return
+        # The plan is not the one run ahead (new rows join, a token differs): undo it.
+        self._ahead = None
+        self.wasted_row_steps += len(ahead.ids)
+        if ahead.error is not None:  # the batch's state is suspect: it goes
+            for rid in self._batch.ids:
+                self._live.pop(rid, None)
+            self._batch = RunningBatch()
+        elif self._batch.ids == ahead.ids:
+            self._batch.trim(1)
+
+    def _launch_ahead(self, launch: DecodeLaunch | None, results: dict) -> None:
+        """Launch the next decode of every batch row from this step's tokens, still lazy for
+        the rows decoded now (plain-attention batches: a token can come off again)."""
+        ids = list(self._batch.ids)
+        if not (self.overlap and self.batched and self._prefill_together and ids):
+            return
+        decoded = launch.ids if launch is not None else []
+        joined = ids[len(decoded) :]
+        if ids[: len(decoded)] != decoded or any(
+            rid not in results or results[rid].token is None for rid in joined
+        ):
+            return
+        start = time.monotonic()
+        try:
+            parts = [launch.pending.tokens] if launch is not None else []
+            if joined:
+                parts.append(mx.array([results[rid].token for rid in joined], dtype=mx.uint32))
+            tokens = parts[0] if len(parts) == 1 else mx.concatenate(parts)
+            logits = self._batch.forward(self.model, tokens)
+            mx.async_eval(logits)
+        except Exception as e:  # the rows that decode next fail with it, as if it ran then
+            self._ahead = Ahead(ids, None, start, error=e)
+            return
+        self._ahead = Ahead(ids, logits, start)
+
+    def _prepare_ahead(self, results: dict) -> None:
+        """Once this step's tokens are known: what each row was fed, and the grammar masks of
+        constrained rows, computed on the host while the device runs the decode ahead."""
+        ahead = self._ahead
+        if ahead is None:
+            return
+        if any(rid not in results or results[rid].token is None for rid in ahead.ids):
+            self._ahead = None  # a row failed: the batch is gone (or going)
+            return
+        ahead.fed = {rid: results[rid].token for rid in ahead.ids}
+        if ahead.logits is None:
+            return
+        words = (ahead.logits.shape[-1] + 31) // 32
+        for rid in ahead.ids:
+            constraint = self._live[rid].sampler.constraint
+            if constraint is not None:
+                constraint.bitmask(words)  # kept until its next accept
+
+    def _launch_decode(
+        self, decode: list[StepItem], results: dict, ahead: Ahead | None = None
+    ) -> DecodeLaunch | None:
         if not decode:
             return None
         start = time.monotonic()
         try:
-            self._attach([it.request_id for it in decode if not self._live[it.request_id].in_batch])
-            token_of = {it.request_id: it.tokens[0] for it in decode}
-            ids = list(self._batch.ids)
-            logits = self._batch.forward(self.model, [token_of[rid] for rid in ids])
+            if ahead is not None and ahead.error is not None:
+                raise ahead.error
+            if ahead is not None:  # the forward ran ahead: only the sampling is left
+                logits = ahead.logits
+                if len(ahead.keep) < len(ahead.ids):
+                    logits = logits[mx.array(ahead.keep)]
+                ids, start = list(self._batch.ids), ahead.start
+                assert ids == [ahead.ids[i] for i in ahead.keep], (ids, ahead.ids, ahead.keep)
+                self.overlapped_steps += 1
+            else:
+                self._attach(
+                    [it.request_id for it in decode if not self._live[it.request_id].in_batch]
+                )
+                token_of = {it.request_id: it.tokens[0] for it in decode}
+                ids = list(self._batch.ids)
+                logits = self._batch.forward(self.model, [token_of[rid] for rid in ids])
             pending = build_sample(logits, [self._live[rid].sampler for rid in ids])
             mx.async_eval(*pending.arrays())
         except Exception as e:
@@ -407,7 +521,7 @@ class StepRunner:
         self.tokens += len(ids)
 
     def _fail_decode(self, decode, error: Exception, start: float, results: dict) -> None:
-        log.exception("batched decode failed")
+        log.error("batched decode failed", exc_info=error)
         end = time.monotonic()
         for it in decode:
             self._drop(it.request_id)

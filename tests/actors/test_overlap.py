@@ -1,0 +1,165 @@
+"""The decode overlap (`decode_overlap="on"`): the executor launches the batch's next decode from
+the still-lazy tokens before they go up. It changes when work runs, never what comes out: the
+same tokens as with it off, for greedy, seeded and grammar-constrained rows, while rows join,
+finish, get cancelled and are preempted; the books return to baseline."""
+
+from __future__ import annotations
+
+import collections
+
+import attrs
+import pytest
+import trio
+
+from kvgrove.actors.accountant import Accountant
+from kvgrove.actors.executor import Executor
+from kvgrove.actors.messages import Cancel, Done, Failed, MemoryQuery, Submit, Token
+from kvgrove.actors.pager import Pager
+from kvgrove.actors.scheduler import Scheduler
+from kvgrove.config import Settings
+from kvgrove.grammar import regex_grammar
+from kvgrove.sampling import SamplingParams
+from tiny_models import write_tiny_model
+
+DEADLINE = 60
+GREEDY = SamplingParams(temperature=0)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return str(write_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "llama"))
+
+
+def prompt(i: int, n: int = 12) -> tuple[int, ...]:
+    return tuple((11 * i + 7 * j) % 250 + 5 for j in range(n))
+
+
+async def compose(nursery, settings, *, kv_budget_bytes=None):
+    accountant = Accountant(settings)
+    await nursery.start(accountant.run)
+    executor = Executor(settings, accountant=accountant.inbox.clone())
+    loaded = await nursery.start(executor.run)
+    pager = Pager(
+        settings,
+        mlx=executor.mlx,
+        loaded=loaded,
+        executor=executor.inbox.clone(),
+        accountant=accountant.inbox.clone(),
+    )
+    await nursery.start(pager.run)
+    scheduler = Scheduler(
+        settings,
+        executor=executor.inbox.clone(),
+        pager=pager.inbox.clone() if settings.prefix_cache else None,
+        kv_budget_bytes=kv_budget_bytes,
+    )
+    await nursery.start(scheduler.run)
+    return accountant, executor, scheduler
+
+
+async def request(scheduler, rid, tokens, max_tokens, params, *, cancel_after, started, gate):
+    # A reader held back by `gate` (a channel of one token) parks its sequence meanwhile.
+    send, recv = trio.open_memory_channel(256 if gate is None else 1)
+    await scheduler.inbox.send(Submit(rid, tokens, params, max_tokens, 400, frozenset(), send))
+    out = []
+    if gate is not None:
+        started.set()
+        await gate.wait()
+    async for msg in recv:
+        if isinstance(msg, Token):
+            out.append(msg.token)
+            started.set()
+            if cancel_after is not None and len(out) == cancel_after:
+                await scheduler.inbox.send(Cancel(rid, trio.current_time()))
+                return out
+        elif isinstance(msg, Failed):
+            started.set()
+            return [msg]
+        elif isinstance(msg, Done):
+            started.set()
+            return out
+    return out
+
+
+def workload(preempting: bool = False):
+    """(delay in waves, request id, prompt, max tokens, params, cancel after)."""
+    if preempting:  # four that do not fit together (as test_batching_actors' pressure test)
+        return [(0, i, prompt(i, 30), 16, GREEDY, None) for i in range(1, 5)]
+    seeded = SamplingParams(temperature=0.9, top_k=20, seed=7)
+    digits = SamplingParams(temperature=0, grammar=regex_grammar(r"[0-9]{3,30}"))
+    return [
+        (0, 1, prompt(1), 24, GREEDY, None),
+        (0, 2, prompt(2, 30), 5, GREEDY, None),  # finishes early: a row leaves
+        (0, 3, prompt(3), 18, seeded, None),
+        (1, 4, prompt(4, 20), 16, GREEDY, None),  # joins a running batch
+        (1, 5, prompt(5), 20, digits, None),  # a constrained row in the batch
+        (1, 6, prompt(6), 30, GREEDY, 4),  # cancelled mid-decode
+        (2, 7, prompt(1), 12, seeded, None),  # the same prompt as 1: its prefix is cached
+        (0, 8, prompt(8), 14, GREEDY, None),  # read only once 1 is done: it parks
+    ]
+
+
+async def run_workload(settings, kv_budget_bytes=None):
+    results = {}
+    done = collections.defaultdict(trio.Event)
+    async with trio.open_nursery() as nursery:
+        accountant, executor, scheduler = await compose(
+            nursery, settings, kv_budget_bytes=kv_budget_bytes
+        )
+        with trio.fail_after(DEADLINE):
+            async with trio.open_nursery() as clients:
+                for wave in range(3):
+                    started = []
+                    for delay, rid, tokens, n, params, cancel in workload(bool(kv_budget_bytes)):
+                        if delay != wave:
+                            continue
+                        started.append(trio.Event())
+
+                        async def one(
+                            rid=rid, tokens=tokens, n=n, p=params, c=cancel, e=started[-1]
+                        ):
+                            gate = done[1] if rid == 8 and kv_budget_bytes is None else None
+                            results[rid] = await request(
+                                scheduler, rid, tokens, n, p, cancel_after=c, started=e, gate=gate
+                            )
+                            done[rid].set()
+
+                        clients.start_soon(one)
+                    # The next wave arrives once this one is decoding.
+                    for event in started:
+                        await event.wait()
+            while True:  # the executor charges the released caches off after its step
+                send, recv = trio.open_memory_channel(1)
+                await accountant.inbox.send(MemoryQuery(send))
+                memory = await recv.receive()
+                if not executor.statistics().live_sequences and not memory["live_cache_bytes"]:
+                    break
+                await trio.sleep(0.001)
+        accountant.ledger.check_integrity()
+        stats = executor.statistics()
+        preempted = scheduler.statistics().preempted
+        nursery.cancel_scope.cancel()
+    return results, memory, stats, preempted
+
+
+@pytest.mark.parametrize("kv_budget_bytes", [None, 300_000])  # the second preempts
+async def test_the_overlap_changes_no_token(llama, kv_budget_bytes):
+    # Under pressure without the prefix cache (as test_batching_actors' pressure test), so a
+    # preempted sequence recomputes its tokens from its history.
+    base = Settings(model=llama, disk_budget_bytes=0, prefix_cache=kv_budget_bytes is None)
+    off, _, off_stats, _ = await run_workload(
+        attrs.evolve(base, decode_overlap="off"), kv_budget_bytes=kv_budget_bytes
+    )
+    on, memory, stats, preempted = await run_workload(
+        attrs.evolve(base, decode_overlap="on"), kv_budget_bytes=kv_budget_bytes
+    )
+    assert off_stats.overlapped_steps == 0
+    assert (preempted > 0) == (kv_budget_bytes is not None)
+    assert stats.overlapped_steps > 0  # it did run ahead
+    assert stats.wasted_row_steps > 0  # and rows that finished left one step behind
+    assert on.keys() == off.keys()
+    for rid in on:
+        assert on[rid] == off[rid], rid
+        assert on[rid] and all(isinstance(t, int) for t in on[rid]), on[rid]
+    assert memory["live_cache_bytes"] == 0 and memory["reserved_bytes"] == 0
+    assert stats.live_sequences == 0
