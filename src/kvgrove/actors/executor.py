@@ -610,7 +610,10 @@ class Executor:
             if live.in_batch:  # batching is off, or it decodes alone: it leaves the batch
                 self._detach([rid])
             tokens = item.tokens
-            feed = tokens[:-1] if item.sample else tokens
+            # Sampling after the prompt's last token: one forward over the whole chunk, unless
+            # whole-state layers need their snapshot just before that token (below).
+            whole = item.sample and not self._whole_layers
+            feed = tokens if not item.sample else [] if whole else tokens[:-1]
             if feed:
                 for _ in prefill_chunks(
                     self.loaded.model, live.cache, feed, chunk_tokens=len(feed)
@@ -624,7 +627,7 @@ class Executor:
                     self._store_prefix(None, live, live.cache)
             token = logprob = top = None
             if item.sample:
-                last = mx.array(tokens[-1:], dtype=mx.uint32)[None]
+                last = mx.array(tokens if whole else tokens[-1:], dtype=mx.uint32)[None]
                 logits = forward(self.loaded.model, live.cache, last)
                 choice = sample_batch(logits, [live.sampler]).row(0)
                 live.sampler.accept(choice.token)
