@@ -40,7 +40,7 @@ with mx.stream(generation_stream()):
     def fresh():
         c = make_cache(model)
         for layer, s in zip(c, snaps, strict=True):
-            layer.restore([s])
+            layer.restore([s], N)
         return c
 
     def variant(name):

@@ -31,7 +31,7 @@ def test_restored_spans_decode_like_the_original_and_grow_in_place(tmp_path):
     restored = make_cache(model)
     for layer, layer_spans in zip(restored, spans, strict=True):
         assert isinstance(layer, SpanKVCache)
-        layer.restore(layer_spans)
+        layer.restore(layer_spans, 299)
         assert layer.offset == 299 and layer.keys.shape[2] > 299
     buffers = [layer.keys for layer in restored]
     # The next chunk (a later turn's new tokens) fits in the room: written in place, no copy.

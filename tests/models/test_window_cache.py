@@ -58,4 +58,4 @@ def test_window_restore_refuses_a_window_that_cannot_stand_there(model):
     window = next(c for c in cache if isinstance(c, WindowKVCache))
     keys = mx.zeros((1, 2, 5, 16))
     with pytest.raises(ValueError, match="cannot stand"):
-        window.restore((keys, keys), 40)
+        window.restore([(keys, keys)], 40)

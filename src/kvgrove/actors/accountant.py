@@ -7,6 +7,7 @@ evict once the prefix cache exists.
 
 from __future__ import annotations
 
+import mlx.core as mx
 import trio
 
 from kvgrove.actors.messages import Charge, Charges, MemoryQuery
@@ -16,8 +17,6 @@ from kvgrove.memory.ledger import Budgets, Ledger
 
 def mlx_memory() -> dict[str, int]:
     """MLX allocator counters (process-wide; cheap to read from any thread)."""
-    import mlx.core as mx
-
     return {
         "active_bytes": int(mx.get_active_memory()),
         "peak_bytes": int(mx.get_peak_memory()),

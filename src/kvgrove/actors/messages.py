@@ -10,7 +10,11 @@ from typing import Any
 
 import attrs
 
+from kvgrove.models.steps import ItemResult, Start, StepItem, StepResult
 from kvgrove.sampling import SamplingParams
+
+# Defined with the step runner (below the actors), part of the scheduler -> executor boundary.
+__all__ = ["ItemResult", "Start", "StepItem", "StepResult"]
 
 # -- request handler -> scheduler --------------------------------------------------------------
 
@@ -88,30 +92,6 @@ class Failed:
 
 
 @attrs.frozen
-class Start:
-    """What the executor needs the first time it sees a sequence."""
-
-    params: SamplingParams
-    prompt_tokens: tuple[int, ...]
-    context_tokens: int
-    namespace: str = ""  # the prefix-cache namespace its KV is stored under
-    cached_tokens: int = 0  # the pager locked this many prompt tokens: restore them first
-
-
-@attrs.frozen
-class StepItem:
-    """Feed `tokens` into the sequence's cache; when `sample`, draw a token after the last one."""
-
-    request_id: int
-    tokens: tuple[int, ...]
-    sample: bool
-    start: Start | None = None  # set on the sequence's first item
-    # A preempted sequence resuming: restore its first `resume_tokens` history tokens from the
-    # prefix cache (recomputing whatever is no longer there) before feeding `tokens`.
-    resume_tokens: int = 0
-
-
-@attrs.frozen
 class Step:
     """One unit of executor work: sequences to release or preempt first, then the items.
 
@@ -126,28 +106,6 @@ class Step:
     release: tuple[int, ...]
     reply: Any  # receives StepResult
     preempt: tuple[int, ...] = ()
-
-
-@attrs.frozen
-class ItemResult:
-    request_id: int
-    token: int | None
-    logprob: float | None
-    top_logprobs: list[tuple[int, float]] | None
-    seconds: float
-    cache_bytes: int
-    error: str | None = None  # this item failed; its sequence ends with this message
-    # On a sequence's first item: the prompt tokens restored from the prefix cache (fewer than
-    # `Start.cached_tokens` promised when a restore fell back to recomputing).
-    cached_tokens: int | None = None
-
-
-@attrs.frozen
-class StepResult:
-    results: tuple[ItemResult, ...]
-    error: str | None = None  # the step failed as a whole (e.g. out of memory)
-    # (request_id, tokens) for each preempted sequence whose KV the prefix cache now holds.
-    kept: tuple[tuple[int, int], ...] = ()
 
 
 @attrs.frozen
@@ -211,16 +169,52 @@ class Release:
 
 
 @attrs.frozen
-class UsePrefixCache:
-    """pager -> executor, once at start: the prefix cache it restores from and stores into (the
-    object is touched on the MLX thread only, by whichever actor holds the turn there)."""
-
-    cache: Any  # kvgrove.memory.prefix_cache.PrefixCache
-
-
-@attrs.frozen
 class CacheQuery:
     """/api/cache: the trie's summary; with `check`, run check_integrity() first."""
 
     reply: Any  # receives dict
     check: bool = False
+
+
+# -- pager <-> executor (the prefix cache's copies, on the MLX thread) -------------------------
+
+
+@attrs.frozen
+class UsePager:
+    """pager -> executor, once at start: the prefix cache is on; ask for restores and hand over
+    what to store on `channel` (the pager's own channel for the executor)."""
+
+    channel: Any  # trio.MemorySendChannel[RestorePrefixes | StorePrefixes]
+
+
+@attrs.frozen
+class RestorePrefixes:
+    """executor -> pager, before a step: fresh live caches holding the cached prefixes of
+    `requests` (`kvgrove.models.runner.RestoreRequest`); `reply` receives `Restored`."""
+
+    requests: tuple[Any, ...]
+    reply: Any
+
+
+@attrs.frozen
+class Restored:
+    """Per request: (request_id, the live cache or None, the tokens it holds)."""
+
+    caches: tuple[tuple[int, Any, int], ...]
+
+
+@attrs.frozen
+class StorePrefixes:
+    """executor -> pager, after a step: store `keeps` (`kvgrove.models.runner.Keep`) in the
+    prefix cache, then fit the device tier beside `live_bytes` of live caches (None: not yet,
+    the step has not run); `reply` receives `Stored`."""
+
+    keeps: tuple[Any, ...]
+    live_bytes: int | None
+    reply: Any
+
+
+@attrs.frozen
+class Stored:
+    kept: tuple[tuple[int, int], ...]  # (request_id, tokens now cached) per preempted sequence
+    tier_bytes: tuple[tuple[str, int], ...]  # what each tier holds now

@@ -1,15 +1,25 @@
 """The pager actor: owns the prefix cache (a trie per namespace over device / host / disk tiers).
 
-Every operation on the cache moves or reads MLX arrays, so it runs on the executor's one MLX
-thread: the pager hands its work to that thread (`MLXThread.call`) and the executor, which
-restores and stores sequences' KV between steps, uses the same object there. The thread is the
-serialization point; the trio side of the pager only routes messages. It answers:
+It is the only code that touches the `PrefixCache`. Every operation on it moves or reads MLX
+arrays, so it runs on the one MLX thread, through the narrow handle the pager is given at start
+(`kvgrove.actors.mlx_thread.MLXHandle`); the thread is the serialization point, and the trio
+side of the pager only routes messages. It answers, on `inbox`:
 
-- `Match` (from the scheduler): lock the longest usable cached prefix, promote it to the device
-  tier, reply `Matched` to the scheduler's inbox;
+- `Match` (from the scheduler): lock the longest usable cached prefix, reply `Matched` to the
+  scheduler's inbox;
 - `Release`: unlock a request's prefix (a request that ended before its first step);
 - `CacheQuery` (/api/cache, /metrics);
-and on shutdown it writes the cache to disk so it survives a restart.
+
+and, on the channel it gives the executor at start (`UsePager`), on a task of its own so that
+a step never waits behind the scheduler's inbox:
+
+- `RestorePrefixes`: fresh live caches holding the locked (or, for a resume, re-matched)
+  prefixes, promoted first; `Restored`;
+- `StorePrefixes`: store what the step kept, fit the device tier beside the live caches;
+  `Stored` (what each tier holds, which the executor charges with the live caches in one go).
+
+When the MLX thread closes it stores the sequences' own caches and writes the cache to disk,
+so it survives a restart.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import attrs
 import trio
 
 from kvgrove.actors.messages import (
@@ -25,21 +36,26 @@ from kvgrove.actors.messages import (
     Match,
     Matched,
     Release,
-    UsePrefixCache,
+    Restored,
+    RestorePrefixes,
+    Stored,
+    StorePrefixes,
+    UsePager,
 )
+from kvgrove.actors.mlx_thread import MLXHandle
 from kvgrove.config import Settings
+from kvgrove.memory.ledger import Budgets
+from kvgrove.memory.prefix_cache import PrefixCache
+from kvgrove.memory.snapshots import NotSnapshotCapable, layout
+from kvgrove.models.caches import cache_tokens, make_cache
+from kvgrove.models.runner import Keep, RestoreRequest
+from kvgrove.paths import kv_dir
 
 log = logging.getLogger(__name__)
 
 
-def build_prefix_cache(settings: Settings, loaded: Any) -> Any:
+def build_prefix_cache(settings: Settings, loaded: Any) -> PrefixCache | None:
     """On the MLX thread: a PrefixCache laid out like the model's caches (None if it can't)."""
-    from kvgrove.memory.ledger import Budgets
-    from kvgrove.memory.prefix_cache import PrefixCache
-    from kvgrove.memory.snapshots import NotSnapshotCapable, layout
-    from kvgrove.models.caches import make_cache
-    from kvgrove.paths import kv_dir
-
     try:
         kinds = layout(make_cache(loaded.model))
     except NotSnapshotCapable as exc:
@@ -59,13 +75,13 @@ def build_prefix_cache(settings: Settings, loaded: Any) -> Any:
 
 
 class Pager:
-    """Other actors hold only `inbox`. `mlx` is the executor's MLX thread (a resource handle)."""
+    """Other actors hold only `inbox` (the executor: the channel `UsePager` gives it)."""
 
     def __init__(
         self,
         settings: Settings,
         *,
-        mlx: Any = None,
+        mlx: MLXHandle | None = None,
         loaded: Any = None,
         executor: trio.MemorySendChannel | None = None,
         accountant: trio.MemorySendChannel | None = None,
@@ -76,18 +92,24 @@ class Pager:
         self._loaded = loaded
         self._executor = executor
         self._accountant = accountant
-        self.cache: Any = None  # PrefixCache, touched through self._mlx only
+        self.cache: PrefixCache | None = None  # touched on the MLX thread only
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Build the prefix cache, lend it to the executor, then answer until cancelled."""
+        """Build the prefix cache, tell the executor, then answer until cancelled."""
         if self.settings.prefix_cache and self._mlx is not None:
             self.cache = await self._mlx.call(build_prefix_cache, self.settings, self._loaded)
-        if self.cache is not None and self._executor is not None:
-            await self._executor.send(UsePrefixCache(self.cache))
+        steps_send, steps = trio.open_memory_channel[object](1)
+        if self.cache is not None:
+            self._mlx.at_stop(self._flush)
+            if self._executor is not None:
+                await self._executor.send(UsePager(steps_send))
         await self._charge()
         task_status.started()
         try:
-            await self._serve()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._serve_executor, steps)
+                await self._serve()
+                nursery.cancel_scope.cancel()
         finally:
             if self.cache is not None:
                 self.cache.close()  # give up the cache folder's lock (the files stay)
@@ -112,6 +134,82 @@ class Pager:
                     reply.send_nowait(await self._summary(check))
                 case _:
                     raise AssertionError(f"pager: unexpected message {msg!r}")
+
+    async def _serve_executor(self, steps: trio.MemoryReceiveChannel) -> None:
+        async for msg in steps:
+            match msg:
+                case RestorePrefixes(requests=requests, reply=reply):
+                    reply.send_nowait(Restored(await self._mlx.call(self._restore, requests)))
+                case StorePrefixes(keeps=keeps, live_bytes=live_bytes, reply=reply):
+                    reply.send_nowait(await self._mlx.call(self._store, keeps, live_bytes))
+                case _:
+                    raise AssertionError(f"pager: unexpected message {msg!r}")
+
+    # -- on the MLX thread ----------------------------------------------------------------
+
+    def _restore(self, requests: tuple[RestoreRequest, ...]) -> tuple:
+        """A live cache per request holding what could be restored of its promised prefix
+        (None where nothing was: the executor recomputes the rest). No lock is left held."""
+        out = []
+        for r in requests:
+            cache = make_cache(self._loaded.model)
+            try:
+                if r.rematch:
+                    self.cache.match(r.request_id, r.namespace, r.tokens[: r.promised + 1])
+                restored = min(self.cache.restore(r.request_id, cache), r.promised)
+                if restored and cache_tokens(cache) != restored:
+                    raise RuntimeError(f"restored {cache_tokens(cache)} tokens, not {restored}")
+            except Exception:
+                log.exception("restoring %d cached tokens failed; recomputing them", r.promised)
+                self.cache.release(r.request_id)  # idempotent: never leave the path locked
+                restored = 0
+            out.append((r.request_id, cache if restored else None, restored))
+        return tuple(out)
+
+    def _store(self, keeps: tuple[Keep, ...], live_bytes: int | None) -> Stored:
+        kept = []
+        for keep in keeps:
+            n = self._store_one(keep)
+            if keep.preempted:
+                kept.append((keep.request_id, n))
+        if live_bytes is not None:
+            self._fit(live_bytes)
+        return Stored(tuple(kept), tuple(self.cache.tier_bytes().items()))
+
+    def _store_one(self, keep: Keep) -> int:
+        """Keep what `keep.cache` holds (and unlock the request's prefix). Returns the tokens
+        now cached (0 if none or the store failed): a failure only costs a later recompute."""
+        n = len(keep.tokens) if keep.cache is not None else 0
+        try:
+            if n > 0:
+                self.cache.store(
+                    keep.namespace, keep.tokens, keep.cache, request_id=keep.request_id
+                )
+            elif keep.request_id is not None:
+                self.cache.release(keep.request_id)
+        except Exception:
+            log.exception("storing %d tokens in the prefix cache failed", n)
+            if keep.request_id is not None:
+                self.cache.release(keep.request_id)
+            return 0
+        return n
+
+    def _fit(self, live_bytes: int) -> None:
+        """The device tier gets its share of the device budget, less whatever live caches took
+        beyond theirs (one budget for weights, live caches and cached KV), and fits into it."""
+        split = self.settings.device_split(self._loaded.info.nbytes)
+        cap = max(0, min(split.prefix_bytes, split.room_bytes - live_bytes))
+        if self.cache.budgets.device_bytes != cap:
+            self.cache.budgets = attrs.evolve(self.cache.budgets, device_bytes=cap)
+        self.cache.rebalance()
+
+    def _flush(self) -> None:
+        """As the MLX thread closes: keep the sequences' own caches, write the cache to disk."""
+        for keep in self._mlx.own_caches():
+            self._store_one(keep)
+        self.cache.flush()
+
+    # -- views ----------------------------------------------------------------------------
 
     async def _summary(self, check: bool) -> dict:
         if self.cache is None:

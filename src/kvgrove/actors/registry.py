@@ -35,6 +35,8 @@ from kvgrove.actors.executor import Executor
 from kvgrove.actors.pager import Pager
 from kvgrove.actors.scheduler import Scheduler
 from kvgrove.config import Settings
+from kvgrove.models.loading import find, load
+from kvgrove.paths import kv_dir
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +164,6 @@ class ModelRegistry:
         """A lease on `name`'s group, loading it first if needed (ModelLoadError if it can't).
         Names only: a request never makes the server open a file path of its choosing.
         None when the name leads to the server's own model (another alias of it)."""
-        from kvgrove.models.loading import find
-
         try:
             found = await trio.to_thread.run_sync(partial(find, name, paths=False))
         except (FileNotFoundError, ValueError) as e:
@@ -216,8 +216,6 @@ class ModelRegistry:
     async def _run_group(self, group: ModelGroup, name: str) -> None:
         folder = self.settings.kv_cache_dir
         if folder is None:
-            from kvgrove.paths import kv_dir
-
             folder = str(kv_dir())
         digest = hashlib.sha256(group.key.encode()).hexdigest()[:16]
         settings = attrs.evolve(
@@ -229,7 +227,6 @@ class ModelRegistry:
             def loader(name: str) -> Any:
                 return custom(name)
         else:
-            from kvgrove.models.loading import load
 
             def loader(name: str) -> Any:
                 def progress(fraction: float) -> None:

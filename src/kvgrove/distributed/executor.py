@@ -22,8 +22,9 @@ from typing import Any
 
 import attrs
 
-from kvgrove.actors.executor import Executor, MLXThread
-from kvgrove.actors.messages import Step, StepItem, StepResult
+from kvgrove.actors.executor import Executor
+from kvgrove.actors.messages import Step, StepItem, StepResult, UsePager
+from kvgrove.actors.mlx_thread import MLXThread
 from kvgrove.config import Settings
 from kvgrove.distributed.broadcast import PlanChannel, gather_status
 from kvgrove.distributed.codec import STEP, STOP, decode_step, encode_step
@@ -141,9 +142,7 @@ class TensorParallelExecutor(Executor):
         return load_with_peers(super()._load, self.group)
 
     async def _handle(self, msg: object) -> None:
-        from kvgrove.actors.messages import UsePrefixCache
-
-        if isinstance(msg, UsePrefixCache):
+        if isinstance(msg, UsePager):
             raise RuntimeError("tensor parallel runs without the prefix cache (not sharded yet)")
         await super()._handle(msg)
         if self.lost is not None and not self._told:
@@ -162,7 +161,7 @@ class TensorParallelExecutor(Executor):
         if self.lost is not None:
             # Release what the step lets go of, so the books return to baseline.
             for rid in (*step.release, *step.preempt):
-                self._live.pop(rid, None)
+                self.runner.forget(rid)
             return StepResult((), error=self.lost)
         result = super()._run_step(step)
         # A step that failed on this rank may not have failed on the others (or failed inside

@@ -17,18 +17,40 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import attrs
 import mlx.core as mx
 import numpy as np
 
 from kvgrove import faults
-from kvgrove.models.caches import cache_tokens
 
 SPAN = "span"
 WHOLE = "whole"
 TOKEN_AXIS = -2
+
+
+Snapshot = tuple[mx.array, ...]
+
+
+@runtime_checkable
+class LiveCache(Protocol):
+    """A layer's live cache the prefix cache can snapshot and restore (kvgrove.models.caches).
+
+    `sliceable`: any token span can be cut out (`snapshot(start, end)` gives keys and values
+    for it) and stitched back; otherwise the whole state is snapshotted, at its end only.
+    `restore(pieces, tokens)` replaces the contents: the spans in token order (sliceable), or
+    one whole state (or none, for empty), so that the layer holds `tokens` tokens.
+    `tokens_seen` is the one count of tokens the layer holds."""
+
+    sliceable: ClassVar[bool]
+
+    @property
+    def tokens_seen(self) -> int: ...
+
+    def snapshot(self, start: int, end: int) -> Snapshot: ...
+
+    def restore(self, pieces: Sequence[Snapshot], tokens: int) -> None: ...
 
 
 class NotSnapshotCapable(Exception):
@@ -36,13 +58,19 @@ class NotSnapshotCapable(Exception):
 
 
 def layout(cache: Sequence[Any]) -> tuple[str, ...]:
-    """Per layer: SPAN (cut by tokens) or WHOLE (whole state at span ends only)."""
+    """Per layer: SPAN (cut by tokens) or WHOLE (whole state at span ends only). Where the
+    layout is decided: every layer must be a `LiveCache`."""
     kinds = []
     for i, c in enumerate(cache):
-        if not hasattr(c, "snapshot") or not hasattr(c, "restore"):
+        if not isinstance(c, LiveCache):
             raise NotSnapshotCapable(f"layer {i}: {type(c).__name__} cannot be snapshotted")
         kinds.append(SPAN if c.sliceable else WHOLE)
     return tuple(kinds)
+
+
+def held_tokens(cache: Sequence[LiveCache]) -> int:
+    """How many tokens a snapshot-capable live cache holds (every layer holds as many)."""
+    return cache[0].tokens_seen if cache else 0
 
 
 @attrs.define(eq=False)
@@ -100,7 +128,7 @@ def take(
     whole state of the others iff the cache stands exactly at `end`."""
     kinds = kinds if kinds is not None else layout(cache)
     faults.check("snapshot.take")
-    live = cache_tokens(cache)
+    live = held_tokens(cache)
     if not 0 <= start <= end <= live:
         raise ValueError(f"span [{start}, {end}) outside the cache's {live} tokens")
     whole = WHOLE in kinds and end == live and end > 0
@@ -142,10 +170,10 @@ def restore(cache: Sequence[Any], pieces: Sequence[Payload], tokens: int) -> flo
                 if n < p.tokens:
                     keys, values = keys[..., :n, :], values[..., :n, :]
                 spans.append((keys, values))
-            c.restore(spans)
+            c.restore(spans, tokens)
         else:
             state = tuple(last.arrays[f"{i}.{j}"] for j in range(_count(last, i)))
-            c.restore(state, tokens)
+            c.restore([state], tokens)
     return time.perf_counter() - t0
 
 

@@ -43,8 +43,9 @@ def _merge_layer(layers: list[Any]) -> Any:
 
 def _extract_layer(layer: Any, row: int, tokens: int) -> Any:
     if isinstance(layer, mlx_cache.BatchKVCache):
-        out = layer.extract(row)  # a contiguous copy
-        out.__class__ = SpanKVCache
+        row_cache = layer.extract(row)  # a contiguous copy
+        out = SpanKVCache()
+        out.keys, out.values, out.offset = row_cache.keys, row_cache.values, row_cache.offset
         return out
     out = RecurrentCache(len(layer.cache))
     # Copies, not views: a view would keep the whole batch state alive.

@@ -2,8 +2,10 @@
 
 mlx-lm's models call `update_and_fetch`, `offset`, `make_mask`, `state`, ... on whatever cache
 objects they are handed. kvgrove hands them these subclasses, which add what the prefix cache
-needs: whether a layer's state can be cut into token spans (`sliceable`), a copy of a span or of
-the whole state (`snapshot`), and rebuilding a live cache from stored pieces (`restore`).
+needs, the `kvgrove.memory.snapshots.LiveCache` protocol: whether a layer's state can be cut into
+token spans (`sliceable`), a copy of a span or of the whole state (`snapshot`), rebuilding a live
+cache from stored pieces (`restore(pieces, tokens)`, one signature), and the tokens it holds
+(`tokens_seen`, the one counter).
 
 Snapshots are contiguous, evaluated copies: never views (a view keeps its parent buffer alive) and
 never the live buffers (KVCache writes in place, so a stored buffer would be corrupted by decode).
@@ -18,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import cache as mlx_cache
 
-Snapshot = tuple[mx.array, ...]
+from kvgrove.memory.snapshots import Snapshot
 
 
 def _copy(arrays: Sequence[mx.array]) -> Snapshot:
@@ -32,14 +34,20 @@ class SpanKVCache(mlx_cache.KVCache):
 
     sliceable = True
 
+    @property
+    def tokens_seen(self) -> int:
+        return int(self.offset)
+
     def snapshot(self, start: int, end: int) -> Snapshot:
         """Keys and values for tokens [start, end), as fresh contiguous arrays."""
         if not 0 <= start <= end <= self.offset:
             raise ValueError(f"span [{start}, {end}) outside the cache's {self.offset} tokens")
         return _copy((self.keys[..., start:end, :], self.values[..., start:end, :]))
 
-    def restore(self, spans: Sequence[Snapshot]) -> None:
-        """Replace the contents with the concatenation of `spans` (in token order)."""
+    def restore(self, spans: Sequence[Snapshot], tokens: int) -> None:
+        """Replace the contents with the concatenation of `spans` (in token order), `tokens`."""
+        if sum(s[0].shape[2] for s in spans) != tokens:
+            raise ValueError(f"spans of {sum(s[0].shape[2] for s in spans)} tokens, not {tokens}")
         if not spans:
             self.keys = self.values = None
             self.offset = 0
@@ -87,9 +95,11 @@ class RecurrentCache(_WholeState, mlx_cache.ArraysCache):
     def _state_arrays(self) -> list[mx.array]:
         return list(self.cache)
 
-    def restore(self, state: Snapshot, tokens_seen: int) -> None:
+    def restore(self, pieces: Sequence[Snapshot], tokens: int) -> None:
+        """The whole state (`pieces` holds one), standing after `tokens` tokens."""
+        (state,) = pieces
         self.cache = [mx.array(a) for a in state]
-        self._tokens_seen = tokens_seen
+        self._tokens_seen = tokens
 
     def note_tokens(self, n: int) -> None:
         self._tokens_seen += n
@@ -115,7 +125,10 @@ class WindowKVCache(_WholeState, mlx_cache.RotatingKVCache):
             return []
         return [self._temporal_order(self.keys), self._temporal_order(self.values)]
 
-    def restore(self, state: Snapshot, tokens_seen: int) -> None:
+    def restore(self, pieces: Sequence[Snapshot], tokens: int) -> None:
+        """The held tokens in temporal order (`pieces` holds one, or none: empty)."""
+        tokens_seen = tokens
+        state = pieces[0] if pieces else ()
         if not state:
             self.keys = self.values = None
             self.offset = self._idx = 0
@@ -131,30 +144,24 @@ class WindowKVCache(_WholeState, mlx_cache.RotatingKVCache):
         self._idx = keys.shape[2]
 
 
-_SWAP = {
-    mlx_cache.KVCache: SpanKVCache,
-    mlx_cache.ArraysCache: RecurrentCache,
-    mlx_cache.RotatingKVCache: WindowKVCache,
-}
-
-
-def _adopt(cache: Any) -> Any:
-    """Give a freshly made, empty mlx-lm cache kvgrove's class (same fields, more methods)."""
+def _ours(cache: Any) -> Any:
+    """kvgrove's cache in place of a freshly made, empty mlx-lm one (same kind, more methods)."""
     if isinstance(cache, mlx_cache.CacheList):
-        cache.caches = tuple(_adopt(c) for c in cache.caches)
+        cache.caches = tuple(_ours(c) for c in cache.caches)
         return cache
-    ours = _SWAP.get(type(cache))
-    if ours is None:
-        return cache  # an exotic cache kind: usable for generation, not snapshotted
-    cache.__class__ = ours
-    if ours is RecurrentCache:
-        cache._tokens_seen = 0
-    return cache
+    kind = type(cache)
+    if kind is mlx_cache.KVCache:
+        return SpanKVCache()
+    if kind is mlx_cache.ArraysCache:
+        return RecurrentCache(len(cache.cache))
+    if kind is mlx_cache.RotatingKVCache:
+        return WindowKVCache(cache.max_size, cache.keep)
+    return cache  # an exotic cache kind: usable for generation, not snapshotted
 
 
 def make_cache(model: nn.Module) -> list[Any]:
     """One live cache per layer, as the model wants them (mlx-lm's choice), in kvgrove's classes."""
-    return [_adopt(c) for c in mlx_cache.make_prompt_cache(model)]
+    return [_ours(c) for c in mlx_cache.make_prompt_cache(model)]
 
 
 def note_tokens(cache: Sequence[Any], n: int) -> None:
@@ -167,10 +174,10 @@ def note_tokens(cache: Sequence[Any], n: int) -> None:
 def cache_tokens(cache: Sequence[Any]) -> int:
     """How many tokens the cache holds (the first layer that knows)."""
     for c in cache:
+        if isinstance(c, SpanKVCache | RecurrentCache | WindowKVCache):
+            return c.tokens_seen
         if isinstance(c, mlx_cache.KVCache | mlx_cache.RotatingKVCache):
             return int(c.offset)
-        if isinstance(c, RecurrentCache):
-            return c.tokens_seen
     return 0
 
 

@@ -1,0 +1,94 @@
+"""The MLX thread: the one resource the actors share, by design.
+
+MLX streams belong to the thread that made them, and trio's thread cache does not promise the
+same thread twice, so every MLX call (loading, each step, every prefix-cache copy) goes to one
+dedicated OS thread. The executor owns it (it starts and stops it); the pager gets a narrow
+handle to it at start (`MLXHandle`): run its copies there, read the sequences' own caches there
+when it flushes at shutdown, and have that flush run before the thread stops.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import mlx.core as mx
+import trio
+
+from kvgrove.models.generate import generation_stream
+
+T = TypeVar("T")
+
+
+class MLXThread:
+    """One OS thread that runs submitted functions in order; results come back into trio."""
+
+    def __init__(self, name: str = "kvgrove-mlx") -> None:
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._at_stop: list[Callable[[], None]] = []
+        self.ident: int | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _loop(self) -> None:
+        self.ident = threading.get_ident()
+        with mx.stream(generation_stream()):  # this thread's own stream, for all its work
+            while (work := self._queue.get()) is not None:
+                work()
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(*args) on the thread and return its result; shielded (work is never torn)."""
+        token = trio.lowlevel.current_trio_token()
+        finished = trio.Event()
+        box: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                box["value"] = fn(*args)
+            except BaseException as e:
+                box["error"] = e
+            token.run_sync_soon(finished.set)
+
+        self._queue.put(work)
+        with trio.CancelScope(shield=True):
+            await finished.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def at_stop(self, fn: Callable[[], None]) -> None:
+        """Run fn on the thread when it closes (before it stops), after earlier ones."""
+        self._at_stop.append(fn)
+
+    async def close(self) -> None:
+        """Run the at-stop work on the thread, then stop it (even if that work failed)."""
+        try:
+            hooks, self._at_stop = self._at_stop, []
+            for fn in hooks:
+                await self.call(fn)
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+
+class MLXHandle:
+    """What the pager may do with the MLX thread: run work there (`call`), read the sequences'
+    own caches there (`own_caches`, a list of `kvgrove.models.runner.Keep`), and run work when
+    the thread closes (`at_stop`). Nothing else of the executor is reachable through it."""
+
+    def __init__(self, thread: MLXThread, own_caches: Callable[[], list[Any]]) -> None:
+        self._thread = thread
+        self.own_caches = own_caches  # call on the MLX thread only
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self._thread.call(fn, *args)
+
+    def at_stop(self, fn: Callable[[], None]) -> None:
+        self._thread.at_stop(fn)

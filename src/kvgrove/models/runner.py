@@ -1,0 +1,540 @@
+"""The step runner: one executor step's work, on the MLX thread. Synchronous, no trio.
+
+It owns the sequences the executor knows (`Live`: a sampler and, unless the sequence is a row
+of the running batch, its own cache) and the `RunningBatch`. A step decodes every decoding
+sequence in one batched forward pass (rows join and leave only when membership changes), and
+runs the step's prefill chunks one sequence at a time while that batch computes
+(`mx.async_eval`); whole new prompts may prefill together in one left-padded pass.
+
+The prefix cache is not touched here (the pager owns it): a restored prefix comes in as a live
+cache (`run_items(..., restored)`, asked for with `restore_requests`), and what the prefix cache
+should keep goes out as `Keep`s (`take_keeps`), which the executor hands to the pager before the
+next step runs, so a kept cache still stands where it was taken.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import attrs
+import mlx.core as mx
+
+from kvgrove.grammar import Constraint
+from kvgrove.memory.snapshots import WHOLE, NotSnapshotCapable, layout
+from kvgrove.models.batching import RunningBatch, prefill_together, unbatchable_reason
+from kvgrove.models.caches import SpanKVCache, cache_nbytes, cache_tokens, make_cache
+from kvgrove.models.generate import forward, prefill_chunks
+from kvgrove.models.steps import ItemResult, StepItem, StepResult
+from kvgrove.sampling import PendingSample, SequenceSampler, build_sample, sample_batch
+
+log = logging.getLogger(__name__)
+
+
+@attrs.define
+class Live:
+    """A sequence the runner knows: its sampler and, unless it is a batch row, its cache."""
+
+    sampler: SequenceSampler
+    cache: list[Any] | None = None  # None while a row of the batch, or after preemption
+    in_batch: bool = False
+    namespace: str = ""  # where the prefix cache stores its KV
+    prompt_tokens: int = 0
+    restored_tokens: int | None = None  # prompt tokens restored from the prefix cache
+
+    @property
+    def has_cache(self) -> bool:
+        return self.in_batch or self.cache is not None
+
+
+@attrs.frozen
+class Keep:
+    """What the prefix cache should store: `cache` holds exactly `tokens`. With `request_id`,
+    the store also unlocks that request's matched prefix; `cache` None: only unlock."""
+
+    request_id: int | None
+    namespace: str
+    tokens: tuple[int, ...]
+    cache: list[Any] | None
+    preempted: bool = False  # its count goes into `StepResult.kept`
+
+
+@attrs.frozen
+class RestoreRequest:
+    """A live cache holding the first `promised` of `tokens`, from the prefix cache."""
+
+    request_id: int
+    namespace: str
+    tokens: tuple[int, ...]  # the prompt (a first item) or the history (a resume)
+    promised: int
+    rematch: bool  # match again first: a preempted sequence resuming holds no lock
+
+
+@attrs.frozen
+class DecodeLaunch:
+    """A batched decode whose sampled tokens are still being computed."""
+
+    items: list[StepItem]
+    ids: list[int]  # the batch's rows, in order
+    pending: PendingSample
+    start: float
+
+
+@attrs.frozen
+class PrefillLaunch:
+    """Whole prompts prefilling together in one batch cache, their first tokens pending."""
+
+    items: list[StepItem]
+    cache: list[Any]
+    pending: PendingSample
+    start: float
+
+
+def wants_restore(items: Iterable[StepItem]) -> bool:
+    """Whether some item starts from a cached prefix (the pager restores it first)."""
+    return any(
+        (it.start is not None and it.start.cached_tokens) or it.resume_tokens for it in items
+    )
+
+
+def str_error(error: Exception) -> str:
+    return f"generation failed: {error}"
+
+
+def standing_copy(cache: Sequence[Any]) -> list[Any]:
+    """`cache` as it stands now, still valid while the live one goes on: span layers share the
+    buffers (tokens below their count are never written again), whole-state layers are copied."""
+    out = []
+    for c in cache:
+        mine = copy.copy(c)
+        if not c.sliceable:
+            tokens = c.tokens_seen
+            mine.restore([c.snapshot(0, tokens)], tokens)
+        out.append(mine)
+    return out
+
+
+class StepRunner:
+    """Runs steps for one model. `keeping`: collect `Keep`s for the prefix cache."""
+
+    def __init__(self, *, chunk_tokens: int, batch_prefill: bool) -> None:
+        self.chunk_tokens = chunk_tokens
+        self.batch_prefill = batch_prefill
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.keeping = False
+        self.batched = True  # False: the model's caches cannot batch; rows decode one by one
+        self.whole_layers = False  # some layer restores only where a snapshot stands
+        self._prefill_together = False  # whole prompts prefill in one left-padded pass
+        self._live: dict[int, Live] = {}
+        self._batch = RunningBatch()
+        self._keeps: list[Keep] = []
+        self._restored: dict[int, tuple[list[Any] | None, int]] = {}
+        self.step_log: collections.deque[tuple[int, float, float]] = collections.deque(
+            maxlen=100_000
+        )
+        self.steps = 0
+        self.items = 0
+        self.tokens = 0
+        self.max_batch_rows = 0
+
+    def use_model(self, model: Any, tokenizer: Any) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        cache = make_cache(model)
+        self._prefill_together = all(isinstance(c, SpanKVCache) for c in cache)
+        try:
+            self.whole_layers = WHOLE in layout(cache)
+        except NotSnapshotCapable:
+            self.whole_layers = False
+        reason = unbatchable_reason(cache)
+        if reason is not None:
+            self.batched = False
+            log.warning("batching off, sequences decode one at a time: %s", reason)
+
+    @property
+    def live_sequences(self) -> int:
+        return len(self._live)
+
+    @property
+    def batch_rows(self) -> int:
+        return len(self._batch)
+
+    def forget(self, request_id: int) -> None:
+        """Drop a sequence without keeping anything (its ranks lost, its books cleared)."""
+        self._live.pop(request_id, None)
+
+    def take_keeps(self) -> list[Keep]:
+        keeps, self._keeps = self._keeps, []
+        return keeps
+
+    def own_caches(self) -> list[Keep]:
+        """At shutdown: every sequence's own cache, for the prefix cache to keep."""
+        return [
+            self._keep_of(rid, live, live.cache)
+            for rid, live in self._live.items()
+            if live.cache is not None
+        ]
+
+    # -- a step ---------------------------------------------------------------------------
+
+    def run(self, step: Any) -> StepResult:
+        """Release and preempt what `step` lets go of, then run its items."""
+        return self.begin(step) or self.run_items(step)
+
+    def begin(self, step: Any) -> StepResult | None:
+        """Rows leave the batch when released, preempted, or not decoding now (parked); the
+        released and preempted give up their caches. A failed result if that failed."""
+        self.steps += 1
+        decode_ids = {it.request_id for it in step.items if self._is_decode(it)}
+        leaving = {*step.release, *step.preempt}
+        try:
+            self._detach(
+                [rid for rid in self._batch.ids if rid not in decode_ids or rid in leaving]
+            )
+            for rid in step.preempt:
+                self._preempt_sequence(rid)
+            for rid in step.release:
+                self._close_sequence(rid)
+                self._live.pop(rid, None)
+        except Exception as e:  # the batch copy failed: every row in it is lost
+            log.exception("releasing sequences failed")
+            for rid in list(self._batch.ids) + list(leaving):
+                self._drop(rid)
+            return StepResult((), error=str_error(e))
+        if step.release and not self._live:
+            mx.clear_cache()
+        return None
+
+    def restore_requests(self, items: Iterable[StepItem]) -> list[RestoreRequest]:
+        """What the pager should restore before these items run (after `begin`)."""
+        out = []
+        for it in items:
+            live = self._live.get(it.request_id)
+            if live is None and it.start is not None and it.start.cached_tokens:
+                s = it.start
+                out.append(
+                    RestoreRequest(
+                        it.request_id, s.namespace, s.prompt_tokens, s.cached_tokens, False
+                    )
+                )
+            elif live is not None and not live.has_cache and it.resume_tokens:
+                history = tuple(live.sampler.history)
+                out.append(
+                    RestoreRequest(it.request_id, live.namespace, history, it.resume_tokens, True)
+                )
+        return out
+
+    def run_items(
+        self, step: Any, restored: Iterable[tuple[int, list[Any] | None, int]] = ()
+    ) -> StepResult:
+        """Run the items: the batched decode, prefills while it computes; `restored` gives
+        (request_id, live cache or None, tokens it holds) for the restores asked for."""
+        self._restored = {rid: (cache, n) for rid, cache, n in restored}
+        decode = [it for it in step.items if self._is_decode(it)] if self.batched else []
+        decode_ids = {it.request_id for it in decode}
+        others = [it for it in step.items if it.request_id not in decode_ids]
+        results: dict[int, ItemResult] = {}
+        batch = self._launch_decode(decode, results)
+        # The prefill graphs are built while the batch computes.
+        together = self._launch_prefill_together(others)
+        for item in others:
+            if together is None or item not in together.items:
+                results[item.request_id] = self._run_item(item)
+        if batch is not None:
+            self._finish_decode(batch, results)
+        if together is not None:
+            self._finish_prefill_together(together, results)
+        self._restored = {}
+        for it in step.items:  # a first item reports the prompt tokens actually restored
+            live, result = self._live.get(it.request_id), results[it.request_id]
+            if it.start is not None and live is not None and result.error is None:
+                restored_tokens = live.restored_tokens or 0
+                results[it.request_id] = attrs.evolve(result, cached_tokens=restored_tokens)
+        kept = tuple((rid, 0) for rid in step.preempt)  # the pager fills in what it stored
+        return StepResult(tuple(results[it.request_id] for it in step.items), kept=kept)
+
+    # -- sequences ------------------------------------------------------------------------
+
+    def _open_sequence(self, item: StepItem) -> Live:
+        """Create the sequence's live state: a sampler (first time) and a cache, holding the
+        restored prefix where one was promised (the rest of it recomputed).
+
+        Called for a sequence's first item, and again when a preempted sequence resumes (its
+        sampler is kept)."""
+        rid = item.request_id
+        live = self._live.get(rid)
+        first = live is None
+        if first:
+            s = item.start
+            assert s is not None, f"request {rid}: first item without a start"
+            constraint = (
+                None if s.params.grammar is None else Constraint(s.params.grammar, self.tokenizer)
+            )
+            sampler = SequenceSampler(
+                s.params, s.prompt_tokens, context_limit=s.context_tokens, constraint=constraint
+            )
+            live = self._live[rid] = Live(
+                sampler, namespace=s.namespace, prompt_tokens=len(s.prompt_tokens)
+            )
+        assert not live.has_cache
+        promised = item.start.cached_tokens if first else item.resume_tokens
+        cache, restored = self._restored.pop(rid, (None, 0))
+        if cache is None:
+            cache, restored = make_cache(self.model), 0
+        if restored < promised:
+            if restored:
+                log.warning("prefix cache gave %d of %d tokens; recomputing", restored, promised)
+            tokens = item.start.prompt_tokens if first else tuple(live.sampler.history)
+            gap = tokens[restored:promised]
+            for _ in prefill_chunks(self.model, cache, gap, chunk_tokens=self.chunk_tokens):
+                pass
+            self.tokens += len(gap)
+        if first and promised:
+            live.restored_tokens = restored
+        live.cache = cache  # only now: a failure above leaves no half-built cache behind
+        return live
+
+    def _keep_of(self, rid: int | None, live: Live, cache: list[Any] | None, **kw: Any) -> Keep:
+        n = cache_tokens(cache) if cache is not None else 0
+        held = cache if n > 0 else None
+        return Keep(rid, live.namespace, tuple(live.sampler.history[:n]), held, **kw)
+
+    def _keep(self, rid: int | None, live: Live | None, cache: list[Any] | None, **kw) -> None:
+        """Hand what `cache` holds to the prefix cache (and unlock the request's prefix)."""
+        if not self.keeping:
+            return
+        if live is None:
+            self._keeps.append(Keep(rid, "", (), None, **kw))
+        else:
+            self._keeps.append(self._keep_of(rid, live, cache, **kw))
+
+    def _preempt_sequence(self, request_id: int) -> None:
+        """Give up a preempted sequence's cache to the prefix cache (its sampler is kept)."""
+        live = self._live.get(request_id)
+        if live is None or live.cache is None:
+            self._close_sequence(request_id)
+            return
+        cache, live.cache = live.cache, None
+        self._keep(request_id, live, cache, preempted=True)
+
+    def _close_sequence(self, request_id: int) -> None:
+        """Give up the sequence's cache (it has left the batch) to the prefix cache."""
+        live = self._live.get(request_id)
+        if live is not None:
+            assert not live.in_batch
+            cache, live.cache = live.cache, None
+        else:
+            cache = None
+        self._keep(request_id, live, cache)
+
+    def _detach(self, ids: list[int]) -> None:
+        """Rows leave the batch (one copy however many), each back to its own cache."""
+        for rid, cache in self._batch.leave(ids).items():
+            live = self._live[rid]
+            live.cache, live.in_batch = cache, False
+
+    def _attach(self, ids: list[int]) -> None:
+        """Sequences with their own caches join the batch (one merge, one extend)."""
+        rows = []
+        for rid in ids:
+            live = self._live[rid]
+            rows.append((rid, live.cache))
+            live.cache, live.in_batch = None, True
+        self._batch.join(rows)
+
+    def _drop(self, request_id: int) -> None:
+        """Forget a sequence whose state may be broken (its step failed)."""
+        live = self._live.pop(request_id, None)
+        if live is not None and live.in_batch:
+            # The batch ran with it: the whole batch state is suspect, so it goes too.
+            for rid in self._batch.ids:
+                self._live.pop(rid, None)
+            self._batch = RunningBatch()
+
+    def _is_decode(self, item: StepItem) -> bool:
+        live = self._live.get(item.request_id)
+        return (
+            item.start is None
+            and item.sample
+            and len(item.tokens) == 1
+            and live is not None
+            and live.has_cache
+        )
+
+    def _has_cache(self, request_id: int) -> bool:
+        live = self._live.get(request_id)
+        return live is not None and live.has_cache
+
+    # -- the batched decode ---------------------------------------------------------------
+
+    def _launch_decode(self, decode: list[StepItem], results: dict) -> DecodeLaunch | None:
+        if not decode:
+            return None
+        start = time.monotonic()
+        try:
+            self._attach([it.request_id for it in decode if not self._live[it.request_id].in_batch])
+            token_of = {it.request_id: it.tokens[0] for it in decode}
+            ids = list(self._batch.ids)
+            logits = self._batch.forward(self.model, [token_of[rid] for rid in ids])
+            pending = build_sample(logits, [self._live[rid].sampler for rid in ids])
+            mx.async_eval(*pending.arrays())
+        except Exception as e:
+            self._fail_decode(decode, e, start, results)
+            return None
+        return DecodeLaunch(decode, ids, pending, start)
+
+    def _finish_decode(self, launch: DecodeLaunch, results: dict) -> None:
+        try:
+            sampled = launch.pending.result()
+        except Exception as e:
+            self._fail_decode(launch.items, e, launch.start, results)
+            return
+        start, end, ids = launch.start, time.monotonic(), launch.ids
+        share = self._batch.nbytes // max(1, len(ids))
+        self.max_batch_rows = max(self.max_batch_rows, len(ids))
+        for row, rid in enumerate(ids):
+            choice = sampled.row(row)
+            self._live[rid].sampler.accept(choice.token)
+            results[rid] = ItemResult(
+                rid, choice.token, choice.logprob, choice.top_logprobs, end - start, share
+            )
+            self.step_log.append((rid, start, end))
+        self.items += len(ids)
+        self.tokens += len(ids)
+
+    def _fail_decode(self, decode, error: Exception, start: float, results: dict) -> None:
+        log.exception("batched decode failed")
+        end = time.monotonic()
+        for it in decode:
+            self._drop(it.request_id)
+        for it in decode:
+            rid = it.request_id
+            results[rid] = ItemResult(rid, None, None, None, end - start, 0, str_error(error))
+            self.step_log.append((rid, start, end))
+
+    # -- prefills -------------------------------------------------------------------------
+
+    def _launch_prefill_together(self, items: list[StepItem]) -> PrefillLaunch | None:
+        """Whole new prompts (two or more) prefill in one left-padded forward pass."""
+        if not (self.batched and self._prefill_together and self.batch_prefill):
+            return None
+        fresh = [
+            it
+            for it in items
+            if it.sample and len(it.tokens) > 1 and not self._has_cache(it.request_id)
+        ]
+        # Padding costs compute: keep the padded batch within two chunks' worth of tokens.
+        fresh.sort(key=lambda it: len(it.tokens))
+        limit = 2 * self.chunk_tokens
+        while len(fresh) > 1 and len(fresh) * len(fresh[-1].tokens) > limit:
+            fresh.pop()
+        if len(fresh) < 2:
+            return None
+        start = time.monotonic()
+        try:
+            for it in fresh:
+                self._open_sequence(it)
+            # A restored prefix (non-empty cache) prefills on its own.
+            fresh = [it for it in fresh if cache_tokens(self._live[it.request_id].cache) == 0]
+            if len(fresh) < 2:
+                return None
+            logits, cache = prefill_together(
+                self.model, [it.tokens for it in fresh], len(self.model.layers)
+            )
+            pending = build_sample(logits, [self._live[it.request_id].sampler for it in fresh])
+            mx.async_eval(*pending.arrays())
+        except Exception:
+            log.exception("prefilling together failed; prefilling one by one")
+            return None
+        return PrefillLaunch(fresh, cache, pending, start)
+
+    def _finish_prefill_together(self, launch: PrefillLaunch, results: dict) -> None:
+        fresh, cache, start = launch.items, launch.cache, launch.start
+        try:
+            sampled = launch.pending.result()
+        except Exception:
+            log.exception("prefilling together failed; prefilling one by one")
+            for it in fresh:
+                results[it.request_id] = self._run_item(it)
+            return
+        ids = [it.request_id for it in fresh]
+        for rid in ids:
+            live = self._live[rid]
+            live.cache, live.in_batch = None, True  # the batch rows replace the empty caches
+        self._batch.join_batch(ids, [len(it.tokens) for it in fresh], cache)
+        end = time.monotonic()
+        share = sum(int(c.nbytes) for c in cache) // len(ids)
+        for row, it in enumerate(fresh):
+            choice = sampled.row(row)
+            self._live[it.request_id].sampler.accept(choice.token)
+            results[it.request_id] = ItemResult(
+                it.request_id, choice.token, choice.logprob, choice.top_logprobs, end - start, share
+            )
+            self.step_log.append((it.request_id, start, end))
+        self.items += len(fresh)
+        self.tokens += sum(len(it.tokens) for it in fresh)
+        if self.keeping:  # the prompts' KV is shared at once (a copy per row)
+            for it in fresh:
+                try:
+                    rows = self._batch.row_copy(it.request_id)
+                except Exception:
+                    log.exception("copying a prefilled row for the prefix cache failed")
+                    continue
+                self._keep(None, self._live[it.request_id], rows)
+
+    def _run_item(self, item: StepItem) -> ItemResult:
+        """One sequence alone: a prefill chunk (sampling after it when asked), or a decode."""
+        start = time.monotonic()
+        rid = item.request_id
+        try:
+            live = self._live.get(rid)
+            if live is None or not live.has_cache:
+                live = self._open_sequence(item)
+            if live.in_batch:  # batching is off, or it decodes alone: it leaves the batch
+                self._detach([rid])
+            tokens = item.tokens
+            # Sampling after the prompt's last token: one forward over the whole chunk, unless
+            # whole-state layers need their snapshot just before that token (below).
+            whole = item.sample and not (self.keeping and self.whole_layers)
+            feed = tokens if not item.sample else [] if whole else tokens[:-1]
+            if feed:
+                for _ in prefill_chunks(self.model, live.cache, feed, chunk_tokens=len(feed)):
+                    pass
+                prompt_end = len(live.sampler.history) == live.prompt_tokens
+                if item.sample and prompt_end and self.keeping and self.whole_layers:
+                    # Whole-state layers restore only where a snapshot stands: one just before
+                    # the last prompt token is what a request with this same prompt can use
+                    # (it must feed that token itself). The last token moves the cache on
+                    # before the pager stores it: it gets the cache as it stands here.
+                    self._keep(None, live, standing_copy(live.cache))
+            token = logprob = top = None
+            if item.sample:
+                last = mx.array(tokens if whole else tokens[-1:], dtype=mx.uint32)[None]
+                logits = forward(self.model, live.cache, last)
+                choice = sample_batch(logits, [live.sampler]).row(0)
+                live.sampler.accept(choice.token)
+                token, logprob, top = choice.token, choice.logprob, choice.top_logprobs
+            if self.keeping:
+                # Share the prompt's KV at once: after every prefill chunk and at the prompt's
+                # end (where recurrent / windowed layers can be snapshotted: the cache stands
+                # there now), so a request with the same prefix need not wait for this one to
+                # finish, nor compute it again. The pager stores it before the next step.
+                generated = len(live.sampler.history) - live.prompt_tokens
+                if not item.sample or generated == 1:
+                    self._keep(None, live, live.cache)
+            nbytes = cache_nbytes(live.cache)
+            error = None
+        except Exception as e:  # only this sequence fails
+            log.exception("step item for request %d failed", rid)
+            self._drop(rid)
+            token = logprob = top = None
+            nbytes, error = 0, str_error(e)
+        end = time.monotonic()
+        self.items += 1
+        self.tokens += len(item.tokens)
+        self.step_log.append((rid, start, end))
+        return ItemResult(rid, token, logprob, top, end - start, nbytes, error)
