@@ -274,6 +274,10 @@ async def bench(kind: str, model, name: str, folder: Path, tokenizer, args) -> d
         "device_max": max(out["device_samples"], default=None),
         "device_budget": (cache.get("budgets_bytes") or {}).get("device"),
         "wall": out["wall"],
+        "by_order": [
+            (r["order"], r["round"], round(r["ttft"], 3))
+            for r in sorted(results, key=lambda r: r["order"])
+        ],
     }
     print(json.dumps(row), flush=True)
     return row
