@@ -8,13 +8,24 @@ server on a free loopback port (one at a time, never sharing the CPU):
 - kvgrove, prefix cache off;
 - kvgrove, cache on, ample budgets;
 - kvgrove, cache on, device and host tiers too small for the workload (forces paging to disk);
-- mlx-lm's server (its own LRU prompt cache) on the same model and prompts.
+- mlx-lm's server (its own LRU prompt cache) on the same model and prompts;
+- llama.cpp's server (llama-cpp-python's `python -m llama_cpp.server`, built as DEVELOPERS.md
+  says) on the bundled model's own GGUF file, reusing the longest common prefix of its one
+  context (and with `--cache true` too: its RAM cache of whole states).
 
 Prompts are rendered with the model's chat template and sent raw, so every server sees the same
 text. Printed per configuration: TTFT p50/p90, prompt tokens computed (reported by the server)
 against the minimum possible (tokens no earlier request computed: measured client-side over the
 same tokenizer), hit ratio, bytes moved between tiers, and the largest device-tier size sampled
-every 100 ms against its budget.
+every 100 ms against its budget. A second table splits TTFT by turn: later turns (round 2 on,
+whose conversation so far some earlier request computed) and doc-cached first turns (round 1
+of every user but the one that came first: only the shared system prompt is cached), with
+ratios to llama.cpp's server when it ran.
+
+The later-turn comparison of issue 13 (six users, three turns over one ~1,700-token document):
+
+    .venv/bin/python benchmarks/multiturn.py --users 6 --rounds 3 --system-tokens 1700 \
+        --new-tokens 20 --output-tokens 16 --concurrency 1 --configs ample,llama.cpp,ample,llama.cpp
 
     .venv/bin/python benchmarks/multiturn.py [--users 4 --rounds 3 --concurrency 2 ...]
 """
@@ -34,8 +45,17 @@ import kvgrove  # noqa: F401  (must come first: it loads OpenBLAS before mlx is 
 import httpx
 import trio
 
-from _common import FILLER, table
-from _servers import free_port, mlx_folder, pct, start_kvgrove, start_mlx_lm, stop, wait_ready
+from _common import FILLER, median, table
+from _servers import (
+    free_port,
+    mlx_folder,
+    pct,
+    start_kvgrove,
+    start_llama_cpp,
+    start_mlx_lm,
+    stop,
+    wait_ready,
+)
 
 TOPICS = [
     "the tides and the moon",
@@ -156,8 +176,9 @@ async def stream_openai(client, model: str, text: str, n: int) -> dict:
 async def run_workload(url: str, model: str, kind: str, workload: Workload, args) -> dict:
     results: list[dict] = []
     limit = trio.Semaphore(args.concurrency)
-    stream = stream_openai if kind == "mlx-lm server" else stream_kvgrove
+    stream = stream_kvgrove if kind.startswith("kvgrove") else stream_openai
     samples: list[int] = []
+    order_of: list[int] = []  # the user of each request, in the order they were sent
     done = trio.Event()
 
     async def sample_device_tier(client) -> None:
@@ -174,7 +195,10 @@ async def run_workload(url: str, model: str, kind: str, workload: Workload, args
             text, ids = workload.prompt(messages)
             async with limit:
                 workload.account(ids)
+                order = len(order_of)
+                order_of.append(u)
                 out = await stream(client, model, text, args.output_tokens)
+            out["round"], out["order"] = rnd, order
             workload.computed(text, out["reply"])
             results.append(out)
             messages.append({"role": "assistant", "content": out["reply"]})
@@ -198,6 +222,9 @@ async def run_workload(url: str, model: str, kind: str, workload: Workload, args
 def start_server(kind: str, port: int, model: str | None, folder: Path, kv_dir: str, args):
     if kind == "mlx-lm server":
         return start_mlx_lm(port, folder)
+    if kind.startswith("llama.cpp server"):
+        flags = ["--cache", "true"] if kind.endswith("RAM cache") else []
+        return start_llama_cpp(port, Path(args.gguf), flags=flags)
     flags: list[str] = []
     if kind == "kvgrove, cache off":
         flags = ["--no-prefix-cache"]
@@ -214,13 +241,17 @@ async def bench(kind: str, model, name: str, folder: Path, tokenizer, args) -> d
         proc = start_server(kind, port, model, folder, kv_dir, args)
         try:
             await wait_ready(url, proc)
-            served = str(folder) if kind == "mlx-lm server" else name
+            served = name if kind.startswith("kvgrove") else str(folder)
+            if kind.startswith("llama.cpp"):
+                served = args.gguf
             workload = Workload(tokenizer, args)
             out = await run_workload(url, served, kind, workload, args)
         finally:
             stop(proc)
     results = out["results"]
     ttfts = [r["ttft"] for r in results]
+    later = [r["ttft"] for r in results if r["round"] > 0]
+    first = [r["ttft"] for r in results if r["round"] == 0 and r["order"] > 0]
     prompt = sum(r["prompt"] for r in results)
     cached = [r["cached"] for r in results]
     computed = None if None in cached else prompt - sum(cached)
@@ -231,6 +262,10 @@ async def bench(kind: str, model, name: str, folder: Path, tokenizer, args) -> d
         "requests": len(results),
         "ttft_p50": pct(ttfts, 0.5),
         "ttft_p90": pct(ttfts, 0.9),
+        "later_p50": pct(later, 0.5) if later else None,
+        "later_p90": pct(later, 0.9) if later else None,
+        "first_p50": pct(first, 0.5) if first else None,
+        "first_p90": pct(first, 0.9) if first else None,
         "prompt": prompt,
         "computed": computed,
         "minimum": workload.minimum,
@@ -239,6 +274,10 @@ async def bench(kind: str, model, name: str, folder: Path, tokenizer, args) -> d
         "device_max": max(out["device_samples"], default=None),
         "device_budget": (cache.get("budgets_bytes") or {}).get("device"),
         "wall": out["wall"],
+        "by_order": [
+            (r["order"], r["round"], round(r["ttft"], 3))
+            for r in sorted(results, key=lambda r: r["order"])
+        ],
     }
     print(json.dumps(row), flush=True)
     return row
@@ -258,9 +297,15 @@ def main() -> None:
     ap.add_argument(
         "--configs",
         default="off,ample,paged,mlx-lm",
-        help="comma-separated subset of off, ample, paged, mlx-lm",
+        help="comma-separated, in run order (repeats allowed): off, ample, paged, mlx-lm, "
+        "llama.cpp, llama.cpp-ram",
     )
+    ap.add_argument("--gguf", default=None, help="llama.cpp's model (default: the bundled GGUF)")
     args = ap.parse_args()
+    if args.gguf is None:
+        from kvgrove.models.bundled import default_model_path
+
+        args.gguf = str(default_model_path())
 
     from kvgrove.tokenize import load_tokenizer
 
@@ -271,6 +316,8 @@ def main() -> None:
         "ample": "kvgrove, cache on",
         "paged": "kvgrove, cache paged",
         "mlx-lm": "mlx-lm server",
+        "llama.cpp": "llama.cpp server",
+        "llama.cpp-ram": "llama.cpp server, RAM cache",
     }
     rows = []
     for key in args.configs.split(","):
@@ -318,6 +365,38 @@ def main() -> None:
                     if r["device_max"] is None
                     else f"{fmt_bytes(r['device_max'])} / {fmt_bytes(r['device_budget'])}",
                     r["wall"],
+                ]
+                for r in rows
+            ],
+        )
+    )
+    peers = [r for r in rows if r["kind"] == "llama.cpp server"]
+    ref = {k: median([p[k] for p in peers]) for k in ("later_p50", "first_p50")} if peers else {}
+
+    def vs(r, key):
+        return f"{r[key] / ref[key]:.2f}x" if ref and r[key] is not None else "-"
+
+    print("\nTTFT by turn (later: round 2 on; doc-cached first: round 1 after the first request)\n")
+    print(
+        table(
+            [
+                "server",
+                "later p50 s",
+                "later p90 s",
+                "vs llama.cpp",
+                "doc-cached first p50 s",
+                "first p90 s",
+                "vs llama.cpp",
+            ],
+            [
+                [
+                    r["kind"],
+                    r["later_p50"],
+                    r["later_p90"],
+                    vs(r, "later_p50"),
+                    r["first_p50"],
+                    r["first_p90"],
+                    vs(r, "first_p50"),
                 ]
                 for r in rows
             ],

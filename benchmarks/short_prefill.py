@@ -1,8 +1,11 @@
 """Where a later turn's short prefill over a long cached context goes (SmolLM2-135M, CPU).
 
 Restores a 1,700-token context into kvgrove's live caches and times 20 new tokens fed the ways
-the executor could: one 19-token chunk then a 1-token forward (the executor today), one
-20-token forward, the chunk alone; against 1 token at that context and 20 with no context.
+the executor could: one 19-token chunk then a 1-token forward (the executor before issue 13),
+one 20-token forward with the head on the last position only (`forward`, what the executor
+does now) or on all 20 (`forward_all20_fullhead`, before), the chunk alone; against 1 token at
+that context and 20 with no context; and the attention of one layer alone (`sdpa1layer_*`, x30:
+MLX's fused SDPA over the cache's view with a causal mask, as mlx-lm's models call it).
 Usage: PYTHONPATH=src python benchmarks/short_prefill.py [variant ...]
 """
 
@@ -46,6 +49,21 @@ with mx.stream(generation_stream()):
         if name == "forward_all20":
             lg = forward(model, c, mx.array(new, dtype=mx.uint32)[None])
             mx.eval(lg)
+        elif name == "forward_all20_fullhead":
+            lg = model(mx.array(new, dtype=mx.uint32)[None], cache=c)[:, -1, :]
+            mx.eval(lg)
+        elif name.startswith("sdpa1layer"):
+            layer = c[0]
+            q = mx.random.normal((1, 9, T, 64))
+            mx.eval(q)
+            k, v = layer.keys[..., : N + T, :], layer.values[..., : N + T, :]
+            mask = None if name.endswith("nomask") else "causal"
+            t0 = time.perf_counter()
+            outs = [
+                mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
+                for _ in range(30)
+            ]
+            mx.eval(outs)
         elif name == "chunks19+1":
             for _ in prefill_chunks(model, c, new[:-1], chunk_tokens=T):
                 pass
@@ -76,7 +94,10 @@ with mx.stream(generation_stream()):
         "prefill20_only",
         "chunks19+1",
         "forward_all20",
+        "forward_all20_fullhead",
         "decode_after",
+        "sdpa1layer_causal",
+        "sdpa1layer_nomask",
     ]
     res = {n: [] for n in names}
     for n in names:

@@ -61,9 +61,26 @@ def prefill_chunks(
         yield done
 
 
+# mlx-lm model modules whose `Model.__call__` is exactly `self.model(...)` then the head (tied
+# embedding or `lm_head`), nothing after it: for these the head can run on the last position only.
+_PLAIN_HEAD = frozenset({"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3"})
+
+
 def forward(model: nn.Module, cache: list[Any], tokens: mx.array) -> mx.array:
-    """One step over (B, T) tokens; returns the last position's logits (B, V), lazily."""
-    logits = model(tokens, cache=cache)
+    """One step over (B, T) tokens; returns the last position's logits (B, V), lazily.
+
+    For T > 1 on a model whose head simply follows its body, the head runs on the last position
+    only: the other T - 1 rows of logits would be thrown away, and over SmolLM2's 49,152-token
+    vocabulary they cost as much as its MLP for the same tokens.
+    """
+    if tokens.shape[1] > 1 and type(model).__module__ in _PLAIN_HEAD:
+        hidden = model.model(tokens, cache)[:, -1:, :]
+        if model.args.tie_word_embeddings:
+            logits = model.model.embed_tokens.as_linear(hidden)
+        else:
+            logits = model.lm_head(hidden)
+    else:
+        logits = model(tokens, cache=cache)
     note_tokens(cache, tokens.shape[1])
     return logits[:, -1, :]
 

@@ -611,7 +611,10 @@ class StepRunner:
             if live.in_batch:  # batching is off, or it decodes alone: it leaves the batch
                 self._detach([rid])
             tokens = item.tokens
-            feed = tokens[:-1] if item.sample else tokens
+            # Sampling after the prompt's last token: one forward over the whole chunk, unless
+            # whole-state layers need their snapshot just before that token (below).
+            whole = item.sample and not (self.keeping and self.whole_layers)
+            feed = tokens if not item.sample else [] if whole else tokens[:-1]
             if feed:
                 for _ in prefill_chunks(self.model, live.cache, feed, chunk_tokens=len(feed)):
                     pass
@@ -624,7 +627,7 @@ class StepRunner:
                     self._keep(None, live, standing_copy(live.cache))
             token = logprob = top = None
             if item.sample:
-                last = mx.array(tokens[-1:], dtype=mx.uint32)[None]
+                last = mx.array(tokens if whole else tokens[-1:], dtype=mx.uint32)[None]
                 logits = forward(self.model, live.cache, last)
                 choice = sample_batch(logits, [live.sampler]).row(0)
                 live.sampler.accept(choice.token)
