@@ -143,10 +143,12 @@ class Settings:
     # models); off = one forward per prompt.
     batch_prefill: bool = True
     # The batched decode launches step N+1 from step N's still-lazy tokens before N's tokens go
-    # up (plain-attention models): "on", "off", or "auto" = on with a GPU (on a CPU the model's
-    # compute and the server's host work share the same cores: benchmarks/overlap.py).
+    # up (plain-attention models): "on", "off", or "auto" = on with a GPU. Off by default: on
+    # this CPU it was slower (benchmarks/overlap.py: the host and the model share the cores) and
+    # on the H200 (8B bf16, benchmarks/gpu_server.py) it gained nothing at 32 rows (543 vs 525
+    # tok/s) and lost at 64 (534 vs 673): each join undoes the step run ahead.
     decode_overlap: str = attrs.field(
-        default="auto", validator=attrs.validators.in_(("auto", "on", "off"))
+        default="off", validator=attrs.validators.in_(("auto", "on", "off"))
     )
     device_cache_bytes: int = attrs.field(default=0, validator=_non_negative)
     kv_cache_dir: str | None = None  # None = <kvgrove cache dir>/kv
@@ -265,6 +267,7 @@ _HELP = {
     "model_load_timeout_seconds": "how long a request waits for a load making no progress",
     "tensor_parallel": "ranks to split the model across (mx.distributed ring; 1 = off)",
     "hostfile": "mlx.launch hostfile: run the --tensor-parallel ranks on these machines",
+    "decode_overlap": "run the batched decode one step ahead: on, off or auto (= on with a GPU)",
     "tp_timeout_seconds": "a tensor-parallel step taking longer means a rank is hung: stop",
     "quantized_dense_rows": "GPU: quantized layers keep a dense copy for inputs of this many "
     "rows or more, where it fits (0 = never)",

@@ -42,9 +42,13 @@ def test_openai_chat_logprobs_streamed_and_not(oa):
     for chunk in oa.chat.completions.create(**kw, logprobs=True, top_logprobs=3, stream=True):
         if chunk.choices and chunk.choices[0].logprobs:
             streamed.extend(chunk.choices[0].logprobs.content)
-    assert [(e.token, e.logprob) for e in streamed] == [
-        (e.token, e.logprob) for e in choice.logprobs.content
-    ]
+    # The same tokens; the logprobs equal to float32 rounding: the second request restores the
+    # prompt from the prefix cache and computes its last token alone, the first computed it in
+    # the prompt's one forward (a different matmul shape, so not bit for bit).
+    assert [e.token for e in streamed] == [e.token for e in choice.logprobs.content]
+    assert [e.logprob for e in streamed] == pytest.approx(
+        [e.logprob for e in choice.logprobs.content], abs=1e-4
+    )
     plain = oa.chat.completions.create(**kw)
     assert plain.choices[0].logprobs is None
 

@@ -94,8 +94,13 @@ def supervise(settings: Settings, command: list[str]) -> int:
         # Rank 0 failed: the followers' next collective fails at once, so one still running
         # after a short grace is hung. Otherwise the rest need their graceful stop (rank 0
         # failing the in-flight requests; the followers writing their prefix cache to disk).
+        # A follower that died can leave rank 0 inside a collective the ring never fails (seen
+        # under load): rank 0's watchdog ends it after tp_timeout_seconds, failing the in-flight
+        # requests with an error first, so rank 0 gets that long before it is killed.
         failed0 = first is procs[0] and first.returncode != 0
         grace = 5.0 if failed0 else settings.shutdown_grace_seconds + 15
+        if first is not procs[0]:
+            grace += settings.tp_timeout_seconds
         for p in procs:
             try:
                 p.wait(timeout=grace)
