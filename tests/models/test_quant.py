@@ -7,7 +7,15 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.utils import load_model
 
-from kvgrove.models.quant import DualLinear, add_dense_copies
+from kvgrove.models.quant import (
+    DEFAULT_DENSE_ROWS,
+    TILE_ROWS,
+    DualLinear,
+    add_dense_copies,
+    compile_batched_kernels,
+    memory_from_info,
+    quantized_kinds,
+)
 from tiny_models import write_tiny_model
 
 
@@ -42,3 +50,34 @@ def test_dense_copies_where_they_fit_and_none_where_they_do_not(tmp_path):
     for rows, logits in before.items():  # 1 row: the quantized kernel; 6 rows: the dense copy
         np.testing.assert_allclose(_logits(model, rows), logits, rtol=1e-3, atol=1e-3)
     assert add_dense_copies(model, rows=0, weights_bytes=0, memory_bytes=2**34) == 0
+
+
+def test_the_device_memory_is_read_from_metal_and_cuda_device_info():
+    # MLX 0.32 on CUDA names it "total_memory" (Metal: "memory_size"); reading only Metal's
+    # key found 0 bytes on CUDA, so no dense copy was ever kept there.
+    assert memory_from_info({"memory_size": 96 * 2**30}) == 96 * 2**30
+    cuda = {"total_memory": 150754820096, "free_memory": 149557477376, "architecture": "sm_90"}
+    assert memory_from_info(cuda) == 150754820096
+    assert memory_from_info({"architecture": "x86_64", "device_name": "AMD EPYC"}) == 0
+
+
+def test_by_default_every_input_takes_the_dense_copy_with_the_quantized_kernels_output(tmp_path):
+    assert DEFAULT_DENSE_ROWS == 1  # measured faster on an H200 at every batch size (module doc)
+    model = _quantized_model(tmp_path)
+    before = {rows: _logits(model, rows) for rows in (1, 2, 6)}
+    layers = [m for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    added = add_dense_copies(model, rows=DEFAULT_DENSE_ROWS, weights_bytes=0, memory_bytes=2**34)
+    duals = [m for _, m in model.named_modules() if isinstance(m, DualLinear)]
+    assert added > 0 and len(duals) == len(layers) and all(d.rows == 1 for d in duals)
+    for rows, logits in before.items():  # one row too: the dense copy
+        np.testing.assert_allclose(_logits(model, rows), logits, rtol=1e-3, atol=1e-3)
+
+
+def test_the_batched_kernels_are_run_once_per_tile_for_each_quantized_kind(tmp_path):
+    model = _quantized_model(tmp_path)
+    kinds = quantized_kinds(model)
+    assert kinds and all(k[:3] == (4, 32, "affine") for k in kinds)  # the tiny model's kind
+    assert compile_batched_kernels(model) == kinds
+    assert TILE_ROWS == (16, 32, 64)
+    add_dense_copies(model, rows=1, weights_bytes=0, memory_bytes=2**34)
+    assert quantized_kinds(model) == kinds  # dual layers keep their quantized kind

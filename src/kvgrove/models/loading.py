@@ -27,7 +27,7 @@ from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from kvgrove.models import bundled
 from kvgrove.models.gguf import apply_rope_factors, gguf_summary, read_gguf
-from kvgrove.models.quant import add_dense_copies, dense_rows
+from kvgrove.models.quant import add_dense_copies, compile_batched_kernels, dense_rows
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,12 @@ def load(
 
     nbytes, count = _nbytes(model)
     if quantized and on_gpu():  # batched steps take a dense copy where it fits (models.quant)
-        nbytes += add_dense_copies(model, rows=dense_rows(), weights_bytes=nbytes)
+        added = add_dense_copies(model, rows=dense_rows(), weights_bytes=nbytes)
+        nbytes += added
+        # A tied quantized embedding is the head too: the quantized kernel, whatever the rows.
+        tied = getattr(getattr(model, "args", None), "tie_word_embeddings", False)
+        if not added or dense_rows() > 8 or tied:  # the quantized kernel meets >= 8 rows
+            compile_batched_kernels(model)
     dtype_name = str(_float_dtype(model)).removeprefix("mlx.core.")
     info = ModelInfo(
         name=display,
