@@ -22,6 +22,13 @@ decodes), then, one after another (never two at once):
   compile stall), then at each concurrency c two waves of c streaming /v1/completions requests
   with distinct prompts (first wave vs steady wave: aggregate generated tokens/s, TTFT p50).
 
+Quantized modes first time MLX's first use of its batched quantized kernel (`qmm_sm80`, which
+MLX 0.32.4 compiles with NVRTC at first use, about a minute or more per tile, then caches on
+disk under /tmp/mlx; benchmarks/gpu_quant.py --first-use), one process per tile at once, so
+no phase after it meets that compile inside its deadline: the reason perf2's 4-bit runs never
+got past their first step. `--no-precompile` skips it (then the first batched step of each
+phase pays it).
+
 Then it prints the tables, with ratios. Servers' logs go to <work>/logs. A phase that fails or
 runs past its deadline shows as "-" and the rest goes on. The benchmark's clients are raw
 HTTP/1.1 sockets (no JSON parsing per chunk) so they cost the servers' CPU as little as they can.
@@ -350,7 +357,35 @@ def ratio(a: float | None, b: float | None) -> str:
     return "-" if not a or not b else f"{a / b:.2f}x"
 
 
-def report(mode: str, alone: dict, kv: dict, ml: dict, levels: list[int]) -> str:
+def precompile(bits: int, args) -> dict:
+    """MLX's quantized kernels for `bits`, group 64, compiled (or found in MLX's disk cache) by
+    one process per qmm_sm80 tile at once; {rows: first call's seconds, "all": wall seconds}."""
+    sys.path.insert(0, str(HERE))
+    from gpu_quant import first_uses
+
+    t = time.perf_counter()
+    found = first_uses([f"q:{bits}:64"], 4, args.py_spy, args.work / "logs" / f"first-use-{bits}")
+    out: dict = {"rows": {r["rows"]: r["first"] for r in found}, "all": time.perf_counter() - t}
+    print(f"  MLX's quantized matmul, first use: {first_cells(out)}; {out['all']:.0f} s")
+    return out
+
+
+def first_cells(first: dict) -> str:
+    return ", ".join(f"{rows} rows {s:.1f} s" for rows, s in sorted(first["rows"].items()))
+
+
+def dense_copy_line(log: Path) -> str:
+    """What kvgrove's server said about dense copies of the quantized layers (models.quant)."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return next((line for line in lines if "dense copy" in line), "")
+
+
+def report(
+    mode: str, alone: dict, kv: dict, ml: dict, levels: list[int], first: dict | None = None
+) -> str:
     loop = alone.get("loop", {})
     lines = [f"\n### {mode}\n"]
     lines.append(
@@ -381,6 +416,15 @@ def report(mode: str, alone: dict, kv: dict, ml: dict, levels: list[int]) -> str
         f"{fmt(kv.get('ready_s'))} s), mlx-lm {fmt(ml.get('ttft_first'), 2)} / "
         f"{fmt(ml.get('ttft_tenth'), 2)} s (ready after {fmt(ml.get('ready_s'))} s)."
     )
+    if first:
+        cells = first_cells(first)
+        lines.append(
+            f"MLX's batched quantized kernel (qmm_sm80), first use in a fresh process, one process "
+            f"per tile at once ({fmt(first.get('all'))} s in all): {cells}; later processes load "
+            "it from MLX's disk cache."
+        )
+    if kv.get("dense"):
+        lines.append(f"kvgrove's server: {kv['dense'].strip()}")
     return "\n".join(lines)
 
 
@@ -437,6 +481,11 @@ def main() -> None:
         help="the whole run's: phases past it are skipped, the table printed (a device call "
         "may last 600 s)",
     )
+    ap.add_argument(
+        "--no-precompile",
+        action="store_true",
+        help="quantized modes: no first-use compile of MLX's qmm_sm80 before the phases",
+    )
     ap.add_argument("--ready-seconds", type=float, default=240)
     ap.add_argument("--phase-seconds", type=float, default=120)
     ap.add_argument(
@@ -474,19 +523,20 @@ def main() -> None:
         t = time.perf_counter()
         subprocess.run([*me, "--_write", str(folder), args.shape, str(bits)], env=env, check=True)
         print(f"[{mode}] model in {folder} ({time.perf_counter() - t:.0f} s)", flush=True)
+        first = precompile(bits, args) if bits and not args.no_precompile else None
         alone: dict = {}
         if "mlx" not in skip:
             alone = run_alone([*me, "--_alone", str(folder), *common], env, args, mode)
         kv = ml = {}
         if "kvgrove" not in skip:
-            kv = trio.run(
-                serve_bench, "kvgrove", folder, args, args.work / "logs" / f"kvgrove-{mode}.log"
-            )
+            kv_log = args.work / "logs" / f"kvgrove-{mode}.log"
+            kv = trio.run(serve_bench, "kvgrove", folder, args, kv_log)
+            kv["dense"] = dense_copy_line(kv_log)
         if "mlx-lm" not in skip:
             ml = trio.run(
                 serve_bench, "mlx-lm", folder, args, args.work / "logs" / f"mlx-lm-{mode}.log"
             )
-        reports.append(report(mode, alone, kv, ml, args.levels))
+        reports.append(report(mode, alone, kv, ml, args.levels, first))
         print(reports[-1], flush=True)
     print(
         f"\n## GPU table: {args.shape}, random weights, {args.gen_tokens} greedy tokens per "
