@@ -10,6 +10,7 @@ from mlx_lm.utils import load_model
 from kvgrove.models.quant import (
     DEFAULT_DENSE_ROWS,
     TILE_ROWS,
+    DualEmbedding,
     DualLinear,
     add_dense_copies,
     compile_batched_kernels,
@@ -81,3 +82,25 @@ def test_the_batched_kernels_are_run_once_per_tile_for_each_quantized_kind(tmp_p
     assert TILE_ROWS == (16, 32, 64)
     add_dense_copies(model, rows=1, weights_bytes=0, memory_bytes=2**34)
     assert quantized_kinds(model) == kinds  # dual layers keep their quantized kind
+
+
+def test_a_tied_quantized_embedding_keeps_its_lookup_and_gets_a_dense_head(tmp_path):
+    model, _ = load_model(write_tiny_model(tmp_path / "tied", "qwen3", quantized=True))
+    assert isinstance(model.model.embed_tokens, nn.QuantizedEmbedding)
+    assert not any(name.endswith("lm_head") for name, _ in model.named_modules())
+    before = {rows: _logits(model, rows) for rows in (1, 6)}
+    untied = add_dense_copies(model, rows=1, weights_bytes=0, memory_bytes=2**34)
+    assert isinstance(model.model.embed_tokens, nn.QuantizedEmbedding)  # tied=False: left alone
+    embed = model.model.embed_tokens
+    model, _ = load_model(write_tiny_model(tmp_path / "tied2", "qwen3", quantized=True))
+    added = add_dense_copies(model, rows=4, weights_bytes=0, memory_bytes=2**34, tied=True)
+    dual = model.model.embed_tokens
+    assert isinstance(dual, DualEmbedding) and added == untied + dual.dense.nbytes
+    ids = mx.array([[3, 17, 99]], dtype=mx.uint32)
+    np.testing.assert_array_equal(np.array(dual(ids)), np.array(embed(ids)))  # the same lookup
+    for rows, logits in before.items():  # 1 row: the quantized head; 6 rows: the dense one
+        np.testing.assert_allclose(_logits(model, rows), logits, rtol=1e-3, atol=1e-3)
+    x = mx.random.normal((5, dual.dims))
+    np.testing.assert_allclose(
+        np.array(dual.as_linear(x)), np.array(embed.as_linear(x)), rtol=1e-3, atol=1e-3
+    )

@@ -282,11 +282,13 @@ def load(
 
     nbytes, count = _nbytes(model)
     if quantized and on_gpu():  # batched steps take a dense copy where it fits (models.quant)
-        added = add_dense_copies(model, rows=dense_rows(), weights_bytes=nbytes)
+        # Tied: the embedding is the head (mlx-lm's models then have no lm_head).
+        tied = getattr(getattr(model, "args", None), "tie_word_embeddings", False) or not any(
+            name.endswith("lm_head") for name, _ in model.named_modules()
+        )
+        added = add_dense_copies(model, rows=dense_rows(), weights_bytes=nbytes, tied=tied)
         nbytes += added
-        # A tied quantized embedding is the head too: the quantized kernel, whatever the rows.
-        tied = getattr(getattr(model, "args", None), "tie_word_embeddings", False)
-        if not added or dense_rows() > 8 or tied:  # the quantized kernel meets >= 8 rows
+        if not added or dense_rows() > 8:  # the quantized kernel still meets >= 8 rows
             compile_batched_kernels(model)
     dtype_name = str(_float_dtype(model)).removeprefix("mlx.core.")
     info = ModelInfo(

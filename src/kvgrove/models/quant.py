@@ -93,6 +93,56 @@ class DualLinear(nn.Module):
         return y + self.bias if "bias" in self else y
 
 
+class DualEmbedding(nn.Module):
+    """A quantized embedding that is also the model's head (tied weights): the lookup stays
+    quantized (a gather of a few rows), the head (`as_linear`) takes a dense copy for inputs of
+    at least `rows` rows, as DualLinear does."""
+
+    def __init__(self, layer: nn.QuantizedEmbedding, rows: int, dtype: mx.Dtype) -> None:
+        super().__init__()
+        self.group_size, self.bits = layer.group_size, layer.bits
+        self.mode = getattr(layer, "mode", "affine")
+        self.rows = rows
+        self.weight, self.scales = layer.weight, layer.scales
+        self.biases = layer.get("biases")
+        self.num_embeddings = layer.weight.shape[0]
+        self.dims = layer.weight.shape[1] * 32 // layer.bits
+        self.dense = mx.dequantize(
+            layer.weight,
+            layer.scales,
+            self.biases,
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+        ).astype(dtype)
+        self.freeze()
+
+    def __call__(self, x: mx.array) -> mx.array:
+        biases = self.get("biases")
+        return mx.dequantize(
+            self["weight"][x],
+            scales=self["scales"][x],
+            biases=biases[x] if biases is not None else None,
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+        )
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        if x.size >= self.rows * x.shape[-1]:
+            return x @ self.dense.T
+        return mx.quantized_matmul(
+            x,
+            self.weight,
+            self.scales,
+            self.biases,
+            transpose=True,
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+        )
+
+
 def memory_from_info(info: dict) -> int:
     """The device's memory in bytes from `mx.device_info()`: Metal names it "memory_size",
     CUDA "total_memory" (MLX 0.32 on CUDA has no "memory_size": reading that key alone
@@ -111,15 +161,21 @@ def _device_memory_bytes() -> int:
 
 
 def add_dense_copies(
-    model: nn.Module, *, rows: int, weights_bytes: int, memory_bytes: int | None = None
+    model: nn.Module,
+    *,
+    rows: int,
+    weights_bytes: int,
+    memory_bytes: int | None = None,
+    tied: bool = False,
 ) -> int:
     """Give every quantized linear layer of `model` a dense copy (in its scales' dtype) when
     they all fit in half of `memory_bytes` (None = the device's memory) beside the
-    `weights_bytes` already loaded; returns the bytes added (0: off, nothing quantized, no
-    room)."""
+    `weights_bytes` already loaded; `tied`: the quantized embeddings are the head too, and get
+    one as well. Returns the bytes added (0: off, nothing quantized, no room)."""
     if rows <= 0:
         return 0
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    kinds = (nn.QuantizedLinear, nn.QuantizedEmbedding) if tied else (nn.QuantizedLinear,)
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
     if not layers:
         return 0
     extra = sum(
@@ -134,7 +190,7 @@ def add_dense_copies(
             memory / 2**30,
         )
         return 0
-    replacements = [(name, DualLinear(m, rows, m.scales.dtype)) for name, m in layers]
+    replacements = [(name, _dual(m, rows)) for name, m in layers]
     mx.eval([d.dense for _, d in replacements])
     model.update_modules(_tree(replacements))
     log.info(
@@ -143,6 +199,11 @@ def add_dense_copies(
         extra / 2**30,
     )
     return extra
+
+
+def _dual(layer: nn.Module, rows: int) -> nn.Module:
+    kind = DualLinear if isinstance(layer, nn.QuantizedLinear) else DualEmbedding
+    return kind(layer, rows, layer.scales.dtype)
 
 
 def _tree(replacements: list[tuple[str, nn.Module]]) -> dict:
@@ -161,7 +222,7 @@ def quantized_kinds(model: nn.Module) -> list[tuple[int, int, str, mx.Dtype]]:
     """(bits, group size, mode, activation dtype) of every quantized layer kind in `model`."""
     kinds: dict[tuple, tuple[int, int, str, mx.Dtype]] = {}
     for _, m in model.named_modules():
-        if isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding | DualLinear):
+        if isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding | DualLinear | DualEmbedding):
             mode = getattr(m, "mode", "affine")
             dtype = m.scales.dtype if mx.issubdtype(m.scales.dtype, mx.floating) else mx.bfloat16
             kinds[(m.bits, m.group_size, mode, str(dtype))] = (m.bits, m.group_size, mode, dtype)
