@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from kvgrove.models.batching import RunningBatch, unbatchable_reason
+from kvgrove.models.batching import RunningBatch, prefill_together, unbatchable_reason
 from kvgrove.models.caches import RecurrentCache, SpanKVCache, cache_tokens, make_cache
 from kvgrove.models.generate import forward, generate, prefill_chunks
 from kvgrove.models.loading import load
@@ -90,3 +90,76 @@ def test_leave_everyone_then_join_again(tmp_path):
     assert cache_tokens(back) == 4
     batch.join([(1, back)])
     assert batch.tokens == [4] and len(batch) == 1
+
+
+def test_joins_and_leaves_in_any_order_keep_each_rows_tokens(tmp_path):
+    """Rows join mid-decode (longer than the batch: it shifts; past capacity: it grows), rows
+    prefilled together join, rows leave from the middle (the last ones move into the holes):
+    every row's greedy tokens are the ones it produces alone."""
+    model = load(str(write_tiny_model(tmp_path / "llama", "llama"))).model
+    prompts = [list(range(3 + i, 3 + i + n)) for i, n in enumerate((5, 9, 30, 4, 12, 7, 16, 6))]
+    n = 10
+    solo = [[s.token for s in generate(model, p, GREEDY, max_tokens=n)] for p in prompts]
+    out: dict[int, list[int]] = {}
+    batch = RunningBatch()
+
+    def join(*rows):
+        caches = []
+        for r in rows:
+            cache, token = prefill(model, prompts[r])
+            out[r] = [token]
+            caches.append((r, cache))
+        batch.join(caches)
+
+    def join_together(*rows):
+        logits, cache = prefill_together(model, [prompts[r] for r in rows], len(model.layers))
+        for r, t in zip(rows, mx.argmax(logits, axis=-1).tolist(), strict=True):
+            out[r] = [t]
+        batch.join_batch(rows, [len(prompts[r]) for r in rows], cache)
+
+    plan = {
+        0: lambda: join(0, 1),
+        2: lambda: join(2),  # longer than the batch's length: the batch shifts right
+        3: lambda: join(3, 4),  # past capacity: the buffers double
+        4: lambda: batch.leave([1]),  # from the middle: the last row takes its place
+        5: lambda: join_together(5, 6),
+        7: lambda: batch.leave([0, 5]),
+        8: lambda: join(7),
+    }
+    finished = {}
+    step = 0
+    while batch.ids or step in plan or step < max(plan):
+        if step in plan:
+            left = plan[step]()
+            for r, cache in (left or {}).items():
+                finished[r] = cache
+        for layer in batch.cache or []:
+            assert layer.rows == len(batch) <= layer.capacity
+        for r in [r for r in batch.ids if len(out[r]) >= n]:
+            batch.leave([r])
+        if batch.ids:
+            logits = batch.forward(model, [out[r][-1] for r in batch.ids])
+            for r, t in zip(batch.ids, mx.argmax(logits, axis=-1).tolist(), strict=True):
+                out[r].append(t)
+        step += 1
+    for r, cache in finished.items():  # rows that left early finish on their own caches
+        assert cache_tokens(cache) == len(prompts[r]) + len(out[r]) - 1
+        while len(out[r]) < n:
+            logits = forward(model, cache, mx.array([[out[r][-1]]], dtype=mx.uint32))
+            out[r].append(int(mx.argmax(logits, axis=-1).item()))
+    assert [out[r][:n] for r in range(len(prompts))] == solo
+    assert batch.cache is None and batch.nbytes == 0
+
+
+def test_capacity_grows_geometrically_and_shrinks_when_rows_leave(tmp_path):
+    model = load(str(write_tiny_model(tmp_path / "llama", "llama"))).model
+    batch = RunningBatch()
+    capacities = []
+    for r in range(12):
+        cache, _ = prefill(model, [5 + r, 6, 7])
+        batch.join([(r, cache)])
+        capacities.append(batch.cache[0].capacity)
+    assert capacities == [1, 2, 4, 4, 8, 8, 8, 8, 16, 16, 16, 16]
+    batch.leave(range(9))
+    assert batch.cache[0].rows == 3 and batch.cache[0].capacity == 8
+    assert sorted(batch.ids) == [9, 10, 11]

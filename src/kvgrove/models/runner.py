@@ -18,7 +18,7 @@ import collections
 import copy
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -213,8 +213,12 @@ class StepRunner:
         decode_ids = {it.request_id for it in step.items if self._is_decode(it)}
         leaving = {*step.release, *step.preempt}
         try:
+            # Released and preempted rows: the prefix cache copies what it keeps of them before
+            # the next step, and nothing else reads them (without it, nothing at all).
             self._detach(
-                [rid for rid in self._batch.ids if rid not in decode_ids or rid in leaving]
+                [rid for rid in self._batch.ids if rid not in decode_ids or rid in leaving],
+                views=leaving if self.keeping else (),
+                drop=() if self.keeping else leaving,
             )
             for rid in step.preempt:
                 self._preempt_sequence(rid)
@@ -227,7 +231,12 @@ class StepRunner:
                 self._drop(rid)
             self._ahead, self._ahead_rows = None, set()
             return StepResult((), error=str_error(e))
-        if step.release and not self._live:
+        if step.release and not self._live and mx.get_cache_memory() > mx.get_active_memory():
+            # The last sequence went: MLX's buffer cache is given back only when it holds more
+            # than everything live (weights, stored prefixes), i.e. after a burst far beyond the
+            # steady working set. Otherwise the next wave reuses those buffers, and clearing
+            # would cost the free now and fresh allocations then (7% of the MLX thread in a
+            # profile of waves on a GPU).
             mx.clear_cache()
         return None
 
@@ -356,9 +365,17 @@ class StepRunner:
             cache = None
         self._keep(request_id, live, cache)
 
-    def _detach(self, ids: list[int]) -> None:
-        """Rows leave the batch (one copy however many), each back to its own cache."""
-        for rid, cache in self._batch.leave(ids).items():
+    def _detach(
+        self, ids: list[int], views: Collection[int] = (), drop: Collection[int] = ()
+    ) -> None:
+        """Rows leave the batch, each back to its own cache, or to none if in `drop` (and
+        `views`: see `RunningBatch.leave`)."""
+        for rid in drop:
+            live = self._live.get(rid)
+            if rid in ids and live is not None and live.in_batch:
+                live.cache, live.in_batch = None, False
+                self._ahead_rows.discard(rid)
+        for rid, cache in self._batch.leave(ids, views, drop).items():
             if rid in self._ahead_rows:  # computed ahead, not taken: the token comes off
                 self._ahead_rows.discard(rid)
                 for c in cache:
@@ -482,10 +499,14 @@ class StepRunner:
                 raise ahead.error
             if ahead is not None:  # the forward ran ahead: only the sampling is left
                 logits = ahead.logits
-                if len(ahead.keep) < len(ahead.ids):
-                    logits = logits[mx.array(ahead.keep)]
                 ids, start = list(self._batch.ids), ahead.start
-                assert ids == [ahead.ids[i] for i in ahead.keep], (ids, ahead.ids, ahead.keep)
+                # Rows left since (and the last rows moved into their places): the logits
+                # follow the batch's rows as they stand now.
+                row_of = {rid: i for i, rid in enumerate(ahead.ids)}
+                rows = [row_of[rid] for rid in ids]
+                assert sorted(rows) == ahead.keep, (ids, ahead.ids, ahead.keep)
+                if rows != list(range(len(ahead.ids))):
+                    logits = logits[mx.array(rows)]
                 self.overlapped_steps += 1
             else:
                 self._attach(
@@ -594,7 +615,8 @@ class StepRunner:
         if self.keeping:  # the prompts' KV is shared at once (a copy per row)
             for it in fresh:
                 try:
-                    rows = self._batch.row_copy(it.request_id)
+                    # A view: the pager copies the span it stores before the next step.
+                    rows = self._batch.row_copy(it.request_id, view=True)
                 except Exception:
                     log.exception("copying a prefilled row for the prefix cache failed")
                     continue
