@@ -327,11 +327,11 @@ class RunningBatch:
         self._evaluate()
         return out
 
-    def row_copy(self, rid: int, *, view: bool = False) -> list[Any]:
-        """A per-sequence copy (or view, see `_row_caches`) of one row's cache; the row stays."""
+    def row_caches(self, rids: Sequence[int], *, views: bool = False) -> list[list[Any]]:
+        """Per-sequence copies (or views, see `_row_caches`) of rows' caches; the rows stay."""
         assert self.cache is not None
-        row = self.ids.index(rid)
-        return _row_caches(self.cache, [row], [self.tokens[row]], views=view)[0]
+        rows = [self.ids.index(rid) for rid in rids]
+        return _row_caches(self.cache, rows, [self.tokens[r] for r in rows], views=views)
 
     def trim(self, n: int = 1) -> None:
         """Take the last n tokens off every row (plain-attention batches only)."""

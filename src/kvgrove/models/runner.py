@@ -151,6 +151,10 @@ class StepRunner:
         self._live: dict[int, Live] = {}
         self._batch = RunningBatch()
         self._keeps: list[Keep] = []
+        # Caches only a Keep holds, maybe views into the batch's buffers: emptied at the next
+        # step (the pager has stored them by then), so no view outlives the store, where it
+        # would make the batch's next in-place write copy its buffers.
+        self._kept_views: list[list[Any]] = []
         self._restored: dict[int, tuple[list[Any] | None, int]] = {}
         self.step_log: collections.deque[tuple[int, float, float]] = collections.deque(
             maxlen=100_000
@@ -209,6 +213,9 @@ class StepRunner:
         """Rows leave the batch when released, preempted, or not decoding now (parked); the
         released and preempted give up their caches. A failed result if that failed."""
         self.steps += 1
+        for cache in self._kept_views:
+            cache.clear()
+        self._kept_views = []
         self._settle_ahead(step)
         decode_ids = {it.request_id for it in step.items if self._is_decode(it)}
         leaving = {*step.release, *step.preempt}
@@ -376,6 +383,8 @@ class StepRunner:
                 live.cache, live.in_batch = None, False
                 self._ahead_rows.discard(rid)
         for rid, cache in self._batch.leave(ids, views, drop).items():
+            if rid in views:
+                self._kept_views.append(cache)
             if rid in self._ahead_rows:  # computed ahead, not taken: the token comes off
                 self._ahead_rows.discard(rid)
                 for c in cache:
@@ -612,15 +621,16 @@ class StepRunner:
             self.step_log.append((it.request_id, start, end))
         self.items += len(fresh)
         self.tokens += sum(len(it.tokens) for it in fresh)
-        if self.keeping:  # the prompts' KV is shared at once (a copy per row)
-            for it in fresh:
-                try:
-                    # A view: the pager copies the span it stores before the next step.
-                    rows = self._batch.row_copy(it.request_id, view=True)
-                except Exception:
-                    log.exception("copying a prefilled row for the prefix cache failed")
-                    continue
-                self._keep(None, self._live[it.request_id], rows)
+        if self.keeping:  # the prompts' KV is shared at once
+            try:
+                # Views: the pager copies the spans it stores before the next step.
+                rows = self._batch.row_caches(ids, views=True)
+            except Exception:
+                log.exception("viewing prefilled rows for the prefix cache failed")
+                return
+            for rid, cache in zip(ids, rows, strict=True):
+                self._keep(None, self._live[rid], cache)
+                self._kept_views.append(cache)
 
     def _run_item(self, item: StepItem) -> ItemResult:
         """One sequence alone: a prefill chunk (sampling after it when asked), or a decode."""
