@@ -155,11 +155,65 @@ def test_capacity_grows_geometrically_and_shrinks_when_rows_leave(tmp_path):
     model = load(str(write_tiny_model(tmp_path / "llama", "llama"))).model
     batch = RunningBatch()
     capacities = []
-    for r in range(12):
-        cache, _ = prefill(model, [5 + r, 6, 7])
+    last = {}
+    for r in range(34):
+        cache, last[r] = prefill(model, [5 + r, 6, 7])
         batch.join([(r, cache)])
         capacities.append(batch.cache[0].capacity)
-    assert capacities == [1, 2, 4, 4, 8, 8, 8, 8, 16, 16, 16, 16]
-    batch.leave(range(9))
-    assert batch.cache[0].rows == 3 and batch.cache[0].capacity == 8
-    assert sorted(batch.ids) == [9, 10, 11]
+    # Doubling up to 16 rows, then 16 rows at a time.
+    assert capacities == [1, 2, *[4] * 2, *[8] * 4, *[16] * 8, *[32] * 16, 48, 48]
+    batch.leave(range(22))
+    assert batch.cache[0].rows == 12 and batch.cache[0].capacity == 24
+    batch.leave(range(22, 31))
+    assert batch.cache[0].rows == 3 and batch.cache[0].capacity == 12
+    assert sorted(batch.ids) == [31, 32, 33]
+    out = {r: [last[r]] for r in batch.ids}  # the rows left decode on, through the copies
+    for _ in range(4):
+        logits = batch.forward(model, [out[r][-1] for r in batch.ids])
+        for r, t in zip(batch.ids, mx.argmax(logits, axis=-1).tolist(), strict=True):
+            out[r].append(t)
+    for r, tokens in out.items():
+        assert tokens == [s.token for s in generate(model, [5 + r, 6, 7], GREEDY, max_tokens=5)]
+
+
+def test_leaving_as_views_or_dropped(tmp_path):
+    """Rows leaving as views (the batch empties) hold what copies hold; dropped rows come back
+    with nothing; while rows stay, views are copies (a view would block the in-place move)."""
+    model = load(str(write_tiny_model(tmp_path / "llama", "llama"))).model
+    prompts = {1: [3, 4, 5, 6], 2: list(range(10, 19)), 3: [7, 8]}
+
+    def batch_of_all():
+        batch = RunningBatch()
+        batch.join([(r, prefill(model, p)[0]) for r, p in prompts.items()])
+        batch.forward(model, [1, 2, 3])
+        return batch
+
+    copies = batch_of_all().leave([1, 2, 3])
+    partial = batch_of_all()
+    assert set(partial.leave([2, 3], views=[2], drop=[3])) == {2}
+    assert partial.ids == [1] and partial.cache[0].rows == 1
+    views = batch_of_all().leave([1, 2, 3], views=[1, 2, 3])
+    for r in prompts:
+        assert cache_tokens(views[r]) == cache_tokens(copies[r]) == len(prompts[r]) + 1
+        for v, c in zip(views[r], copies[r], strict=True):
+            assert mx.array_equal(v.keys, c.keys) and mx.array_equal(v.values, c.values)
+
+
+def test_padding_every_row_shares_is_dropped_when_the_long_row_leaves(tmp_path):
+    model = load(str(write_tiny_model(tmp_path / "llama", "llama"))).model
+    prompts = {1: [(7 * i) % 300 + 3 for i in range(300)], 2: [3, 4, 5, 6], 3: [9, 8, 7, 6, 5]}
+    batch = RunningBatch()
+    out = {}
+    for r, p in prompts.items():
+        cache, out[r] = prefill(model, p)
+        out[r] = [out[r]]
+        batch.join([(r, cache)])
+    for step in range(6):
+        if step == 2:
+            batch.leave([1])
+            assert batch.cache[0]._idx < 256  # the 296+ positions only row 1 used are gone
+        logits = batch.forward(model, [out[r][-1] for r in batch.ids])
+        for r, t in zip(batch.ids, mx.argmax(logits, axis=-1).tolist(), strict=True):
+            out[r].append(t)
+    for r in (2, 3):
+        assert out[r] == [s.token for s in generate(model, prompts[r], GREEDY, max_tokens=7)]

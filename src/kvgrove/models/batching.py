@@ -6,7 +6,7 @@ A batch holds one batch cache per layer: `SlotKVCache` (mlx-lm's left-padded `Ba
 with room for more rows and positions) for attention / MLA layers, mlx-lm's `ArraysCache` for
 recurrent layers (rows stacked, no padding). The batch persists across steps; membership changes
 only through `join` and `leave`. A join writes only the joining rows into free slots (the
-buffers double when they run out: one copy, amortized), a leave moves the last rows into the
+buffers grow when they run out: one copy, amortized), a leave moves the last rows into the
 holes it leaves (only those rows are copied), so neither costs a whole-batch copy per event.
 Recurrent layers' states are small and fixed per row: they are concatenated and gathered.
 
@@ -41,9 +41,10 @@ class SlotKVCache(mlx_cache.BatchKVCache):
 
     The buffers hold `capacity` rows of `keys.shape[2]` positions; the first `rows` are the
     batch (left-padded to the shared length `_idx`, as in mlx-lm's `BatchKVCache`, whose mask
-    and offsets it keeps: `left_padding` and `offset` have `rows` entries). Rows grow
-    geometrically (a join past capacity copies the batch once, doubling it), positions in
-    `step`s as mlx-lm's do. A joining row longer than the batch's length shifts the batch right
+    and offsets it keeps: `left_padding` and `offset` have `rows` entries). A join past capacity
+    copies the batch once into buffers with room: doubling up to 16 rows, then 16 rows more
+    (the spare rows are memory a long-context batch cannot waste); positions grow in `step`s
+    as mlx-lm's do. A joining row longer than the batch's length shifts the batch right
     (one copy); a freed row's old values stay behind its new occupant's left padding, masked.
     """
 
@@ -117,7 +118,9 @@ class SlotKVCache(mlx_cache.BatchKVCache):
             self.offset = mx.zeros((0,), mx.int32)
         shift = max(0, length - self._idx)
         if n + k > self.capacity or shift or self._idx + 1 > self.keys.shape[2]:
-            capacity = self.capacity if n + k <= self.capacity else max(n + k, 2 * self.capacity)
+            capacity = self.capacity
+            if n + k > capacity:  # doubling while small, then 16 rows at a time
+                capacity = max(n + k, capacity + min(capacity, 16))
             self._relayout(capacity, shift, self._idx + shift + 1)
         start = self._idx - length
         self.keys[n : n + k, :, start : self._idx, :] = keys[..., :length, :]
