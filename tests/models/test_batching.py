@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from kvgrove.models.batching import RunningBatch, unbatchable_reason
+from kvgrove.models.batching import RunningBatch, prefill_together, unbatchable_reason
 from kvgrove.models.caches import RecurrentCache, SpanKVCache, cache_tokens, make_cache
 from kvgrove.models.generate import forward, generate, prefill_chunks
 from kvgrove.models.loading import load
@@ -90,3 +90,130 @@ def test_leave_everyone_then_join_again(tmp_path):
     assert cache_tokens(back) == 4
     batch.join([(1, back)])
     assert batch.tokens == [4] and len(batch) == 1
+
+
+def test_joins_and_leaves_in_any_order_keep_each_rows_tokens(tmp_path):
+    """Rows join mid-decode (longer than the batch: it shifts; past capacity: it grows), rows
+    prefilled together join, rows leave from the middle (the last ones move into the holes):
+    every row's greedy tokens are the ones it produces alone."""
+    model = load(str(write_tiny_model(tmp_path / "llama", "llama"))).model
+    prompts = [list(range(3 + i, 3 + i + n)) for i, n in enumerate((5, 9, 30, 4, 12, 7, 16, 6))]
+    n = 10
+    solo = [[s.token for s in generate(model, p, GREEDY, max_tokens=n)] for p in prompts]
+    out: dict[int, list[int]] = {}
+    batch = RunningBatch()
+
+    def join(*rows):
+        caches = []
+        for r in rows:
+            cache, token = prefill(model, prompts[r])
+            out[r] = [token]
+            caches.append((r, cache))
+        batch.join(caches)
+
+    def join_together(*rows):
+        logits, cache = prefill_together(model, [prompts[r] for r in rows], len(model.layers))
+        for r, t in zip(rows, mx.argmax(logits, axis=-1).tolist(), strict=True):
+            out[r] = [t]
+        batch.join_batch(rows, [len(prompts[r]) for r in rows], cache)
+
+    plan = {
+        0: lambda: join(0, 1),
+        2: lambda: join(2),  # longer than the batch's length: the batch shifts right
+        3: lambda: join(3, 4),  # past capacity: the buffers double
+        4: lambda: batch.leave([1]),  # from the middle: the last row takes its place
+        5: lambda: join_together(5, 6),
+        7: lambda: batch.leave([0, 5]),
+        8: lambda: join(7),
+    }
+    finished = {}
+    step = 0
+    while batch.ids or step in plan or step < max(plan):
+        if step in plan:
+            left = plan[step]()
+            for r, cache in (left or {}).items():
+                finished[r] = cache
+        for layer in batch.cache or []:
+            assert layer.rows == len(batch) <= layer.capacity
+        for r in [r for r in batch.ids if len(out[r]) >= n]:
+            batch.leave([r])
+        if batch.ids:
+            logits = batch.forward(model, [out[r][-1] for r in batch.ids])
+            for r, t in zip(batch.ids, mx.argmax(logits, axis=-1).tolist(), strict=True):
+                out[r].append(t)
+        step += 1
+    for r, cache in finished.items():  # rows that left early finish on their own caches
+        assert cache_tokens(cache) == len(prompts[r]) + len(out[r]) - 1
+        while len(out[r]) < n:
+            logits = forward(model, cache, mx.array([[out[r][-1]]], dtype=mx.uint32))
+            out[r].append(int(mx.argmax(logits, axis=-1).item()))
+    assert [out[r][:n] for r in range(len(prompts))] == solo
+    assert batch.cache is None and batch.nbytes == 0
+
+
+def test_capacity_grows_geometrically_and_shrinks_when_rows_leave(tmp_path):
+    model = load(str(write_tiny_model(tmp_path / "llama", "llama"))).model
+    batch = RunningBatch()
+    capacities = []
+    last = {}
+    for r in range(34):
+        cache, last[r] = prefill(model, [5 + r, 6, 7])
+        batch.join([(r, cache)])
+        capacities.append(batch.cache[0].capacity)
+    # Doubling up to 16 rows, then 16 rows at a time.
+    assert capacities == [1, 2, *[4] * 2, *[8] * 4, *[16] * 8, *[32] * 16, 48, 48]
+    batch.leave(range(22))
+    assert batch.cache[0].rows == 12 and batch.cache[0].capacity == 24
+    batch.leave(range(22, 31))
+    assert batch.cache[0].rows == 3 and batch.cache[0].capacity == 12
+    assert sorted(batch.ids) == [31, 32, 33]
+    out = {r: [last[r]] for r in batch.ids}  # the rows left decode on, through the copies
+    for _ in range(4):
+        logits = batch.forward(model, [out[r][-1] for r in batch.ids])
+        for r, t in zip(batch.ids, mx.argmax(logits, axis=-1).tolist(), strict=True):
+            out[r].append(t)
+    for r, tokens in out.items():
+        assert tokens == [s.token for s in generate(model, [5 + r, 6, 7], GREEDY, max_tokens=5)]
+
+
+def test_leaving_as_views_or_dropped(tmp_path):
+    """Rows leaving as views (the batch empties) hold what copies hold; dropped rows come back
+    with nothing; while rows stay, views are copies (a view would block the in-place move)."""
+    model = load(str(write_tiny_model(tmp_path / "llama", "llama"))).model
+    prompts = {1: [3, 4, 5, 6], 2: list(range(10, 19)), 3: [7, 8]}
+
+    def batch_of_all():
+        batch = RunningBatch()
+        batch.join([(r, prefill(model, p)[0]) for r, p in prompts.items()])
+        batch.forward(model, [1, 2, 3])
+        return batch
+
+    copies = batch_of_all().leave([1, 2, 3])
+    partial = batch_of_all()
+    assert set(partial.leave([2, 3], views=[2], drop=[3])) == {2}
+    assert partial.ids == [1] and partial.cache[0].rows == 1
+    views = batch_of_all().leave([1, 2, 3], views=[1, 2, 3])
+    for r in prompts:
+        assert cache_tokens(views[r]) == cache_tokens(copies[r]) == len(prompts[r]) + 1
+        for v, c in zip(views[r], copies[r], strict=True):
+            assert mx.array_equal(v.keys, c.keys) and mx.array_equal(v.values, c.values)
+
+
+def test_padding_every_row_shares_is_dropped_when_the_long_row_leaves(tmp_path):
+    model = load(str(write_tiny_model(tmp_path / "llama", "llama"))).model
+    prompts = {1: [(7 * i) % 300 + 3 for i in range(300)], 2: [3, 4, 5, 6], 3: [9, 8, 7, 6, 5]}
+    batch = RunningBatch()
+    out = {}
+    for r, p in prompts.items():
+        cache, out[r] = prefill(model, p)
+        out[r] = [out[r]]
+        batch.join([(r, cache)])
+    for step in range(6):
+        if step == 2:
+            batch.leave([1])
+            assert batch.cache[0]._idx < 256  # the 296+ positions only row 1 used are gone
+        logits = batch.forward(model, [out[r][-1] for r in batch.ids])
+        for r, t in zip(batch.ids, mx.argmax(logits, axis=-1).tolist(), strict=True):
+            out[r].append(t)
+    for r in (2, 3):
+        assert out[r] == [s.token for s in generate(model, prompts[r], GREEDY, max_tokens=7)]

@@ -2,11 +2,13 @@
 
 Synchronous, no trio: the executor drives a `RunningBatch` on its MLX thread.
 
-A batch holds one mlx-lm batch cache per layer: `BatchKVCache` (left-padded, per-row offsets)
-for attention / MLA layers, `ArraysCache` for recurrent layers (rows stacked, no padding). The
-batch persists across steps; membership changes only through `join` and `leave`, and each of
-those copies the whole batch KV once (however many rows come or go), so callers should group
-their joins and their leaves per step rather than rebuild the batch.
+A batch holds one batch cache per layer: `SlotKVCache` (mlx-lm's left-padded `BatchKVCache`
+with room for more rows and positions) for attention / MLA layers, mlx-lm's `ArraysCache` for
+recurrent layers (rows stacked, no padding). The batch persists across steps; membership changes
+only through `join` and `leave`. A join writes only the joining rows into free slots (the
+buffers grow when they run out: one copy, amortized), a leave moves the last rows into the
+holes it leaves (only those rows are copied), so neither costs a whole-batch copy per event.
+Recurrent layers' states are small and fixed per row: they are concatenated and gathered.
 
 Rows leave as kvgrove per-sequence caches (`SpanKVCache`, `RecurrentCache`): contiguous copies,
 never views into the batch buffers, so a sequence's cache can be snapshotted or kept after the
@@ -15,7 +17,7 @@ batch moves on.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -33,24 +35,189 @@ def unbatchable_reason(cache: Sequence[Any]) -> str | None:
     return None
 
 
-def _merge_layer(layers: list[Any]) -> Any:
-    if isinstance(layers[0], SpanKVCache):
-        return mlx_cache.BatchKVCache.merge(layers)
+class SlotKVCache(mlx_cache.BatchKVCache):
+    """A batch's attention KV for one layer, with room: rows join into free slots, leave by
+    moving the last row into the hole, so neither copies the whole batch.
+
+    The buffers hold `capacity` rows of `keys.shape[2]` positions; the first `rows` are the
+    batch (left-padded to the shared length `_idx`, as in mlx-lm's `BatchKVCache`, whose mask
+    and offsets it keeps: `left_padding` and `offset` have `rows` entries). A join past capacity
+    copies the batch once into buffers with room: doubling up to 16 rows, then 16 rows more
+    (the spare rows are memory a long-context batch cannot waste); positions grow in `step`s
+    as mlx-lm's do. A joining row longer than the batch's length shifts the batch right
+    (one copy); a freed row's old values stay behind its new occupant's left padding, masked.
+    """
+
+    def __init__(self, left_padding: Sequence[int]) -> None:
+        super().__init__(list(left_padding))
+        self.rows = len(left_padding)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[0]
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        n, _, t, _ = keys.shape
+        assert n == self.rows, (n, self.rows)
+        prev = self._idx
+        if self.keys is None:
+            size = -(-t // self.step) * self.step
+            self.keys = mx.zeros((n, keys.shape[1], size, keys.shape[3]), keys.dtype)
+            self.values = mx.zeros((n, values.shape[1], size, values.shape[3]), values.dtype)
+        elif prev + t > self.keys.shape[2]:
+            self._relayout(self.capacity, 0, prev + t)
+        self.offset = self.offset + t
+        self._idx += t
+        if n == self.capacity:
+            self.keys[..., prev : self._idx, :] = keys
+            self.values[..., prev : self._idx, :] = values
+        else:
+            self.keys[:n, :, prev : self._idx, :] = keys
+            self.values[:n, :, prev : self._idx, :] = values
+        return self.keys_and_values()
+
+    def keys_and_values(self) -> tuple[mx.array, mx.array]:
+        n, i = self.rows, self._idx
+        if n == self.capacity:
+            return self.keys[..., :i, :], self.values[..., :i, :]
+        return self.keys[:n, :, :i, :], self.values[:n, :, :i, :]
+
+    def _relayout(self, capacity: int, shift: int, length: int) -> None:
+        """New buffers of `capacity` rows and room for `length` positions, the rows moved
+        `shift` positions right (the one whole-batch copy)."""
+        n, i = self.rows, self._idx
+        k, v = self.keys, self.values
+        size = -(-length // self.step) * self.step
+        new_k = mx.zeros((capacity, k.shape[1], size, k.shape[3]), k.dtype)
+        new_v = mx.zeros((capacity, v.shape[1], size, v.shape[3]), v.dtype)
+        if n and i:
+            new_k[:n, :, shift : shift + i, :] = k[:n, :, :i, :]
+            new_v[:n, :, shift : shift + i, :] = v[:n, :, :i, :]
+        self.keys, self.values = new_k, new_v
+        if shift:
+            self._idx += shift
+            self.left_padding = self.left_padding + shift
+
+    def take(
+        self,
+        keys: mx.array,
+        values: mx.array,
+        length: int,
+        left_padding: mx.array,
+        offset: mx.array,
+    ) -> None:
+        """Rows prefilled elsewhere join at the end: `keys` (k, H, >= length, D), left-padded to
+        their shared `length`. Only they are written (unless capacity or left room runs out)."""
+        k = keys.shape[0]
+        n = self.rows
+        if self.keys is None:
+            self.keys, self.values = keys[..., :0, :], values[..., :0, :]
+            self.rows, self._idx = 0, 0
+            self._relayout(k, 0, length + 1)
+            self.left_padding = mx.zeros((0,), mx.int32)
+            self.offset = mx.zeros((0,), mx.int32)
+        shift = max(0, length - self._idx)
+        if n + k > self.capacity or shift or self._idx + 1 > self.keys.shape[2]:
+            capacity = self.capacity
+            if n + k > capacity:  # doubling while small, then 16 rows at a time
+                capacity = max(n + k, capacity + min(capacity, 16))
+            self._relayout(capacity, shift, self._idx + shift + 1)
+        start = self._idx - length
+        self.keys[n : n + k, :, start : self._idx, :] = keys[..., :length, :]
+        self.values[n : n + k, :, start : self._idx, :] = values[..., :length, :]
+        lp = left_padding.astype(self.left_padding.dtype) + start
+        self.left_padding = mx.concatenate([self.left_padding, lp])
+        self.offset = mx.concatenate([self.offset, offset.astype(self.offset.dtype)])
+        self.rows = n + k
+
+    def move(self, order: Sequence[int]) -> None:
+        """Keep rows `order` (old row indices, in their new order) as rows 0.., where row p
+        keeps its place unless order[p] != p: only those rows are copied."""
+        moved = [(p, o) for p, o in enumerate(order) if p != o]
+        if moved and self.keys is not None:
+            dst = mx.array([p for p, _ in moved])
+            src = mx.array([o for _, o in moved])
+            rows = self.keys[src], self.values[src]
+            # Evaluated apart, so the buffers have no other reader and the writes go in place.
+            mx.eval(rows)
+            self.keys[dst], self.values[dst] = rows
+        index = mx.array(list(order), dtype=mx.int32)
+        self.left_padding = self.left_padding[index]
+        self.offset = self.offset[index]
+        self.rows = len(order)
+        if not self.rows:
+            self.keys = self.values = None
+            self._idx = 0
+            return
+        strip = min(self.left_padding.tolist())
+        capacity = self.capacity
+        if capacity > 8 and self.rows * 4 <= capacity:
+            capacity //= 2  # give back what a much smaller batch no longer needs
+        if strip >= self.step or capacity != self.capacity:
+            # Padding every row shares (its long rows left): drop it, one copy.
+            self.left_padding = self.left_padding - strip
+            i = self._idx
+            k, v = self.keys, self.values
+            self.keys, self.values = k[: self.rows, :, strip:i, :], v[: self.rows, :, strip:i, :]
+            self._idx = i - strip
+            self._relayout(capacity, 0, self._idx + 1)
+            # _relayout copied rows [0, rows) positions [0, _idx) of the sliced view.
+
+    def extract(self, idx: int) -> mlx_cache.KVCache:
+        assert idx < self.rows
+        return super().extract(idx)
+
+
+def _compaction(n: int, leaving: set[int]) -> list[int]:
+    """The kept rows' old indices in their new order: each stays where it is, except that the
+    last ones fill the holes the leavers leave below the new length."""
+    kept = [i for i in range(n) if i not in leaving]
+    m = len(kept)
+    holes = [i for i in sorted(leaving) if i < m]
+    movers = [i for i in kept if i >= m]
+    order = list(range(m))
+    for hole, mover in zip(holes, movers, strict=True):
+        order[hole] = mover
+    return order
+
+
+def _merge_recurrent(layers: list[Any]) -> Any:
     merged = mlx_cache.ArraysCache.merge(layers)
     merged.left_padding = None  # rows are stacked whole: nothing to mask
     return merged
 
 
-def _extract_layer(layer: Any, row: int, tokens: int) -> Any:
-    if isinstance(layer, mlx_cache.BatchKVCache):
-        row_cache = layer.extract(row)  # a contiguous copy
-        out = SpanKVCache()
-        out.keys, out.values, out.offset = row_cache.keys, row_cache.values, row_cache.offset
-        return out
-    out = RecurrentCache(len(layer.cache))
-    # Copies, not views: a view would keep the whole batch state alive.
-    out.cache = [mx.contiguous(a[row : row + 1]) if a is not None else None for a in layer.cache]
-    out._tokens_seen = tokens
+def _row_caches(
+    cache: Sequence[Any], rows: Sequence[int], tokens: Sequence[int], *, views: bool = False
+) -> list[list[Any]]:
+    """Per-sequence caches of batch rows `rows` (holding `tokens` each), one list per row.
+
+    Copies (contiguous, evaluated), or with `views` lazy slices of the batch's buffers: for a
+    cache read once and dropped before the batch's next step (a prefix-cache store copies only
+    the span it keeps), never for one that decodes on. A view alive at the next step would only
+    cost speed: the batch's in-place writes would copy its buffers instead."""
+    out: list[list[Any]] = [[] for _ in rows]
+    for layer in cache:
+        if isinstance(layer, mlx_cache.BatchKVCache):
+            pads, end = layer.left_padding.tolist(), layer._idx
+            for mine, row in zip(out, rows, strict=True):
+                k = layer.keys[row : row + 1, :, pads[row] : end, :]
+                v = layer.values[row : row + 1, :, pads[row] : end, :]
+                c = SpanKVCache()
+                c.keys, c.values = (k, v) if views else (mx.contiguous(k), mx.contiguous(v))
+                c.offset = end - pads[row]
+                mine.append(c)
+            continue
+        for mine, row, n in zip(out, rows, tokens, strict=True):
+            c = RecurrentCache(len(layer.cache))
+            # Copies, not views: a view would keep the whole batch state alive.
+            c.cache = [
+                mx.contiguous(a[row : row + 1]) if a is not None else None for a in layer.cache
+            ]
+            c._tokens_seen = n
+            mine.append(c)
+    if not views:
+        mx.eval([_arrays(c) for row in out for c in row])
     return out
 
 
@@ -82,19 +249,26 @@ class RunningBatch:
         return sum(int(c.nbytes) for c in self.cache) if self.cache else 0
 
     def join(self, rows: Sequence[tuple[int, list[Any]]]) -> None:
-        """Add (id, per-sequence cache) rows at the end: one merge, then one extend."""
+        """Add (id, per-sequence cache) rows at the end, written into free slots."""
         if not rows:
             return
         for rid, cache in rows:
             assert rid not in self.ids, rid
             assert cache_tokens(cache) > 0, "a row joins after its prompt was fed"
-        n_layers = len(rows[0][1])
-        merged = [_merge_layer([cache[i] for _, cache in rows]) for i in range(n_layers)]
+        first = rows[0][1]
         if self.cache is None:
-            self.cache = merged
-        else:
-            for mine, theirs in zip(self.cache, merged, strict=True):
-                mine.extend(theirs)
+            self.cache = [SlotKVCache([]) if isinstance(c, SpanKVCache) else None for c in first]
+        for i, mine in enumerate(self.cache):
+            layers = [cache[i] for _, cache in rows]
+            if isinstance(mine, SlotKVCache):
+                for c in layers:
+                    n = int(c.offset)
+                    zero, length = mx.array([0], mx.int32), mx.array([n], mx.int32)
+                    mine.take(c.keys, c.values, n, zero, length)
+            elif mine is None:
+                self.cache[i] = _merge_recurrent(layers)
+            else:
+                mine.extend(_merge_recurrent(layers))
         self.ids += [rid for rid, _ in rows]
         self.tokens += [cache_tokens(cache) for _, cache in rows]
         self._evaluate()
@@ -106,41 +280,61 @@ class RunningBatch:
             self.cache = cache
         else:
             for mine, theirs in zip(self.cache, cache, strict=True):
-                mine.extend(theirs)
+                if isinstance(mine, SlotKVCache):
+                    k, v, length = theirs.keys, theirs.values, theirs._idx
+                    mine.take(k, v, length, theirs.left_padding, theirs.offset)
+                else:
+                    mine.extend(theirs)
         self.ids += list(ids)
         self.tokens += list(tokens)
         self._evaluate()
 
-    def leave(self, ids: Iterable[int]) -> dict[int, list[Any]]:
-        """Take rows out: each comes back as a per-sequence cache; the rest are kept (one copy)."""
+    def leave(
+        self, ids: Iterable[int], views: Collection[int] = (), drop: Collection[int] = ()
+    ) -> dict[int, list[Any]]:
+        """Take rows out: each comes back as a per-sequence cache, except those in `drop`
+        (nobody needs their KV). Rows in `views` come back as views (see `_row_caches`) when
+        the batch empties; while rows stay, copies (a view would make the move below copy the
+        batch). The last rows move into the holes (the row order changes; `ids` says it), the
+        others stay where they are."""
         leaving = [rid for rid in dict.fromkeys(ids) if rid in self.ids]
         if not leaving:
             return {}
         assert self.cache is not None
+        everyone = len(leaving) == len(self.ids)
         out = {}
-        for rid in leaving:
-            row = self.ids.index(rid)
-            out[rid] = [_extract_layer(c, row, self.tokens[row]) for c in self.cache]
-        mx.eval([_arrays(c) for cache in out.values() for c in cache])
-        keep = [i for i, rid in enumerate(self.ids) if rid not in out]
-        if not keep:
+        for as_view in (False, True):
+            group = [
+                rid for rid in leaving if rid not in drop and (everyone and rid in views) == as_view
+            ]
+            rows = [self.ids.index(rid) for rid in group]
+            if rows:
+                caches = _row_caches(
+                    self.cache, rows, [self.tokens[r] for r in rows], views=as_view
+                )
+                out.update(zip(group, caches, strict=True))
+        if everyone:
             self.ids, self.tokens, self.cache = [], [], None
             return out
-        index = mx.array(keep)
+        gone = set(leaving)
+        order = _compaction(len(self.ids), {i for i, rid in enumerate(self.ids) if rid in gone})
+        index = None
         for c in self.cache:
-            c.filter(index)
-        self.ids = [self.ids[i] for i in keep]
-        self.tokens = [self.tokens[i] for i in keep]
+            if isinstance(c, SlotKVCache):
+                c.move(order)
+            else:
+                index = mx.array(order) if index is None else index
+                c.filter(index)
+        self.ids = [self.ids[i] for i in order]
+        self.tokens = [self.tokens[i] for i in order]
         self._evaluate()
         return out
 
-    def row_copy(self, rid: int) -> list[Any]:
-        """A per-sequence copy of one row's cache (the row stays in the batch)."""
+    def row_caches(self, rids: Sequence[int], *, views: bool = False) -> list[list[Any]]:
+        """Per-sequence copies (or views, see `_row_caches`) of rows' caches; the rows stay."""
         assert self.cache is not None
-        row = self.ids.index(rid)
-        out = [_extract_layer(c, row, self.tokens[row]) for c in self.cache]
-        mx.eval([_arrays(c) for c in out])
-        return out
+        rows = [self.ids.index(rid) for rid in rids]
+        return _row_caches(self.cache, rows, [self.tokens[r] for r in rows], views=views)
 
     def trim(self, n: int = 1) -> None:
         """Take the last n tokens off every row (plain-attention batches only)."""
@@ -177,7 +371,7 @@ def prefill_together(
     longest = max(len(h) for h in heads)
     padding = [longest - len(h) for h in heads]
     rows = [[0] * pad + h for pad, h in zip(padding, heads, strict=True)]
-    cache = [mlx_cache.BatchKVCache(padding) for _ in range(n_layers)]
+    cache = [SlotKVCache(padding) for _ in range(n_layers)]
     model(mx.array(rows, dtype=mx.uint32), cache=cache)
     mx.eval([_arrays(c) for c in cache])
     last = mx.array([[p[-1]] for p in prompts], dtype=mx.uint32)

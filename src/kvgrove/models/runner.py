@@ -18,7 +18,7 @@ import collections
 import copy
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -151,6 +151,10 @@ class StepRunner:
         self._live: dict[int, Live] = {}
         self._batch = RunningBatch()
         self._keeps: list[Keep] = []
+        # Caches only a Keep holds, maybe views into the batch's buffers: emptied at the next
+        # step (the pager has stored them by then), so no view outlives the store, where it
+        # would make the batch's next in-place write copy its buffers.
+        self._kept_views: list[list[Any]] = []
         self._restored: dict[int, tuple[list[Any] | None, int]] = {}
         self.step_log: collections.deque[tuple[int, float, float]] = collections.deque(
             maxlen=100_000
@@ -209,12 +213,19 @@ class StepRunner:
         """Rows leave the batch when released, preempted, or not decoding now (parked); the
         released and preempted give up their caches. A failed result if that failed."""
         self.steps += 1
+        for cache in self._kept_views:
+            cache.clear()
+        self._kept_views = []
         self._settle_ahead(step)
         decode_ids = {it.request_id for it in step.items if self._is_decode(it)}
         leaving = {*step.release, *step.preempt}
         try:
+            # Released and preempted rows: the prefix cache copies what it keeps of them before
+            # the next step, and nothing else reads them (without it, nothing at all).
             self._detach(
-                [rid for rid in self._batch.ids if rid not in decode_ids or rid in leaving]
+                [rid for rid in self._batch.ids if rid not in decode_ids or rid in leaving],
+                views=leaving if self.keeping else (),
+                drop=() if self.keeping else leaving,
             )
             for rid in step.preempt:
                 self._preempt_sequence(rid)
@@ -227,7 +238,12 @@ class StepRunner:
                 self._drop(rid)
             self._ahead, self._ahead_rows = None, set()
             return StepResult((), error=str_error(e))
-        if step.release and not self._live:
+        if step.release and not self._live and mx.get_cache_memory() > mx.get_active_memory():
+            # The last sequence went: MLX's buffer cache is given back only when it holds more
+            # than everything live (weights, stored prefixes), i.e. after a burst far beyond the
+            # steady working set. Otherwise the next wave reuses those buffers, and clearing
+            # would cost the free now and fresh allocations then (7% of the MLX thread in a
+            # profile of waves on a GPU).
             mx.clear_cache()
         return None
 
@@ -356,9 +372,19 @@ class StepRunner:
             cache = None
         self._keep(request_id, live, cache)
 
-    def _detach(self, ids: list[int]) -> None:
-        """Rows leave the batch (one copy however many), each back to its own cache."""
-        for rid, cache in self._batch.leave(ids).items():
+    def _detach(
+        self, ids: list[int], views: Collection[int] = (), drop: Collection[int] = ()
+    ) -> None:
+        """Rows leave the batch, each back to its own cache, or to none if in `drop` (and
+        `views`: see `RunningBatch.leave`)."""
+        for rid in drop:
+            live = self._live.get(rid)
+            if rid in ids and live is not None and live.in_batch:
+                live.cache, live.in_batch = None, False
+                self._ahead_rows.discard(rid)
+        for rid, cache in self._batch.leave(ids, views, drop).items():
+            if rid in views:
+                self._kept_views.append(cache)
             if rid in self._ahead_rows:  # computed ahead, not taken: the token comes off
                 self._ahead_rows.discard(rid)
                 for c in cache:
@@ -482,10 +508,14 @@ class StepRunner:
                 raise ahead.error
             if ahead is not None:  # the forward ran ahead: only the sampling is left
                 logits = ahead.logits
-                if len(ahead.keep) < len(ahead.ids):
-                    logits = logits[mx.array(ahead.keep)]
                 ids, start = list(self._batch.ids), ahead.start
-                assert ids == [ahead.ids[i] for i in ahead.keep], (ids, ahead.ids, ahead.keep)
+                # Rows left since (and the last rows moved into their places): the logits
+                # follow the batch's rows as they stand now.
+                row_of = {rid: i for i, rid in enumerate(ahead.ids)}
+                rows = [row_of[rid] for rid in ids]
+                assert sorted(rows) == ahead.keep, (ids, ahead.ids, ahead.keep)
+                if rows != list(range(len(ahead.ids))):
+                    logits = logits[mx.array(rows)]
                 self.overlapped_steps += 1
             else:
                 self._attach(
@@ -591,14 +621,16 @@ class StepRunner:
             self.step_log.append((it.request_id, start, end))
         self.items += len(fresh)
         self.tokens += sum(len(it.tokens) for it in fresh)
-        if self.keeping:  # the prompts' KV is shared at once (a copy per row)
-            for it in fresh:
-                try:
-                    rows = self._batch.row_copy(it.request_id)
-                except Exception:
-                    log.exception("copying a prefilled row for the prefix cache failed")
-                    continue
-                self._keep(None, self._live[it.request_id], rows)
+        if self.keeping:  # the prompts' KV is shared at once
+            try:
+                # Views: the pager copies the spans it stores before the next step.
+                rows = self._batch.row_caches(ids, views=True)
+            except Exception:
+                log.exception("viewing prefilled rows for the prefix cache failed")
+                return
+            for rid, cache in zip(ids, rows, strict=True):
+                self._keep(None, self._live[rid], cache)
+                self._kept_views.append(cache)
 
     def _run_item(self, item: StepItem) -> ItemResult:
         """One sequence alone: a prefill chunk (sampling after it when asked), or a decode."""
