@@ -106,6 +106,30 @@ class Step:
     release: tuple[int, ...]
     reply: Any  # receives StepResult
     preempt: tuple[int, ...] = ()
+    # A plain decode step: right after it the executor runs its continuation (`Follow`) too,
+    # without waiting for the scheduler, so `reply` receives two results.
+    follow: bool = False
+
+
+@attrs.frozen
+class Follow:
+    """Run one more continuation of the last step: every row that sampled a token decodes it,
+    nothing else changes (no joins, no releases). Its result goes to that step's `reply`.
+
+    The scheduler sends one while a continuation runs, for the one after it, when it sees no
+    change coming: the device then never waits for the tokens to reach the clients. A row that
+    ended in the meantime costs one wasted row-step. After a step that failed as a whole, no
+    continuation runs (and none replies)."""
+
+
+def continued(result: StepResult) -> tuple[StepItem, ...]:
+    """The items of the continuation of a step that gave `result` (`Follow`): each row that
+    sampled a token is fed it, in the same order."""
+    return tuple(
+        StepItem(r.request_id, (r.token,), True)
+        for r in result.results
+        if r.token is not None and r.error is None
+    )
 
 
 @attrs.frozen

@@ -393,6 +393,36 @@ class SchedulerCore:
             self.steps_planned += 1
         return tuple(items)
 
+    def follows(self, items: tuple[StepItem, ...]) -> bool:
+        """Whether the step after the one decoding `items` (in flight or about to be) would be
+        its continuation, as far as is known now: every running sequence decodes in it, nothing
+        waits, leaves or is preempted, no reply channel is full, the live caches stay within
+        budget, and no row reaches its token or context limit with the token coming now (those
+        end without a wasted row-step; a stop token, stop string or cancel costs one)."""
+        if not items or len(items) != len(self._running):
+            return False
+        if self._waiting or self._release or self._preempt or self._rematch:
+            return False
+        for it in items:
+            seq = self._running.get(it.request_id)
+            if seq is None or not seq.runnable or not seq.decoding or it.start is not None:
+                return False
+            sub, after = seq.submit, seq.generated + 1
+            if sub.max_tokens is not None and after >= sub.max_tokens:
+                return False
+            if len(seq.prompt) + after >= sub.context_tokens:
+                return False
+        if self.kv_budget_bytes is not None:
+            growth = 2 * self._bytes_per_token * len(items)
+            if self.live_bytes + growth > self.kv_budget_bytes:
+                return False
+        return True
+
+    def followed(self, rows: int) -> None:
+        """The executor runs a continuation of `rows` rows the scheduler did not plan."""
+        self.steps_planned += 1
+        self.max_decode_rows = max(self.max_decode_rows, rows)
+
     def _fits(self, seq: SeqState, *, running: bool, planned: float = 0.0) -> bool:
         """Whether seq's cache can be built now without outgrowing the budget, beside the live
         caches and the `planned` bytes of those this step starts."""

@@ -21,6 +21,7 @@ from kvgrove.actors.messages import (
     Done,
     ExecutorQuery,
     Failed,
+    Follow,
     Match,
     Matched,
     Release,
@@ -29,6 +30,7 @@ from kvgrove.actors.messages import (
     Step,
     StepResult,
     Submit,
+    continued,
 )
 from kvgrove.actors.plan import SchedulerCore, SeqState
 from kvgrove.config import Settings
@@ -74,7 +76,12 @@ class Scheduler:
         # Admitted sequences matched again after waiting for another's prefill.
         self._rematching: set[int] = set()
         self._kv_budget_bytes = kv_budget_bytes
-        self._results_send, self._results = trio.open_memory_channel[StepResult](1)
+        # A following step replies twice (its continuation's result too).
+        self._results_send, self._results = trio.open_memory_channel[StepResult](2)
+        # Results still to come from the executor (2: a continuation runs after the one
+        # running), and the items of the next one to come.
+        self._in_flight = 0
+        self._coming: tuple = ()
         # request id -> when its handler let go (for the cancellation tests), bounded.
         self.cancel_log: collections.OrderedDict[int, float] = collections.OrderedDict()
         self._abandoned_checked_at = -math.inf
@@ -94,6 +101,12 @@ class Scheduler:
                 self._send_releases()
                 self._deliver_all()
                 self._drop_abandoned()
+                if self._in_flight:  # a continuation runs: ask for the next one, or hold
+                    if self._in_flight == 1 and self._follow(self._coming):
+                        await self._executor.send(Follow())
+                        self._in_flight = 2
+                    await self._take_result()
+                    continue
                 self._handle_stalls()
                 items = self.core.plan_step()
                 self._send_rematches()
@@ -104,9 +117,26 @@ class Scheduler:
                         continue  # before sleeping, every gone handler is noticed
                     await self._wait_for_message()
                     continue
-                await self._executor.send(Step(items, release, self._results_send, preempt))
-                result = await self._results.receive()
-                self._on_step_result(items, result)
+                follow = not release and not preempt and self._follow(items)
+                step = Step(items, release, self._results_send, preempt, follow=follow)
+                await self._executor.send(step)
+                self._in_flight, self._coming = (2 if follow else 1), items
+                await self._take_result()
+
+    def _follow(self, items: tuple) -> bool:
+        """Whether the executor is to run the continuation of `items` unplanned (`Follow`)."""
+        if not (self._settings.decode_follow and self.core.follows(items)):
+            return False
+        self.core.followed(len(items))
+        return True
+
+    async def _take_result(self) -> None:
+        """The result of the step in flight; the continuation after it, if one runs, is fed
+        each row's token (no continuation follows a step that failed as a whole)."""
+        result = await self._results.receive()
+        items, self._coming = self._coming, continued(result)
+        self._in_flight = 0 if result.error is not None else self._in_flight - 1
+        self._on_step_result(items, result)
 
     # -- messages -------------------------------------------------------------------------
 
