@@ -12,11 +12,13 @@ import trio
 from kvgrove.actors.engine import start_engine
 from kvgrove.actors.messages import Cancel, Done, Failed, MemoryQuery, Submit, Token
 from kvgrove.config import Settings
+from kvgrove.grammar import regex_grammar
 from kvgrove.sampling import SamplingParams
 
 DEADLINE = 60
 GREEDY = SamplingParams(temperature=0)
 SEEDED = SamplingParams(temperature=0.9, top_k=20, seed=7)
+DIGITS = SamplingParams(temperature=0, grammar=regex_grammar(r"[0-9]{3,30}"))
 
 
 def prompt(i: int, n: int = 12) -> tuple[int, ...]:
@@ -99,6 +101,7 @@ def workload(stop_token: int | None):
         (5, 1, prompt(5, 20), 16, GREEDY, (), None),  # joins the running batch
         (6, 1, prompt(6), 30, GREEDY, (), 4),  # cancelled mid-decode
         (7, 1, prompt(7), 1, GREEDY, (), None),  # one token only
+        (8, 1, prompt(8), 20, DIGITS, (), None),  # a constrained row in the batch
         (9, 0, prompt(9), 14, GREEDY, (), None),  # read only once 1 is done: it parks
     ]
 

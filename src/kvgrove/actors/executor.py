@@ -199,7 +199,12 @@ class Executor:
         return await recv.receive()
 
     async def _send_charges(self, charges: dict[tuple[str, str], int]) -> None:
-        """Tell the accountant in one message: no reading ever shows half a step's update."""
+        """Tell the accountant in one message: no reading ever shows half a step's update. Only
+        what changed goes (a decode step mostly changes nothing: the batch grows in blocks), and
+        nothing when nothing did: no message, no yield between a step and the next."""
+        charges = {k: n for k, n in charges.items() if self._charged.get(k, 0) != n}
+        if not charges:
+            return
         batch = tuple(Charge(category, owner, n) for (category, owner), n in charges.items())
         await self._accountant.send(Charges(batch))
         for key, nbytes in charges.items():
