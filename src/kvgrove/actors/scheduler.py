@@ -4,7 +4,8 @@ It owns every sequence. Its loop: take all pending messages without blocking, de
 tokens to reply channels with `send_nowait` (a full channel parks only that sequence), plan one
 step (every decoding sequence in one batch, plus prefill chunks), hand it to the executor and
 wait for the result. Messages that arrive while a step runs (cancellations above all) take
-effect at the next step boundary.
+effect at the next step boundary. A plain decode step is followed by its continuation without
+waiting for this loop (`kvgrove.scheduling.follow`): its tokens are routed while the next runs.
 """
 
 from __future__ import annotations
