@@ -150,6 +150,10 @@ class Settings:
     decode_overlap: str = attrs.field(
         default="off", validator=attrs.validators.in_(("auto", "on", "off"))
     )
+    # A plain decode step is followed by its continuation (each row fed the token it sampled)
+    # without waiting for the scheduler, while the scheduler sees no change coming: the device
+    # does not wait for the tokens to reach the clients. Off = wait for each step's plan.
+    decode_follow: bool = True
     device_cache_bytes: int = attrs.field(default=0, validator=_non_negative)
     kv_cache_dir: str | None = None  # None = <kvgrove cache dir>/kv
     # Other models on demand, besides `model` (which stays loaded): a request naming one loads

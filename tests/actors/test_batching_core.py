@@ -5,8 +5,8 @@ from __future__ import annotations
 import attrs
 
 from kvgrove.actors.messages import Failed, ItemResult, Submit, Token
-from kvgrove.actors.plan import SchedulerCore
 from kvgrove.sampling import SamplingParams
+from kvgrove.scheduling.core import SchedulerCore
 
 EOS = 0
 

@@ -7,11 +7,11 @@ import argparse
 import pytest
 
 from kvgrove.actors.messages import Done, ItemResult, Submit, Token
-from kvgrove.actors.plan import SchedulerCore
-from kvgrove.actors.stops import StopMatcher
 from kvgrove.config import Settings, add_serve_arguments, settings_from_args
 from kvgrove.memory.ledger import Budgets, Ledger
 from kvgrove.sampling import SamplingParams
+from kvgrove.scheduling.core import SchedulerCore
+from kvgrove.tokenize.stops import StopMatcher
 
 EOS = 0
 

@@ -146,4 +146,7 @@ def test_every_field_of_a_step_travels():
         "start",
         "resume_tokens",
     }
-    assert {f.name for f in attrs.fields(Step)} == {"items", "release", "reply", "preempt"}
+    # `follow` stays on rank 0: its executor runs the continuation as a step of its own, which
+    # it broadcasts like any other.
+    fields = {"items", "release", "reply", "preempt", "follow"}
+    assert {f.name for f in attrs.fields(Step)} == fields

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import contextvars
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
 import trio
 
+from kvgrove.actors.channels import ask
 from kvgrove.actors.messages import CacheQuery, MemoryQuery
 from kvgrove.actors.metrics import Metrics
 from kvgrove.actors.registry import ModelLoadError
@@ -115,15 +116,8 @@ class Runtime:
 
     async def memory(self) -> dict[str, Any]:
         """The ledger's summary (the /api/memory body)."""
-        return await self._ask(self.accountant_inbox, MemoryQuery)
+        return await ask(self.accountant_inbox, MemoryQuery)
 
     async def prefix_cache(self, *, check: bool = False) -> dict[str, Any]:
         """The prefix trie's summary (the /api/cache body); `check` runs check_integrity()."""
-        return await self._ask(self.pager_inbox, lambda reply: CacheQuery(reply, check=check))
-
-    async def _ask(self, inbox: Any, make: Callable[[Any], Any]) -> Any:
-        """Send make(reply_channel) to an actor and wait for its one reply."""
-        send, recv = trio.open_memory_channel[Any](1)
-        with send, recv:
-            await inbox.send(make(send))
-            return await recv.receive()
+        return await ask(self.pager_inbox, lambda reply: CacheQuery(reply, check=check))

@@ -23,11 +23,13 @@ from kvgrove.actors.messages import (
     Charge,
     Charges,
     ExecutorQuery,
+    Follow,
     RestorePrefixes,
     Step,
     StepResult,
     StorePrefixes,
     UsePager,
+    continued,
 )
 from kvgrove.actors.mlx_thread import MLXHandle, MLXThread
 from kvgrove.config import Settings
@@ -87,6 +89,7 @@ class Executor:
         self.loaded: Any = None  # kvgrove.models.loading.LoadedModel once started
         self._pager: trio.MemorySendChannel | None = None  # set by the pager's UsePager
         self._charged: dict[tuple[str, str], int] = {}  # what the accountant was last told
+        self._last: tuple[Step, StepResult] | None = None  # what a `Follow` continues
 
     @property
     def settings(self) -> Settings:
@@ -135,7 +138,16 @@ class Executor:
     async def _handle(self, msg: object) -> None:
         match msg:
             case Step():
-                msg.reply.send_nowait(await self._step(msg))
+                self._last = None  # a step that fails on its way leaves nothing to continue
+                result = await self._step(msg)
+                msg.reply.send_nowait(result)
+                self._last = (msg, result)
+                if msg.follow:  # its continuation runs now, not after the scheduler's word
+                    await self._handle(Follow())
+            case Follow():
+                if self._last is not None and self._last[1].error is None:
+                    step, result = self._last
+                    await self._handle(Step(continued(result), (), step.reply))
             case UsePager(channel=channel):
                 self._pager = channel
                 self.runner.keeping = True
@@ -187,7 +199,12 @@ class Executor:
         return await recv.receive()
 
     async def _send_charges(self, charges: dict[tuple[str, str], int]) -> None:
-        """Tell the accountant in one message: no reading ever shows half a step's update."""
+        """Tell the accountant in one message: no reading ever shows half a step's update. Only
+        what changed goes (a decode step mostly changes nothing: the batch grows in blocks), and
+        nothing when nothing did: no message, no yield between a step and the next."""
+        charges = {k: n for k, n in charges.items() if self._charged.get(k, 0) != n}
+        if not charges:
+            return
         batch = tuple(Charge(category, owner, n) for (category, owner), n in charges.items())
         await self._accountant.send(Charges(batch))
         for key, nbytes in charges.items():

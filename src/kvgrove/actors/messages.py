@@ -11,82 +11,36 @@ from typing import Any
 import attrs
 
 from kvgrove.models.steps import ItemResult, Start, StepItem, StepResult
-from kvgrove.sampling import SamplingParams
+from kvgrove.scheduling.follow import continued
+from kvgrove.scheduling.messages import (
+    Cancel,
+    Done,
+    Failed,
+    Outcome,
+    Resume,
+    SchedulerQuery,
+    Submit,
+    Token,
+)
 
-# Defined with the step runner (below the actors), part of the scheduler -> executor boundary.
-__all__ = ["ItemResult", "Start", "StepItem", "StepResult"]
-
-# -- request handler -> scheduler --------------------------------------------------------------
-
-
-@attrs.frozen
-class Submit:
-    """Run one generation. Replies (Token..., then Done or Failed) go to `reply`.
-
-    `max_tokens` None = until the context limit. `context_tokens` is the request's limit
-    (min of num_ctx and the model's maximum); the prompt is already checked to be shorter.
-    """
-
-    request_id: int
-    prompt_tokens: tuple[int, ...]
-    params: SamplingParams
-    max_tokens: int | None
-    context_tokens: int
-    stop_ids: frozenset[int]
-    reply: Any  # trio.MemorySendChannel[Token | Done | Failed]
-    namespace: str = ""  # prefix-cache namespace (per API key / cache_salt); "" = shared
-
-
-@attrs.frozen
-class Cancel:
-    """The handler is gone (client disconnected, stop string matched, error): drop the sequence."""
-
-    request_id: int
-    at_seconds: float  # time.monotonic() when the handler let go
-
-
-@attrs.frozen
-class Resume:
-    """The handler drained a full reply channel: a parked sequence may continue."""
-
-    request_id: int
-
-
-@attrs.frozen
-class SchedulerQuery:
-    reply: Any  # receives SchedulerStats
-
-
-# -- scheduler -> request handler --------------------------------------------------------------
-
-
-@attrs.frozen
-class Token:
-    token: int
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
-    # On the first token only: the prompt tokens restored from the prefix cache (so a stop
-    # string that ends the stream before `Done` still reports them). Not part of equality.
-    cached_tokens: int | None = attrs.field(default=None, eq=False)
-
-
-@attrs.frozen
-class Done:
-    """The sequence ended normally. Durations are the executor's own (prefill / decode)."""
-
-    reason: str  # "stop" | "length"
-    prompt_tokens: int
-    cached_tokens: int
-    generated_tokens: int
-    prefill_seconds: float
-    decode_seconds: float
-    queued_seconds: float
-
-
-@attrs.frozen
-class Failed:
-    message: str
-
+# Defined below the actors, where the sync cores that make and read them live: the request
+# handler <-> scheduler group (`kvgrove.scheduling.messages`) and the step data the scheduler
+# and the executor exchange (`kvgrove.models.steps`).
+__all__ = [
+    "Cancel",
+    "Done",
+    "Failed",
+    "ItemResult",
+    "Outcome",
+    "Resume",
+    "SchedulerQuery",
+    "Start",
+    "StepItem",
+    "StepResult",
+    "Submit",
+    "Token",
+    "continued",
+]
 
 # -- scheduler -> executor ---------------------------------------------------------------------
 
@@ -106,6 +60,20 @@ class Step:
     release: tuple[int, ...]
     reply: Any  # receives StepResult
     preempt: tuple[int, ...] = ()
+    # A plain decode step: right after it the executor runs its continuation (`Follow`) too,
+    # without waiting for the scheduler, so `reply` receives two results.
+    follow: bool = False
+
+
+@attrs.frozen
+class Follow:
+    """Run one more continuation of the last step: every row that sampled a token decodes it,
+    nothing else changes (no joins, no releases). Its result goes to that step's `reply`.
+
+    The scheduler sends one while a continuation runs, for the one after it, when it sees no
+    change coming: the device then never waits for the tokens to reach the clients. A row that
+    ended in the meantime costs one wasted row-step. After a step that failed as a whole, no
+    continuation runs (and none replies)."""
 
 
 @attrs.frozen

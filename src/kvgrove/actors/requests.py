@@ -17,10 +17,10 @@ from typing import Any
 import attrs
 import trio
 
-from kvgrove.actors.messages import Cancel, Done, Failed, Resume, Submit, Token
+from kvgrove.actors.messages import Cancel, Done, Failed, Outcome, Resume, Submit, Token
 from kvgrove.actors.metrics import Metrics
-from kvgrove.actors.stops import StopMatcher
 from kvgrove.sampling import SamplingParams
+from kvgrove.tokenize.stops import StopMatcher
 
 _ids = itertools.count(1)
 
@@ -51,15 +51,9 @@ class TextChunk:
 
 
 @attrs.frozen
-class Finished:
+class Finished(Outcome):
     """The last event. Seconds are wall-clock on the server; counts are tokens."""
 
-    reason: str  # "stop" | "length"
-    prompt_tokens: int
-    cached_tokens: int
-    generated_tokens: int
-    prefill_seconds: float
-    decode_seconds: float
     total_seconds: float
 
 
@@ -133,7 +127,11 @@ class Generation:
                                 outcome = "ok"
                                 if text:
                                     yield TextChunk(text, tuple(held))
-                                yield self._finish_early(generated, cached, first_at, now)
+                                # A stop string ended it before the scheduler's Done.
+                                times = (first_at - self.arrived_at, now - first_at)
+                                n = len(req.prompt_tokens)
+                                early = Outcome("stop", n, cached, generated, *times)
+                                yield self._finish(early, "stop", now)
                                 return
                         case Done():
                             done_seen = True
@@ -142,7 +140,6 @@ class Generation:
                             if text:
                                 yield TextChunk(text, tuple(held))
                             outcome = "ok"
-                            self.metrics.inc("kvgrove_generated_tokens_total", msg.generated_tokens)
                             yield self._finish(msg, "stop" if hit else msg.reason, now)
                             return
                         case Failed(message=message):
@@ -189,33 +186,9 @@ class Generation:
                 self.scheduler.send_nowait(Resume(self.request_id))
         return batch
 
-    def _finish(self, done: Done, reason: str, now: float) -> Finished:
-        self.metrics.inc(
-            "kvgrove_prompt_tokens_total", done.prompt_tokens - done.cached_tokens, kind="computed"
-        )
+    def _finish(self, done: Outcome, reason: str, now: float) -> Finished:
+        computed = done.prompt_tokens - done.cached_tokens
+        self.metrics.inc("kvgrove_prompt_tokens_total", computed, kind="computed")
         self.metrics.inc("kvgrove_prompt_tokens_total", done.cached_tokens, kind="reused")
-        return Finished(
-            reason=reason,
-            prompt_tokens=done.prompt_tokens,
-            cached_tokens=done.cached_tokens,
-            generated_tokens=done.generated_tokens,
-            prefill_seconds=done.prefill_seconds,
-            decode_seconds=done.decode_seconds,
-            total_seconds=now - self.arrived_at,
-        )
-
-    def _finish_early(self, generated: int, cached: int, first_at: float, now: float) -> Finished:
-        # A stop string ended it before the scheduler's Done: time it from here.
-        n = len(self.request.prompt_tokens)
-        self.metrics.inc("kvgrove_prompt_tokens_total", n - cached, kind="computed")
-        self.metrics.inc("kvgrove_prompt_tokens_total", cached, kind="reused")
-        self.metrics.inc("kvgrove_generated_tokens_total", generated)
-        return Finished(
-            reason="stop",
-            prompt_tokens=n,
-            cached_tokens=cached,
-            generated_tokens=generated,
-            prefill_seconds=first_at - self.arrived_at,
-            decode_seconds=now - first_at,
-            total_seconds=now - self.arrived_at,
-        )
+        self.metrics.inc("kvgrove_generated_tokens_total", done.generated_tokens)
+        return Finished(**{**done.outcome(), "reason": reason}, total_seconds=now - self.arrived_at)

@@ -4,7 +4,8 @@ It owns every sequence. Its loop: take all pending messages without blocking, de
 tokens to reply channels with `send_nowait` (a full channel parks only that sequence), plan one
 step (every decoding sequence in one batch, plus prefill chunks), hand it to the executor and
 wait for the result. Messages that arrive while a step runs (cancellations above all) take
-effect at the next step boundary.
+effect at the next step boundary. A plain decode step is followed by its continuation without
+waiting for this loop (`kvgrove.scheduling.follow`): its tokens are routed while the next runs.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import time
 
 import trio
 
+from kvgrove.actors.channels import ask, sender
 from kvgrove.actors.executor import ExecutorStats
 from kvgrove.actors.messages import (
     Cancel,
     Done,
     ExecutorQuery,
     Failed,
+    Follow,
     Match,
     Matched,
     Release,
@@ -30,8 +33,11 @@ from kvgrove.actors.messages import (
     StepResult,
     Submit,
 )
-from kvgrove.actors.plan import SchedulerCore, SeqState
 from kvgrove.config import Settings
+from kvgrove.scheduling.core import SchedulerCore
+from kvgrove.scheduling.follow import InFlight
+from kvgrove.scheduling.prefix_locks import PrefixLocks
+from kvgrove.scheduling.sequence import SeqState
 
 # While every sequence is parked the scheduler re-tries delivery at this interval, in case a
 # Resume was lost to a full inbox.
@@ -66,15 +72,17 @@ class Scheduler:
             share_prefills=pager is not None and settings.prefix_cache,
         )
         self._executor = executor
-        self._pager = pager
-        # Submitted requests waiting for the pager's Matched before admission.
-        self._matching: dict[int, Submit] = {}
-        # Releases the pager's full inbox refused; retried every loop.
-        self._releases: list[int] = []
-        # Admitted sequences matched again after waiting for another's prefill.
-        self._rematching: set[int] = set()
+        match = release = None
+        if pager is not None:
+            match = sender(pager, lambda rid, ns, tokens: Match(rid, ns, tokens, self.inbox))
+            release = sender(pager, Release)
+        self.locks = PrefixLocks(self.core, match=match, release=release)
+        # The same objects, under the names the oracle's driver reads.
+        self._matching, self._releases = self.locks.matching, self.locks.releases
         self._kv_budget_bytes = kv_budget_bytes
-        self._results_send, self._results = trio.open_memory_channel[StepResult](1)
+        # Results to come: a followed step replies twice (`kvgrove.scheduling.follow`).
+        self.in_flight = InFlight(self.core, enabled=settings.decode_follow)
+        self._results_send, self._results = trio.open_memory_channel[StepResult](2)
         # request id -> when its handler let go (for the cancellation tests), bounded.
         self.cancel_log: collections.OrderedDict[int, float] = collections.OrderedDict()
         self._abandoned_checked_at = -math.inf
@@ -83,20 +91,23 @@ class Scheduler:
         """Serve until cancelled. Started by the supervisor after the executor."""
         with self._executor:
             if self._kv_budget_bytes is None:
-                send, recv = trio.open_memory_channel[ExecutorStats](1)
-                await self._executor.send(ExecutorQuery(send))
-                weights = (await recv.receive()).weights_bytes
-                self._kv_budget_bytes = self._settings.device_split(weights).live_bytes
+                stats: ExecutorStats = await ask(self._executor, ExecutorQuery)
+                self._kv_budget_bytes = self._settings.device_split(stats.weights_bytes).live_bytes
             self.core.kv_budget_bytes = self._kv_budget_bytes
             task_status.started()
             while True:
                 self._drain_inbox()
-                self._send_releases()
+                self.locks.send_releases()
                 self._deliver_all()
                 self._drop_abandoned()
+                if self.in_flight.following:  # a continuation runs: one more, or hold
+                    if self.in_flight.grant():
+                        await self._executor.send(Follow())
+                    await self._take_result()
+                    continue
                 self._handle_stalls()
                 items = self.core.plan_step()
-                self._send_rematches()
+                self.locks.send_rematches()
                 release = self.core.take_release()
                 preempt = self.core.take_preempt()
                 if not items and not release and not preempt:
@@ -104,9 +115,14 @@ class Scheduler:
                         continue  # before sleeping, every gone handler is noticed
                     await self._wait_for_message()
                     continue
-                await self._executor.send(Step(items, release, self._results_send, preempt))
-                result = await self._results.receive()
-                self._on_step_result(items, result)
+                follow = self.in_flight.sent(items, release=release, preempt=preempt)
+                await self._executor.send(Step(items, release, self._results_send, preempt, follow))
+                await self._take_result()
+
+    async def _take_result(self) -> None:
+        result = await self._results.receive()
+        for seq in self.core.on_step(self.in_flight.took(result), result):
+            self._deliver(seq)
 
     # -- messages -------------------------------------------------------------------------
 
@@ -126,25 +142,14 @@ class Scheduler:
     def _handle(self, msg: object) -> None:
         match msg:
             case Submit():
-                self._submit(msg)
-            case Matched(request_id=rid, cached_tokens=cached) if rid in self._rematching:
-                self._rematching.discard(rid)
-                if self.core.get(rid) is None:  # gone while the pager looked again
-                    self._release(rid)
-                else:
-                    self.core.rematched(rid, cached)
+                self.locks.submit(msg)
             case Matched(request_id=rid, cached_tokens=cached):
-                submit = self._matching.pop(rid, None)
-                gone = submit is None or submit.reply.statistics().open_receive_channels == 0
-                if gone:  # cancelled while the pager looked
-                    self._release(rid)
-                else:
-                    self.core.admit(submit, cached_tokens=cached)
+                self.locks.matched(rid, cached)
             case Cancel(request_id=rid, at_seconds=at):
                 self.cancel_log[rid] = at
                 while len(self.cancel_log) > 4096:
                     self.cancel_log.popitem(last=False)
-                self._remove(rid, cancelled=True)
+                self.locks.remove(rid, cancelled=True)
             case Resume(request_id=rid):
                 seq = self.core.get(rid)
                 if seq is not None:
@@ -153,54 +158,6 @@ class Scheduler:
                 reply.send_nowait(self.core.statistics())
             case _:
                 raise AssertionError(f"scheduler: unexpected message {msg!r}")
-
-    def _submit(self, submit: Submit) -> None:
-        """Ask the pager how much of the prompt is cached (it locks that much), then admit."""
-        if self._pager is None or len(submit.prompt_tokens) < 2:
-            self.core.admit(submit)
-            return
-        match = Match(submit.request_id, submit.namespace, submit.prompt_tokens, self.inbox)
-        try:
-            self._pager.send_nowait(match)
-        except trio.WouldBlock:  # the pager is swamped: compute this prompt in full
-            self.core.admit(submit)
-            return
-        self._matching[submit.request_id] = submit
-
-    def _send_rematches(self) -> None:
-        """Sequences that waited for another's prefill ask the pager for the longer match."""
-        for rid in self.core.take_rematch():
-            seq = self.core.get(rid)
-            if seq is None:
-                continue
-            sub = seq.submit
-            try:
-                self._pager.send_nowait(Match(rid, sub.namespace, sub.prompt_tokens, self.inbox))
-            except trio.WouldBlock:  # the pager is swamped: start from what it has
-                self.core.rematched(rid, seq.cached_tokens)
-                continue
-            self._rematching.add(rid)
-
-    def _remove(self, request_id: int, *, cancelled: bool) -> None:
-        if self._matching.pop(request_id, None) is not None:
-            self._release(request_id)  # the pager unlocks after its Match (FIFO)
-            return
-        seq = self.core.remove(request_id, cancelled=cancelled)
-        if seq is not None and not seq.started:
-            self._release(request_id)  # the executor never saw it: unlock its prefix here
-
-    def _release(self, request_id: int) -> None:
-        if self._pager is not None:
-            self._releases.append(request_id)
-            self._send_releases()
-
-    def _send_releases(self) -> None:
-        while self._releases:
-            try:
-                self._pager.send_nowait(Release(self._releases[0]))
-            except trio.WouldBlock:
-                return
-            self._releases.pop(0)
 
     # -- delivery -------------------------------------------------------------------------
 
@@ -217,62 +174,45 @@ class Scheduler:
             try:
                 reply.send_nowait(seq.outbox[0])
             except trio.WouldBlock:
-                self.core.note_delivery(seq, progressed=progressed, blocked=True, now=_now())
+                self.core.note_delivery(
+                    seq, progressed=progressed, blocked=True, now=time.monotonic()
+                )
                 return
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._remove(seq.request_id, cancelled=True)
+                self.locks.remove(seq.request_id, cancelled=True)
                 return
             msg = seq.outbox.popleft()
             progressed = True
             if isinstance(msg, Done | Failed):
-                self._remove(seq.request_id, cancelled=False)
+                self.locks.remove(seq.request_id, cancelled=False)
                 reply.close()
-        self.core.note_delivery(seq, progressed=progressed, blocked=False, now=_now())
+        self.core.note_delivery(seq, progressed=progressed, blocked=False, now=time.monotonic())
         if seq.stall_parked:
             self.core.fill()  # drained: it may take a free slot again
 
     # -- stalled readers ------------------------------------------------------------------
 
     def _handle_stalls(self) -> None:
-        """Stalled readers give their running slot back after stall_seconds; after
-        stall_limit_seconds they are ended: the reply channel is closed, so the handler reads
-        what is buffered and then ends its stream with an error."""
-        now = _now()
+        """Stalled readers leave the batch after stall_seconds; after stall_limit_seconds they
+        end: their reply channel is closed, the handler reads what is buffered, then errs."""
+        now = time.monotonic()
         for seq in self.core.over_stall_limit(now, self._settings.stall_limit_seconds):
             self.core.stall_ended += 1
-            self._remove(seq.request_id, cancelled=True)
+            self.locks.remove(seq.request_id, cancelled=True)
             seq.submit.reply.close()
         self.core.park_stalled(now, self._settings.stall_seconds)
 
     def _drop_abandoned(self, *, force: bool = False) -> bool:
         """Drop sequences whose handler is gone (it closed its receive end): no need to wait
         for its Cancel. Returns whether any went."""
-        now = _now()
+        now = time.monotonic()
         if not force and now - self._abandoned_checked_at < ABANDONED_POLL_SECONDS:
             return False
         self._abandoned_checked_at = now
-        dropped = False
-        for seq in list(self.core.sequences()):
-            if seq.submit.reply.statistics().open_receive_channels == 0:
-                self._remove(seq.request_id, cancelled=True)
-                dropped = True
-        return dropped
-
-    def _on_step_result(self, items: tuple, result: StepResult) -> None:
-        for rid, kept in result.kept:
-            self.core.on_preempted(rid, kept)
-        if result.error is not None:
-            for seq in self.core.fail_items(items, result.error):
-                self._deliver(seq)
-            return
-        for item, item_result in zip(items, result.results, strict=True):
-            seq = self.core.on_result(item, item_result)
-            if seq is not None:
-                self._deliver(seq)
+        gone = [s.request_id for s in self.core.sequences() if s.submit.handler_gone]
+        for rid in gone:
+            self.locks.remove(rid, cancelled=True)
+        return bool(gone)
 
     def statistics(self):
         return self.core.statistics()
-
-
-def _now() -> float:
-    return time.monotonic()

@@ -41,14 +41,14 @@ from typing import Any, TypeVar
 import attrs
 
 from kvgrove.actors.executor import Executor
-from kvgrove.actors.messages import Step, StepItem, StepResult, Stored
+from kvgrove.actors.messages import Step, StepItem, StepResult
 from kvgrove.actors.mlx_thread import MLXThread
-from kvgrove.actors.pager import Pager, build_prefix_cache
 from kvgrove.config import Settings
 from kvgrove.distributed.broadcast import PlanChannel, agree_each, gather_status
 from kvgrove.distributed.codec import STEP, STOP, decode_step, encode_step
 from kvgrove.distributed.shard import shard_loaded
 from kvgrove.distributed.watchdog import Watchdog
+from kvgrove.models.prefixes import PagerCore, build_prefix_cache
 from kvgrove.models.runner import StepRunner, wants_restore
 
 log = logging.getLogger(__name__)
@@ -354,26 +354,19 @@ class TensorParallelExecutor(Executor):
             self.runner.forget(rid)
 
 
-class _OwnCaches:
-    """The one part of the MLX handle a follower's pager uses (its flush at shutdown)."""
-
-    def __init__(self, runner: StepRunner) -> None:
-        self.own_caches = runner.own_caches
-
-
 class _FollowerExecutor(Executor):
     """A follower's executor: the same runner, and its own prefix cache (its shard of every
     span, in its own folder, under its own budgets) kept by a pager of its own whose work runs
     here, in step order, as rank 0's runs on its MLX thread: stores after `begin` when the
     step restores, restores (re-matching what rank 0's pager locked at admission), stores and
-    fits after the step. A follower has no trio: it calls the pager's on-thread operations
-    (`_restore`, `_store`, `_flush`) directly."""
+    fits after the step. A follower has no trio: it calls the pager's sync core
+    (`kvgrove.models.prefixes.PagerCore`) directly."""
 
     def __init__(self, *args: Any, group: Any, watchdog: Watchdog, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.group = group
         self.runner = _rank_runner(self.settings, group, watchdog)
-        self.pager: Pager | None = None
+        self.pager: PagerCore | None = None
         self._live_bytes: dict[int, int] = {}
 
     def load_and_open(self) -> Any:
@@ -382,8 +375,7 @@ class _FollowerExecutor(Executor):
         if self.settings.prefix_cache:
             cache = build_prefix_cache(self.settings, self.loaded)
             if cache is not None:
-                self.pager = Pager(self.settings, mlx=_OwnCaches(self.runner), loaded=self.loaded)
-                self.pager.cache = cache
+                self.pager = PagerCore(self.settings, self.loaded, cache, self.runner.own_caches)
                 self.runner.keeping = True
         return self.loaded
 
@@ -393,13 +385,13 @@ class _FollowerExecutor(Executor):
         result = self.runner.begin(step)
         if result is None:
             if wants_restore(step.items):
-                self.pager._store(tuple(self.runner.take_keeps()), None)
+                self.pager.store(tuple(self.runner.take_keeps()), None)
                 # Rank 0's pager locked the prefixes at admission; this rank matches its own
                 # trie now (at most as far as rank 0 promised).
                 requests = [
                     attrs.evolve(r, rematch=True) for r in self.runner.restore_requests(step.items)
                 ]
-                restored = self.pager._restore(tuple(requests))
+                restored = self.pager.restore(tuple(requests))
                 result = self.runner.run_items(step, restored)
             else:
                 result = self.runner.run_items(step)
@@ -407,16 +399,14 @@ class _FollowerExecutor(Executor):
             self._live_bytes.pop(rid, None)
         for r in result.results:
             self._live_bytes[r.request_id] = r.cache_bytes
-        stored: Stored = self.pager._store(
-            tuple(self.runner.take_keeps()), sum(self._live_bytes.values())
-        )
-        del stored  # rank 0 reports what its own pager kept
+        # Rank 0 reports what its own pager kept.
+        self.pager.store(tuple(self.runner.take_keeps()), sum(self._live_bytes.values()))
         return result
 
     def close_prefix_cache(self) -> None:
         if self.pager is not None:
             try:
-                self.pager._flush()
+                self.pager.flush()
             finally:
                 self.pager.cache.close()
 

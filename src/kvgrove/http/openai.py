@@ -181,6 +181,13 @@ async def _respond(
         )
         return envelope([only], usage=usage(final)), headers
 
+    # A chunk's envelope is the same every time but for its choice: encoded once, the choice
+    # appended (byte for byte what _sse(envelope([c])) gives; "choices" is its last key).
+    head = f"data: {json.dumps(envelope([]))[: -len('[]}')]}"
+
+    def frame(c: dict) -> bytes:
+        return f"{head}[{json.dumps(c)}]}}\n\n".encode()
+
     async def events_out() -> AsyncIterator[bytes]:
         nonlocal sent
         async with aclosing(gen.stream()) as events:
@@ -193,16 +200,16 @@ async def _respond(
                         for k, d in enumerate(deltas):
                             toks = ev.tokens if k == 0 else ()
                             c = choice(None, None, delta=True, tokens=toks, message=d)
-                            yield _sse(envelope([c]))
+                            yield frame(c)
                     elif isinstance(ev, TextChunk):
-                        yield _sse(envelope([choice(ev.text, None, delta=True, tokens=ev.tokens)]))
+                        yield frame(choice(ev.text, None, delta=True, tokens=ev.tokens))
                         sent += len(ev.text)
                     else:
                         if splitter is not None:
                             for d in streamed.deltas(splitter.finish()):
-                                yield _sse(envelope([choice(None, None, delta=True, message=d)]))
+                                yield frame(choice(None, None, delta=True, message=d))
                         last = choice(None if chat else "", finish_reason(ev.reason), delta=True)
-                        yield _sse(envelope([last]))
+                        yield frame(last)
                         if include_usage:
                             yield _sse(envelope([], usage=usage(ev)))
             except GenerationError as e:

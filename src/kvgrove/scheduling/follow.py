@@ -1,0 +1,94 @@
+"""Decode follow: the device does not wait for the tokens to reach the clients. No trio here.
+
+A step that only decodes (every running sequence, nothing joining, leaving or preempted) is sent
+with `follow`: right after it the executor runs its continuation, each row fed the token it just
+sampled, without waiting for the scheduler. While that continuation runs the scheduler takes the
+step's result, routes the tokens, and decides: if nothing is changing it grants one more
+continuation (`kvgrove.actors.messages.Follow`), else it holds, takes the running one's result
+too and plans the next step with everything known. So at most one step runs that the scheduler
+has not seen the start of; a row that ends by a stop token, a stop string or a cancel costs at
+most one wasted row-step, one that reaches its token or context limit none (it is foreseen).
+"""
+
+from __future__ import annotations
+
+from kvgrove.models.steps import StepItem, StepResult
+from kvgrove.scheduling.core import SchedulerCore
+
+
+def continued(result: StepResult) -> tuple[StepItem, ...]:
+    """The items of the continuation of a step that gave `result`: each row that sampled a
+    token is fed it, in the same order (the executor and the scheduler build the same)."""
+    return tuple(
+        StepItem(r.request_id, (r.token,), True)
+        for r in result.results
+        if r.token is not None and r.error is None
+    )
+
+
+def follows(core: SchedulerCore, items: tuple[StepItem, ...]) -> bool:
+    """Whether the step after the one decoding `items` (in flight or about to be sent) would be
+    its continuation, as far as is known now: every running sequence decodes in it, nothing
+    waits, leaves or is preempted, no reply channel is full, the live caches stay within
+    budget, and no row reaches its token or context limit with the token coming now."""
+    if not items or len(items) != len(core._running):
+        return False
+    if core._waiting or core._release or core._preempt or core._rematch:
+        return False
+    for it in items:
+        seq = core._running.get(it.request_id)
+        if seq is None or not seq.runnable or not seq.decoding or it.start is not None:
+            return False
+        sub, after = seq.submit, seq.generated + 1
+        if sub.max_tokens is not None and after >= sub.max_tokens:
+            return False
+        if len(seq.prompt) + after >= sub.context_tokens:
+            return False
+    if core.kv_budget_bytes is not None:
+        growth = 2 * core._bytes_per_token * len(items)
+        if core.live_bytes + growth > core.kv_budget_bytes:
+            return False
+    return True
+
+
+class InFlight:
+    """The scheduler's count of the executor's results still to come, and what they are for."""
+
+    def __init__(self, core: SchedulerCore, *, enabled: bool) -> None:
+        self.core = core
+        self.enabled = enabled
+        self.results = 0  # 2 while a continuation runs after the step in flight
+        self._coming: tuple[StepItem, ...] = ()  # the items of the next result to come
+        self.follows = 0  # continuations run, in all
+
+    @property
+    def following(self) -> bool:
+        """A continuation runs: the next result is for it; nothing is to be planned."""
+        return self.results > 0
+
+    def sent(self, items: tuple[StepItem, ...], *, release: tuple, preempt: tuple) -> bool:
+        """A planned step goes out; returns whether the executor is to follow it."""
+        follow = not release and not preempt and self._follow(items)
+        self.results, self._coming = (2 if follow else 1), items
+        return follow
+
+    def grant(self) -> bool:
+        """While a continuation runs: whether to ask for the one after it (`Follow`)."""
+        if self.results == 1 and self._follow(self._coming):
+            self.results = 2
+            return True
+        return False
+
+    def took(self, result: StepResult) -> tuple[StepItem, ...]:
+        """A result came: the items it is for. No continuation follows a step that failed."""
+        items, self._coming = self._coming, continued(result)
+        self.results = 0 if result.error is not None else self.results - 1
+        return items
+
+    def _follow(self, items: tuple[StepItem, ...]) -> bool:
+        if not (self.enabled and follows(self.core, items)):
+            return False
+        self.core.steps_planned += 1
+        self.core.max_decode_rows = max(self.core.max_decode_rows, len(items))
+        self.follows += 1
+        return True

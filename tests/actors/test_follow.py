@@ -1,0 +1,127 @@
+"""Decode follow (`Settings.decode_follow`): a plain decode step is followed by its continuation
+without waiting for the scheduler. It changes when work runs, never what comes out: the same
+tokens and the same endings (token limit, stop token, cancel) as with it off, while rows join,
+finish, park and get cancelled; everything is freed and the books return to baseline."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+import trio
+
+from kvgrove.actors.engine import start_engine
+from kvgrove.actors.messages import Cancel, Done, Failed, MemoryQuery, Submit, Token
+from kvgrove.config import Settings
+from kvgrove.grammar import regex_grammar
+from kvgrove.sampling import SamplingParams
+
+DEADLINE = 60
+GREEDY = SamplingParams(temperature=0)
+SEEDED = SamplingParams(temperature=0.9, top_k=20, seed=7)
+DIGITS = SamplingParams(temperature=0, grammar=regex_grammar(r"[0-9]{3,30}"))
+
+
+def prompt(i: int, n: int = 12) -> tuple[int, ...]:
+    return tuple((13 * i + 5 * j) % 250 + 5 for j in range(n))
+
+
+async def generate(scheduler, rid, tokens, max_tokens, params, stop_ids, cancel_after, gate):
+    """(tokens, how it ended); a reader held back by `gate` parks its sequence meanwhile."""
+    send, recv = trio.open_memory_channel(256 if gate is None else 1)
+    submit = Submit(rid, tokens, params, max_tokens, 400, frozenset(stop_ids), send)
+    await scheduler.inbox.send(submit)
+    if gate is not None:
+        await gate.wait()
+    out: list[int] = []
+    async for msg in recv:
+        match msg:
+            case Token(token=token):
+                out.append(token)
+                if len(out) == cancel_after:
+                    await scheduler.inbox.send(Cancel(rid, trio.current_time()))
+                    return out, "cancelled"
+            case Done(reason=reason, generated_tokens=n):
+                assert n == len(out)
+                return out, reason
+            case Failed(message=message):
+                return out, message
+    return out, "closed"
+
+
+async def run(settings, requests):
+    """Every request at once (a second wave joins the running batch); returns what each got,
+    the scheduler's follow count, and whether everything was freed."""
+    results = {}
+    async with trio.open_nursery() as nursery:
+        engine = await start_engine(nursery, settings)
+        with trio.fail_after(DEADLINE):
+            first_done = trio.Event()
+            async with trio.open_nursery() as clients:
+                for wave in (0, 1):
+                    for rid, w, tokens, n, params, stops, cancel in requests:
+                        if w != wave:
+                            continue
+
+                        async def one(rid=rid, a=(tokens, n, params, stops, cancel)):
+                            gate = first_done if rid == 9 else None
+                            results[rid] = await generate(engine.scheduler, rid, *a, gate=gate)
+                            if rid == 1:
+                                first_done.set()
+
+                        clients.start_soon(one)
+                    await trio.sleep(0)  # let the first wave in before the second
+                    while wave == 0 and not engine.scheduler.statistics().max_decode_rows:
+                        await trio.sleep(0.001)  # the second wave arrives while it decodes
+            while True:  # the executor charges the released caches off after its step
+                send, recv = trio.open_memory_channel(1)
+                await engine.accountant.inbox.send(MemoryQuery(send))
+                memory = await recv.receive()
+                if (
+                    not engine.executor.statistics().live_sequences
+                    and not memory["live_cache_bytes"]
+                ):
+                    break
+                await trio.sleep(0.001)
+        engine.accountant.ledger.check_integrity()
+        stats = engine.scheduler.statistics()
+        assert stats.running == stats.waiting == 0
+        follows = engine.scheduler.in_flight.follows
+        nursery.cancel_scope.cancel()
+    return results, follows
+
+
+def workload(stop_token: int | None):
+    """(request id, wave, prompt, max tokens, params, stop ids, cancel after)."""
+    stops = () if stop_token is None else (stop_token,)
+    return [
+        (1, 0, prompt(1), 24, GREEDY, (), None),
+        (2, 0, prompt(2, 30), 5, GREEDY, (), None),  # reaches its token limit early
+        (3, 0, prompt(3), 18, SEEDED, (), None),
+        (4, 0, prompt(4), 40, GREEDY, stops, None),  # ends at a stop token
+        (5, 1, prompt(5, 20), 16, GREEDY, (), None),  # joins the running batch
+        (6, 1, prompt(6), 30, GREEDY, (), 4),  # cancelled mid-decode
+        (7, 1, prompt(7), 1, GREEDY, (), None),  # one token only
+        (8, 1, prompt(8), 20, DIGITS, (), None),  # a constrained row in the batch
+        (9, 0, prompt(9), 14, GREEDY, (), None),  # read only once 1 is done: it parks
+    ]
+
+
+@pytest.mark.parametrize("prefix_cache", [False, True])
+async def test_follow_changes_no_token_and_no_ending(tiny, prefix_cache):
+    base = Settings(model=tiny("llama"), disk_budget_bytes=0, prefix_cache=prefix_cache)
+    # Request 4's 6th token, from a run without a stop token, becomes its stop token.
+    plain, _ = await run(attrs.evolve(base, decode_follow=False), workload(None))
+    stop_token = plain[4][0][5]
+    off, off_follows = await run(attrs.evolve(base, decode_follow=False), workload(stop_token))
+    on, on_follows = await run(attrs.evolve(base, decode_follow=True), workload(stop_token))
+    assert off_follows == 0
+    assert on_follows > 0  # the executor did decode without waiting for the scheduler
+    assert on == off
+    for rid, _, _, n, _, _, cancel in workload(stop_token):
+        tokens, ending = on[rid]
+        if cancel is not None:
+            assert (len(tokens), ending) == (cancel, "cancelled")
+        elif rid == 4:
+            assert ending == "stop" and tokens == plain[4][0][: plain[4][0].index(stop_token)]
+        else:
+            assert (len(tokens), ending) == (n, "length"), rid
