@@ -45,7 +45,7 @@ def live_bytes_zero(accountant):
 
     async def check():
         memory = await ask(accountant.inbox, MemoryQuery)
-        return memory if memory["live_cache_bytes"] == 0 else None
+        return memory if memory.ledger.live_cache_bytes == 0 else None
 
     return check
 
@@ -77,7 +77,7 @@ async def test_slow_reader_parks_only_its_own_sequence(tiny_llama):
             scheduler.inbox.send_nowait(Resume(1))
         assert [m.token for m in slow[:-1]] == [m.token for m in fast[:-1]]  # same prompt
         await wait_until(live_bytes_zero(accountant), what="the live caches charged off")
-        accountant.ledger.check_integrity()
+        assert accountant.statistics().ledger.consistent
         nursery.cancel_scope.cancel()
 
 
@@ -107,5 +107,5 @@ async def test_cancel_mid_prefill_stops_within_one_chunk(tiny_llama):
             lambda: executor.statistics().live_sequences == 0, what="the live caches released"
         )
         memory = await wait_until(live_bytes_zero(accountant), what="the live caches charged off")
-        assert memory["weights_bytes"] > 0
+        assert memory.ledger.weights_bytes > 0
         nursery.cancel_scope.cancel()

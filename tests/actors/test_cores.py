@@ -8,7 +8,6 @@ import pytest
 
 from kvgrove.actors.messages import Done, ItemResult, Submit, Token
 from kvgrove.config import Settings, add_serve_arguments, settings_from_args
-from kvgrove.memory.ledger import Budgets, Ledger
 from kvgrove.sampling import SamplingParams
 from kvgrove.scheduling.core import SchedulerCore
 from kvgrove.tokenize.stops import StopMatcher
@@ -176,21 +175,6 @@ def test_stop_strings_never_emit_the_stop_even_split_across_tokens(pieces, stops
             break
     out += matcher.flush()
     assert (out, hit) == expected
-
-
-def test_ledger_sets_totals_and_integrity():
-    ledger = Ledger(Budgets(device_bytes=100, host_bytes=10, disk_bytes=10))
-    ledger.set("weights", "model", 60)
-    ledger.set("live", "1", 30)
-    ledger.set("live", "2", 30)
-    assert ledger.device_bytes == 120 and ledger.over_budget() == {"device": 20}
-    ledger.set("live", "1", 0)
-    ledger.set("live", "2", 0)
-    ledger.check_integrity()
-    snap = ledger.snapshot()
-    assert snap["live_cache_bytes"] == 0 and snap["live_sequences"] == 0
-    with pytest.raises(ValueError, match="category"):
-        ledger.set("nowhere", "x", 1)
 
 
 def test_settings_from_flags_over_env(monkeypatch):

@@ -65,9 +65,9 @@ async def settle(accountant, pager, executor):
     await ask(executor.inbox, ExecutorQuery)
     summary = await ask(pager.inbox, lambda r: CacheQuery(r, check=True))
     memory = await ask(accountant.inbox, MemoryQuery)
-    accountant.ledger.check_integrity()
+    assert accountant.statistics().ledger.consistent
     assert summary["locked_requests"] == 0, summary
-    assert memory["live_cache_bytes"] == 0
+    assert memory.ledger.live_cache_bytes == 0
     return summary
 
 
@@ -218,7 +218,7 @@ async def test_no_reading_exceeds_the_device_budget_under_load(tiny, arch, tmp_p
             assert [out for out, _ in got] == expected
         summary = await settle(accountant, pager, executor)
         memory = await ask(accountant.inbox, MemoryQuery)
-        assert memory["device_peak_bytes"] <= budget, (memory, split)
+        assert memory.device_peak_bytes <= budget, (memory, split)
         assert summary["bytes"]["device"] <= split.prefix_bytes
         assert summary["moved_bytes"], "the load was meant to page cached KV off the device"
         nursery.cancel_scope.cancel()

@@ -132,10 +132,10 @@ async def run_workload(settings, kv_budget_bytes=None):
                 send, recv = trio.open_memory_channel(1)
                 await accountant.inbox.send(MemoryQuery(send))
                 memory = await recv.receive()
-                if not executor.statistics().live_sequences and not memory["live_cache_bytes"]:
+                if not executor.statistics().live_sequences and not memory.ledger.live_cache_bytes:
                     break
                 await trio.sleep(0.001)
-        accountant.ledger.check_integrity()
+        assert accountant.statistics().ledger.consistent
         stats = executor.statistics()
         preempted = scheduler.statistics().preempted
         nursery.cancel_scope.cancel()
@@ -161,5 +161,5 @@ async def test_the_overlap_changes_no_token(llama, kv_budget_bytes):
     for rid in on:
         assert on[rid] == off[rid], rid
         assert on[rid] and all(isinstance(t, int) for t in on[rid]), on[rid]
-    assert memory["live_cache_bytes"] == 0
+    assert memory.ledger.live_cache_bytes == 0
     assert stats.live_sequences == 0

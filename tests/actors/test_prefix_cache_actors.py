@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+import attrs
 import pytest
 import trio
 
@@ -76,11 +77,11 @@ async def check_clean(accountant, pager, executor):
     await ask(executor.inbox, ExecutorQuery)
     summary = await ask(pager.inbox, lambda r: CacheQuery(r, check=True))
     memory = await ask(accountant.inbox, MemoryQuery)
-    accountant.ledger.check_integrity()
-    assert memory["live_cache_bytes"] == 0
+    assert accountant.statistics().ledger.consistent
+    assert memory.ledger.live_cache_bytes == 0
     assert summary["locked_requests"] == 0
     assert summary["integrity"]["clean"], summary["integrity"]
-    assert memory["cached_kv_bytes"] == summary["bytes"]
+    assert attrs.asdict(memory.ledger.cached_kv_bytes) == summary["bytes"]
     assert executor.statistics().live_sequences == 0
     return summary, memory
 

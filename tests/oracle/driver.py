@@ -459,12 +459,10 @@ class Run:
 
     async def _check_clean(self, actors: _Actors, when: str) -> None:
         where = f"segment {self.segment}, {when}"
-        memory = await actors.ask(actors.accountant.inbox, MemoryQuery)
-        try:
-            actors.accountant.ledger.check_integrity()
-        except AssertionError as exc:
-            self.fail(f"{where}: ledger integrity: {exc}")
-        if memory["live_cache_bytes"] or memory["live_sequences"]:
+        memory = (await actors.ask(actors.accountant.inbox, MemoryQuery)).ledger
+        if not memory.consistent:
+            self.fail(f"{where}: ledger integrity: its totals disagree with its entries")
+        if memory.live_cache_bytes or memory.live_sequences:
             self.fail(f"{where}: ledger not at baseline: {memory}")
         stats = actors.executor.statistics()
         if stats.live_sequences:
@@ -498,8 +496,9 @@ class Run:
             self.fail(f"{where}: {p}")
         if summary["locked_requests"]:
             self.fail(f"{where}: {summary['locked_requests']} requests still hold locks")
-        if memory["cached_kv_bytes"] != summary["bytes"]:
-            self.fail(f"{where}: ledger {memory['cached_kv_bytes']} != trie {summary['bytes']}")
+        kv_bytes = attrs.asdict(memory.cached_kv_bytes)
+        if kv_bytes != summary["bytes"]:
+            self.fail(f"{where}: ledger {kv_bytes} != trie {summary['bytes']}")
 
     def _check_outputs(self) -> None:
         by_promise: dict[int, list[Record]] = collections.defaultdict(list)

@@ -13,6 +13,7 @@ from typing import Any
 import attrs
 import trio
 
+from kvgrove.actors.accountant import MemoryStats
 from kvgrove.actors.channels import ask
 from kvgrove.actors.messages import CacheQuery, MemoryQuery
 from kvgrove.actors.metrics import Metrics
@@ -31,6 +32,7 @@ __all__ = [
     "Generation",
     "GenerationError",
     "GenerationRequest",
+    "MemoryStats",
     "ModelLoadError",
     "Runtime",
     "TextChunk",
@@ -114,8 +116,8 @@ class Runtime:
             current_lease.set(lease)
         return lease
 
-    async def memory(self) -> dict[str, Any]:
-        """The ledger's summary (the /api/memory body)."""
+    async def memory(self) -> MemoryStats:
+        """The accountant's frozen snapshot (http turns it into the /api/memory body)."""
         return await ask(self.accountant_inbox, MemoryQuery)
 
     async def prefix_cache(self, *, check: bool = False) -> dict[str, Any]:

@@ -103,7 +103,7 @@ class Charges:
 
 @attrs.frozen
 class MemoryQuery:
-    reply: Any  # receives dict (the /api/memory body)
+    reply: Any  # receives kvgrove.actors.accountant.MemoryStats (what /api/memory shows)
 
 
 # -- anyone -> pager ---------------------------------------------------------------------------

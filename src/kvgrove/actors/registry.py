@@ -1,30 +1,22 @@
 """Several models on demand: one actor group (executor, pager, scheduler) per loaded model.
 
-The server's own model (`--model`) is composed by serve.py as before and stays loaded; this
-registry owns the others. A request naming another model `acquire`s a lease on its group: the
-first request starts the group (the load runs on the group's own MLX thread, so requests to
-models already loaded keep running), later ones wait for it to be ready, for as long as the load
-keeps making progress (a request fails once `model_load_timeout_seconds` pass with none). A
-group with no leases left unloads once its `keep_alive` has passed (0 = right after the request;
-< 0 = never), and before a load the least recently used idle groups unload while more than
-`max_loaded_models` would be loaded or the weights would pass the device budget. Each group's
-pager keeps its prefix cache's disk tier in a folder of its own, and entries are keyed by the
-model's fingerprint, so one model's cache never serves another. Each group has its own
-accountant too: the server's ledger (/api/memory) keeps describing the server's own model, and a
-group's ledger goes with it when it unloads.
+The server's own model (`--model`) is composed by serve.py and stays loaded; this registry owns
+the others. A request naming another model `acquire`s a lease on its group: the first request
+starts the group (the load runs on the group's own MLX thread, so requests to models already
+loaded keep running), later ones wait for it for as long as the load keeps making progress (a
+request fails once `model_load_timeout_seconds` pass with none). Which groups unload, and when,
+is `kvgrove.models.residency`'s policy. Each group has its own accountant too: the server's
+ledger (/api/memory) keeps describing the server's own model.
 
 The registry is the only owner of its groups; the HTTP layer holds leases (see Runtime).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -32,8 +24,8 @@ import trio
 
 from kvgrove.actors.engine import start_engine
 from kvgrove.config import Settings
+from kvgrove.models import residency
 from kvgrove.models.loading import find, load
-from kvgrove.paths import kv_dir
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +54,7 @@ class ModelGroup:
 
     def expires_at(self) -> float | None:
         """Wall-clock time it unloads if nothing uses it (None = never, or in use)."""
-        if self.keep_alive < 0:
-            return None
-        if self.leases:
-            return time.time() + self.keep_alive
-        return time.time() + max(0.0, self.idle_since + self.keep_alive - trio.current_time())
+        return residency.expires_at(self, time.time(), trio.current_time())
 
 
 @attrs.define(eq=False)
@@ -115,16 +103,9 @@ class ModelRegistry:
     async def _reap(self) -> None:
         """Unload idle groups whose keep_alive has passed; sleep until the next one is due."""
         while True:
-            now = trio.current_time()
-            next_due = math.inf
-            for group in list(self._groups.values()):
-                if not group.ready.is_set() or group.leases or group.keep_alive < 0:
-                    continue
-                due = group.idle_since + group.keep_alive
-                if due <= now:
-                    self._unload(group, "keep_alive passed")
-                else:
-                    next_due = min(next_due, due)
+            expired, next_due = residency.due(list(self._groups.values()), trio.current_time())
+            for group in expired:
+                self._unload(group, "keep_alive passed")
             self._wake = trio.Event()
             with trio.move_on_at(next_due):
                 await self._wake.wait()
@@ -145,17 +126,8 @@ class ModelRegistry:
 
     def _make_room(self, incoming_bytes: int) -> None:
         """Unload least recently used idle groups while the new one would not fit."""
-        limit = self.settings.max_loaded_models
-        budget = self.settings.device_budget_bytes
-        while True:
-            loaded = [g for g in self._groups.values() if g.ready.is_set() and g.error is None]
-            weights = sum(g.loaded.info.nbytes for g in loaded) + incoming_bytes
-            if len(self._groups) < limit and (not budget or weights <= budget):
-                return
-            idle = sorted((g for g in loaded if g.leases == 0), key=lambda g: g.last_used)
-            if not idle:
-                return  # everything is in use: load anyway, the device budget is advisory here
-            self._unload(idle[0], "least recently used, making room")
+        while group := residency.make_room(self._groups.values(), self.settings, incoming_bytes):
+            self._unload(group, "least recently used, making room")
 
     async def acquire(self, name: str, keep_alive: float | None = None) -> Lease | None:
         """A lease on `name`'s group, loading it first if needed (ModelLoadError if it can't).
@@ -171,16 +143,13 @@ class ModelRegistry:
             return None
         group = self._groups.get(key)
         if group is None:
-            self._make_room(_size_on_disk(found.path))
+            self._make_room(residency.size_on_disk(found.path))
             group = ModelGroup(key=key, name=found.name)
             self._groups[key] = group
             assert self._nursery is not None
             self._nursery.start_soon(self._run_group, group, name)
         group.leases += 1
-        if keep_alive is not None:
-            group.keep_alive = keep_alive
-        elif group.leases == 1 and not group.ready.is_set():
-            group.keep_alive = self.settings.keep_alive_seconds
+        group.keep_alive = residency.keep_alive(group, keep_alive, self.settings)
         lease = Lease(group, self)
         try:
             await self._wait_loaded(group)
@@ -211,32 +180,20 @@ class ModelRegistry:
                 await group.ready.wait()
 
     async def _run_group(self, group: ModelGroup, name: str) -> None:
-        folder = self.settings.kv_cache_dir
-        if folder is None:
-            folder = str(kv_dir())
-        digest = hashlib.sha256(group.key.encode()).hexdigest()[:16]
-        settings = attrs.evolve(
-            self.settings, model=name, kv_cache_dir=str(Path(folder) / "models" / digest)
-        )
-        if self._loader is not None:
-            custom = self._loader
+        settings = residency.group_settings(self.settings, group.key, name)
 
-            def loader(name: str) -> Any:
-                return custom(name)
-        else:
-
-            def loader(name: str) -> Any:
-                def progress(fraction: float) -> None:
-                    group.progress = fraction  # read on the trio thread: one float, no lock
-
-                return load(name, progress=progress)
+        def loader(_: str) -> Any:
+            if self._loader is not None:
+                return self._loader(name)
+            # The progress is read on the trio thread: one float, no lock.
+            return load(name, progress=lambda fraction: setattr(group, "progress", fraction))
 
         try:
             with trio.CancelScope() as scope:
                 group.cancel = scope
                 async with trio.open_nursery() as actors:
                     # A ledger of its own: the server's ledger keeps describing its own model.
-                    engine = await start_engine(actors, settings, loader=lambda _: loader(name))
+                    engine = await start_engine(actors, settings, loader=loader)
                     group.loaded = engine.loaded
                     group.scheduler_inbox = engine.scheduler.inbox
                     group.actors.update(engine.actors)
@@ -257,9 +214,3 @@ class ModelRegistry:
                 del self._groups[group.key]
             group.ready.set()
             group.stopped.set()
-
-
-def _size_on_disk(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.glob("*.safetensors"))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 from quart import Blueprint, Response, request
 
+from kvgrove.actors.api import MemoryStats
 from kvgrove.http.common import require_ready, runtime
 
 bp = Blueprint("ops", __name__)
@@ -23,7 +25,16 @@ async def health() -> Any:
 async def memory() -> Any:
     rt = runtime()
     require_ready(rt)
-    return await rt.memory()
+    return memory_body(await rt.memory())
+
+
+def memory_body(mem: MemoryStats) -> dict[str, Any]:
+    """The /api/memory body: the ledger's snapshot, its peak and MLX's own counters."""
+    body = attrs.asdict(mem.ledger)
+    del body["consistent"]  # an invariant the tests check, not a reading
+    over = attrs.asdict(mem.ledger.over_budget_bytes)
+    body["over_budget_bytes"] = {tier: n for tier, n in over.items() if n}
+    return {**body, "device_peak_bytes": mem.device_peak_bytes, "mlx": attrs.asdict(mem.mlx)}
 
 
 @bp.get("/api/cache")
@@ -39,11 +50,11 @@ async def metrics() -> Any:
     rt = runtime()
     gauges: dict[str, Any] = {}
     if rt.ready:
-        mem = await rt.memory()
+        mem = (await rt.memory()).ledger
         tiers = {
-            "weights": mem["weights_bytes"],
-            "live": mem["live_cache_bytes"],
-            **mem["cached_kv_bytes"],
+            "weights": mem.weights_bytes,
+            "live": mem.live_cache_bytes,
+            **attrs.asdict(mem.cached_kv_bytes),
         }
         gauges["kvgrove_memory_bytes"] = ("Bytes held, by tier.", tiers)
         cache = await rt.prefix_cache()

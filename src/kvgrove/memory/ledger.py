@@ -6,12 +6,14 @@ host and disk usage are their tier's snapshots. The accountant actor wraps one L
 only writer: the others send it `Charge`s (the tiers: one aggregate entry per trie).
 
 Invariants (`check_integrity`): every entry is > 0 and belongs to a known category, and the
-running totals equal the sum of the entries.
+running totals equal the sum of the entries. Readers other than the accountant see the ledger
+only as `statistics()` snapshots: frozen, as trio's `statistics()` are.
 """
 
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 
 import attrs
 
@@ -28,6 +30,38 @@ class Budgets:
 
     def of(self, tier: str) -> int:
         return {"device": self.device_bytes, "host": self.host_bytes, "disk": self.disk_bytes}[tier]
+
+
+@attrs.frozen
+class TierBytes:
+    """Bytes per prefix-cache tier."""
+
+    device: int
+    host: int
+    disk: int
+
+    @classmethod
+    def of(cls, bytes_of: Callable[[str], int]) -> TierBytes:
+        return cls(*(bytes_of(t) for t in TIERS))
+
+
+@attrs.frozen
+class LedgerStats:
+    """The ledger at one moment (the ledger's part of /api/memory)."""
+
+    weights_bytes: int
+    live_cache_bytes: int
+    live_sequences: int
+    cached_kv_bytes: TierBytes
+    device_used_bytes: int
+    budgets_bytes: TierBytes
+    headroom_bytes: TierBytes  # negative where a tier is over its budget
+    consistent: bool  # check_integrity() held
+
+    @property
+    def over_budget_bytes(self) -> TierBytes:
+        """Bytes over budget per tier (0 where a tier is within its budget)."""
+        return TierBytes.of(lambda t: max(0, -getattr(self.headroom_bytes, t)))
 
 
 class Ledger:
@@ -73,33 +107,27 @@ class Ledger:
         """Bytes left under `tier`'s budget (negative when over)."""
         return self.budgets.of(tier) - self.used(tier)
 
-    def over_budget(self) -> dict[str, int]:
-        """Bytes over budget per tier (only tiers that are over)."""
-        return {t: -self.headroom(t) for t in TIERS if self.headroom(t) < 0}
-
     # -- checks and views ------------------------------------------------------------------
 
     def check_integrity(self) -> None:
+        assert self._consistent(), f"ledger totals {dict(self._totals)} != its entries"
+
+    def _consistent(self) -> bool:
         totals: collections.Counter[str] = collections.Counter()
         for (category, _), n in self._entries.items():
-            assert category in CATEGORIES, category
-            assert n > 0, "zero entries are removed"
+            if category not in CATEGORIES or n <= 0:  # zero entries are removed
+                return False
             totals[category] += n
-        for category in CATEGORIES:
-            assert totals[category] == self._totals[category], category
+        return all(totals[c] == self._totals[c] for c in CATEGORIES)
 
-    def totals(self) -> dict[str, int]:
-        return {c: self._totals[c] for c in CATEGORIES}
-
-    def snapshot(self) -> dict:
-        """The ledger as /api/memory shows it."""
-        return {
-            "weights_bytes": self._totals["weights"],
-            "live_cache_bytes": self._totals["live"],
-            "live_sequences": len(self.owners("live")),
-            "cached_kv_bytes": {t: self._totals[t] for t in TIERS},
-            "device_used_bytes": self.device_bytes,
-            "budgets_bytes": {t: self.budgets.of(t) for t in TIERS},
-            "headroom_bytes": {t: self.headroom(t) for t in TIERS},
-            "over_budget_bytes": self.over_budget(),
-        }
+    def statistics(self) -> LedgerStats:
+        return LedgerStats(
+            weights_bytes=self._totals["weights"],
+            live_cache_bytes=self._totals["live"],
+            live_sequences=len(self.owners("live")),
+            cached_kv_bytes=TierBytes.of(self.total),
+            device_used_bytes=self.device_bytes,
+            budgets_bytes=TierBytes.of(self.budgets.of),
+            headroom_bytes=TierBytes.of(self.headroom),
+            consistent=self._consistent(),
+        )
