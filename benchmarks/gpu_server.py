@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -85,7 +84,6 @@ FILLER = (
     "Movable type spread from Mainz along trade routes, and each new shop trained apprentices "
     "who founded shops of their own. "
 )
-USAGE = re.compile(rb'"completion_tokens":\s*(\d+)')
 
 
 # -- the model ---------------------------------------------------------------------------------
@@ -222,48 +220,9 @@ def mlx_alone(folder: Path, levels: list[int], gen_tokens: int, prompt_tokens: i
 
 async def one(port: int, model: str, prompt: str, gen_tokens: int) -> tuple[float, int]:
     """(TTFT seconds, generated tokens) of one streamed completion over a raw socket."""
-    import trio
+    from _client import streamed_completion
 
-    body = json.dumps(
-        {
-            "model": model,
-            "prompt": prompt,
-            "max_tokens": gen_tokens,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-    ).encode()
-    head = (
-        f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        "Connection: close\r\n\r\n"
-    ).encode()
-    sent = time.perf_counter()
-    ttft = None
-    # mlx-lm's server (socketserver, listen backlog 5) resets some simultaneous connections
-    # before answering: those requests are sent again.
-    for attempt in range(8):
-        data = bytearray()
-        try:
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
-            async with stream:
-                await stream.send_all(head + body)
-                while chunk := await stream.receive_some(65536):
-                    data += chunk
-                    if ttft is None and b'"text"' in data:
-                        ttft = time.perf_counter() - sent
-                    if data.endswith(b"0\r\n\r\n") or b"data: [DONE]" in data[-64:]:
-                        break
-            break
-        except (OSError, trio.BrokenResourceError):
-            if data or attempt == 7:
-                raise
-            await trio.sleep(0.05 * (attempt + 1))
-    found = USAGE.findall(bytes(data))
-    if not found:
-        raise RuntimeError(f"no usage in the answer: {bytes(data[:400])!r}")
-    return (ttft if ttft is not None else float("nan")), int(found[-1])
+    return await streamed_completion(port, model, prompt, gen_tokens)
 
 
 async def wave(port: int, model: str, c: int, gen_tokens: int, tag: str) -> dict:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import tempfile
 import time
@@ -34,54 +33,19 @@ import kvgrove  # noqa: F401  (must come first: it loads OpenBLAS before mlx is 
 # isort: on
 import trio
 
+from _client import streamed_completion
 from _common import table
 from _servers import ROOT, free_port, start_kvgrove, start_mlx_lm, stop, wait_ready
 
 sys.path.insert(0, str(ROOT / "tests"))
 from tiny_models import write_tiny_model
 
-USAGE = re.compile(rb'"completion_tokens":\s*(\d+)')
 KINDS = ("kvgrove", "mlx-lm server")
 
 
 async def one(port: int, model: str, prompt: str, gen_tokens: int) -> int:
     """Generated tokens of one streamed completion, read off the usage chunk."""
-    body = json.dumps(
-        {
-            "model": model,
-            "prompt": prompt,
-            "max_tokens": gen_tokens,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-    ).encode()
-    head = (
-        f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        "Connection: close\r\n\r\n"
-    ).encode()
-    # mlx-lm's server (socketserver, listen backlog 5) resets some simultaneous connections
-    # before answering: those requests are sent again.
-    for attempt in range(8):
-        data = bytearray()
-        try:
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
-            async with stream:
-                await stream.send_all(head + body)
-                while chunk := await stream.receive_some(65536):
-                    data += chunk
-                    if data.endswith(b"0\r\n\r\n") or b"data: [DONE]" in data[-64:]:
-                        break
-            break
-        except (OSError, trio.BrokenResourceError):
-            if data or attempt == 7:
-                raise
-            await trio.sleep(0.05 * (attempt + 1))
-    found = USAGE.findall(bytes(data))
-    if not found:
-        raise RuntimeError(f"no usage in the answer: {bytes(data[:300])!r}")
-    return int(found[-1])
+    return (await streamed_completion(port, model, prompt, gen_tokens))[1]
 
 
 async def wave(port: int, model: str, c: int, gen_tokens: int, tag: str) -> tuple[float, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -34,3 +35,16 @@ async def run(scheduler: Any, rid: int, prompt: Any, n: int, *, namespace: str =
                 break
     assert isinstance(out[-1], Done), out[-1]
     return [m.token for m in out if isinstance(m, Token)], out[-1]
+
+
+async def gather(*calls: Callable[[], Awaitable[Any]]) -> list[Any]:
+    """Run the calls concurrently; return their results in the calls' order."""
+    results: list[Any] = [None] * len(calls)
+
+    async def one(i: int, call: Callable[[], Awaitable[Any]]) -> None:
+        results[i] = await call()
+
+    async with trio.open_nursery() as nursery:
+        for i, call in enumerate(calls):
+            nursery.start_soon(one, i, call)
+    return results

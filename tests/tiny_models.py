@@ -11,22 +11,27 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.utils import quantize_model
 
+from kvgrove.models.caches import make_cache
+from kvgrove.models.generate import prefill_chunks
+
 VOCAB = 320  # 256 byte tokens + merges + specials, padded with <extra_i> to exactly this
 
+_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "vocab_size": VOCAB,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
+}
+
 CONFIGS: dict[str, dict] = {
-    "llama": {
-        "model_type": "llama",
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "intermediate_size": 128,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "rms_norm_eps": 1e-5,
-        "vocab_size": VOCAB,
-        "rope_theta": 10000.0,
-        "max_position_embeddings": 512,
-        "tie_word_embeddings": False,
-    },
+    "llama": _LLAMA,
     "qwen3": {
         "model_type": "qwen3",
         "hidden_size": 64,
@@ -91,17 +96,8 @@ CONFIGS: dict[str, dict] = {
     # Sliding-window attention (mlx-lm's RotatingKVCache) with a window short enough that the
     # ring buffer wraps in a test conversation; mlx-lm's llama needs one full-attention layer.
     "window": {
-        "model_type": "llama",
-        "hidden_size": 64,
+        **_LLAMA,
         "num_hidden_layers": 3,
-        "intermediate_size": 128,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "rms_norm_eps": 1e-5,
-        "vocab_size": VOCAB,
-        "rope_theta": 10000.0,
-        "max_position_embeddings": 512,
-        "tie_word_embeddings": False,
         "sliding_window": 16,
         "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
     },
@@ -226,3 +222,11 @@ def write_decodable_llama(folder: Path) -> Path:
         )
     path.write_text(json.dumps(tok))
     return folder
+
+
+def prefilled(model, tokens, chunk_tokens: int = 64) -> list:
+    """A fresh live cache of `model` holding `tokens`."""
+    cache = make_cache(model)
+    for _ in prefill_chunks(model, cache, tokens, chunk_tokens=chunk_tokens):
+        pass
+    return cache

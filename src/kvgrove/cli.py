@@ -106,19 +106,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     with a server for the cache folder."""
     import trio
 
-    from kvgrove.sampling import SamplingParams
+    from kvgrove.sampling import FLOAT_FIELDS, INT_FIELDS, SamplingParams
 
-    params = SamplingParams(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repeat_penalty=args.repeat_penalty,
-        repeat_last_n=args.repeat_last_n,
-        presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
-        seed=args.seed,
-    )
+    params = SamplingParams(**{name: getattr(args, name) for name in (*FLOAT_FIELDS, *INT_FIELDS)})
     settings = config.Settings(model=args.model, disk_budget_bytes=0)
     return trio.run(_run_once, settings, args, params)
 

@@ -279,6 +279,26 @@ _HELP = {
 }
 
 
+# Flags that set a setting to one value: flag -> (setting, value, help).
+_SWITCHES = {
+    "--no-prefix-cache": (
+        "prefix_cache",
+        False,
+        "recompute every prompt in full [env KVGROVE_PREFIX_CACHE=0]",
+    ),
+    "--no-warm-up": (
+        "warm_up",
+        False,
+        "say ready without warming up the engine [env KVGROVE_WARM_UP=0]",
+    ),
+    "--cudnn-attention": (
+        "cudnn_attention",
+        True,
+        "on CUDA, use MLX's cuDNN attention (compiles per shape) [env KVGROVE_CUDNN_ATTENTION=1]",
+    ),
+}
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Add `kvgrove serve`'s flags; each defaults to its KVGROVE_* variable, then the default."""
     parser.add_argument(
@@ -290,31 +310,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="accept this bearer key (repeatable; none = no authentication) "
         "[env KVGROVE_API_KEYS, comma-separated]",
     )
-    parser.add_argument(
-        "--no-prefix-cache",
-        dest="prefix_cache",
-        action="store_const",
-        const=False,
-        default=None,
-        help="recompute every prompt in full [env KVGROVE_PREFIX_CACHE=0]",
-    )
-    parser.add_argument(
-        "--no-warm-up",
-        dest="warm_up",
-        action="store_const",
-        const=False,
-        default=None,
-        help="say ready without warming up the engine [env KVGROVE_WARM_UP=0]",
-    )
-    parser.add_argument(
-        "--cudnn-attention",
-        dest="cudnn_attention",
-        action="store_const",
-        const=True,
-        default=None,
-        help="on CUDA, use MLX's cuDNN attention (compiles per shape) "
-        "[env KVGROVE_CUDNN_ATTENTION=1]",
-    )
+    for flag, (dest, value, text) in _SWITCHES.items():
+        parser.add_argument(
+            flag, dest=dest, action="store_const", const=value, default=None, help=text
+        )
     for field in attrs.fields(Settings):
         if field.name not in _HELP:
             continue

@@ -57,6 +57,19 @@ def _is_real(value: object) -> bool:
     return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
 
 
+# SamplingParams' numeric knobs by type, in a fixed order (the tensor-parallel codec writes them
+# in it; Ollama's options are these plus their own).
+FLOAT_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "repeat_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
+INT_FIELDS = ("top_k", "repeat_last_n", "seed")
+
+
 @attrs.frozen
 class SamplingParams:
     """One request's sampling options, with Ollama's defaults.
@@ -82,18 +95,11 @@ class SamplingParams:
     grammar: str | None = None
 
     def __attrs_post_init__(self) -> None:
-        for name in ("top_k", "repeat_last_n", "seed", "top_logprobs"):
+        for name in (*INT_FIELDS, "top_logprobs"):
             value = getattr(self, name)
             if not _is_int(value):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
-        for name in (
-            "temperature",
-            "top_p",
-            "min_p",
-            "repeat_penalty",
-            "presence_penalty",
-            "frequency_penalty",
-        ):
+        for name in FLOAT_FIELDS:
             value = getattr(self, name)
             if not _is_real(value) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import attrs
 import pytest
 import trio
 from mlx_lm.models import cache as mlx_cache
 
+from actor_calls import gather
 from kvgrove.actors.engine import start_engine
 from kvgrove.actors.messages import Done, Failed, MemoryQuery, Submit, Token
 from kvgrove.config import Settings
@@ -85,15 +87,10 @@ async def run_request(scheduler, rid, prompt, max_tokens, *, params=GREEDY):
 
 
 async def run_all(scheduler, prompts, max_tokens, *, first_id=1):
-    results = {}
-
-    async def one(i, prompt):
-        results[i] = await run_request(scheduler, first_id + i, prompt, max_tokens)
-
-    async with trio.open_nursery() as nursery:
-        for i, prompt in enumerate(prompts):
-            nursery.start_soon(one, i, prompt)
-    return [results[i] for i in range(len(prompts))]
+    calls = (
+        partial(run_request, scheduler, first_id + i, p, max_tokens) for i, p in enumerate(prompts)
+    )
+    return await gather(*calls)
 
 
 def tokens(msgs):

@@ -6,10 +6,12 @@ answer as cache-off, the path unlocked); cached-token counts are the tokens actu
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import trio
 
-from actor_calls import GREEDY, ask, run
+from actor_calls import GREEDY, ask, gather, run
 from kvgrove import faults
 from kvgrove.actors.engine import start_engine
 from kvgrove.actors.messages import (
@@ -42,15 +44,7 @@ async def start(nursery, settings, kv_budget_bytes=None):
 
 
 async def run_together(scheduler, prompts, n, rid0):
-    results = {}
-
-    async def one(i, prompt):
-        results[i] = await run(scheduler, rid0 + i, prompt, n)
-
-    async with trio.open_nursery() as nursery:
-        for i, p in enumerate(prompts):
-            nursery.start_soon(one, i, p)
-    return [results[i] for i in range(len(prompts))]
+    return await gather(*(partial(run, scheduler, rid0 + i, p, n) for i, p in enumerate(prompts)))
 
 
 def reference(model, prompt, n):

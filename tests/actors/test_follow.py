@@ -14,6 +14,7 @@ from kvgrove.actors.messages import Cancel, Done, Failed, MemoryQuery, Submit, T
 from kvgrove.config import Settings
 from kvgrove.grammar import regex_grammar
 from kvgrove.sampling import SamplingParams
+from waiting import wait_until
 
 DEADLINE = 60
 GREEDY = SamplingParams(temperature=0)
@@ -70,19 +71,23 @@ async def run(settings, requests):
 
                         clients.start_soon(one)
                     await trio.sleep(0)  # let the first wave in before the second
-                    while wave == 0 and not engine.scheduler.statistics().max_decode_rows:
-                        await trio.sleep(0.001)  # the second wave arrives while it decodes
-            while True:  # the executor charges the released caches off after its step
+                    if wave == 0:  # the second wave arrives while the first decodes
+                        await wait_until(
+                            lambda: engine.scheduler.statistics().max_decode_rows,
+                            what="the first wave decoding",
+                            seconds=DEADLINE,
+                            poll=0.001,
+                        )
+
+            async def released():  # the executor charges the released caches off after its step
                 send, recv = trio.open_memory_channel(1)
                 await engine.accountant.inbox.send(MemoryQuery(send))
                 memory = await recv.receive()
-                if (
-                    not engine.executor.statistics().live_sequences
-                    and not memory["live_cache_bytes"]
-                ):
-                    break
-                await trio.sleep(0.001)
-        engine.accountant.ledger.check_integrity()
+                idle = not engine.executor.statistics().live_sequences
+                return idle and not memory.ledger.live_cache_bytes
+
+            await wait_until(released, what="the live caches charged off", seconds=DEADLINE)
+        assert engine.accountant.statistics().ledger.consistent
         stats = engine.scheduler.statistics()
         assert stats.running == stats.waiting == 0
         follows = engine.scheduler.in_flight.follows

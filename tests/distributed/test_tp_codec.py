@@ -128,9 +128,10 @@ def test_every_field_of_a_step_travels():
     runner but not the others' (their samplers would draw differently): name them all."""
     import attrs
 
-    from kvgrove.distributed.codec import _PARAM_FLOATS, _PARAM_INTS
+    from kvgrove.distributed.codec import _PARAM_INTS
+    from kvgrove.sampling import FLOAT_FIELDS
 
-    written = {*_PARAM_INTS, *_PARAM_FLOATS, "logprobs", "grammar"}
+    written = {*_PARAM_INTS, *FLOAT_FIELDS, "logprobs", "grammar"}
     assert {f.name for f in attrs.fields(SamplingParams)} == written
     assert {f.name for f in attrs.fields(Start)} == {
         "params",

@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 # isort: off
@@ -31,11 +32,9 @@ import mlx.core as mx
 # isort: on
 import trio
 
-from kvgrove.actors.accountant import Accountant
+from kvgrove.actors.engine import start_engine
 from kvgrove.actors.executor import Executor
 from kvgrove.actors.messages import Cancel, Done, Failed, Submit, Token
-from kvgrove.actors.pager import Pager
-from kvgrove.actors.scheduler import Scheduler
 from kvgrove.config import Settings
 from kvgrove.distributed.executor import TensorParallelExecutor, follower
 from kvgrove.grammar import regex_grammar
@@ -82,6 +81,11 @@ async def ask(scheduler, rid: int, tokens: tuple[int, ...], namespace: str = "")
     raise AssertionError("the reply channel closed")
 
 
+def _executor_factory(plain: bool, group, **kwargs):
+    """start_engine's executor: one process's (the reference), or rank 0 of tensor parallel."""
+    return Executor if plain else partial(TensorParallelExecutor, group=group, **kwargs)
+
+
 async def drive_turns(settings: Settings, group, plain: bool, phase: int, before: dict) -> dict:
     """Later turns over the prefix cache (prefix_cache on; off for the reference). Phase 1:
     A, then A's second turn (its prefix back from the host tier), then B in namespace
@@ -89,25 +93,9 @@ async def drive_turns(settings: Settings, group, plain: bool, phase: int, before
     B's second turn at once; rank 1 damaged its files of "damaged" in between."""
     out: dict = {}
     async with trio.open_nursery() as nursery:
-        accountant = Accountant(settings)
-        await nursery.start(accountant.run)
-        if plain:
-            executor = Executor(settings, accountant=accountant.inbox.clone(), loader=load)
-        else:
-            executor = TensorParallelExecutor(
-                settings, accountant=accountant.inbox.clone(), group=group, loader=load
-            )
-        loaded = await nursery.start(executor.run)
-        pager = Pager(
-            settings,
-            mlx=executor.mlx,
-            loaded=loaded,
-            executor=executor.inbox.clone(),
-            accountant=accountant.inbox.clone(),
-        )
-        await nursery.start(pager.run)
-        scheduler = Scheduler(settings, executor=executor.inbox.clone(), pager=pager.inbox.clone())
-        await nursery.start(scheduler.run)
+        factory = _executor_factory(plain, group)
+        engine = await start_engine(nursery, settings, loader=load, executor_factory=factory)
+        executor, pager, scheduler = engine.executor, engine.pager, engine.scheduler
         with trio.fail_after(60):
             if phase == 1:
                 a, b = prompt(11, 20), prompt(12, 20)
@@ -154,21 +142,9 @@ async def drive(settings: Settings, group, plain: bool) -> dict:
         lost.set()
 
     async with trio.open_nursery() as nursery:
-        accountant = Accountant(settings)
-        await nursery.start(accountant.run)
-        if plain:
-            executor = Executor(settings, accountant=accountant.inbox.clone(), loader=load)
-        else:
-            executor = TensorParallelExecutor(
-                settings,
-                accountant=accountant.inbox.clone(),
-                group=group,
-                loader=load,
-                on_lost=on_lost,
-            )
-        await nursery.start(executor.run)
-        scheduler = Scheduler(settings, executor=executor.inbox.clone())
-        await nursery.start(scheduler.run)
+        factory = _executor_factory(plain, group, on_lost=on_lost)
+        engine = await start_engine(nursery, settings, loader=load, executor_factory=factory)
+        executor, scheduler = engine.executor, engine.scheduler
 
         async def one(rid, n, params, max_tokens):
             send, recv = trio.open_memory_channel(64)

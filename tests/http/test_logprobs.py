@@ -3,21 +3,9 @@
 from __future__ import annotations
 
 import httpx
-import ollama
-import openai
 import pytest
 
 MESSAGES = [{"role": "user", "content": "Count to five."}]
-
-
-@pytest.fixture(scope="module")
-def oa(live_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{live_server.url}/v1", api_key="unused", timeout=120)
-
-
-@pytest.fixture(scope="module")
-def ol(live_server) -> ollama.Client:
-    return ollama.Client(host=live_server.url, timeout=120)
 
 
 def check_greedy(entries, n_tokens, top, text):

@@ -3,16 +3,43 @@ store, a store model is served by name with its manifest's options, /api/pull an
 
 from __future__ import annotations
 
+import threading
+from functools import partial
 from pathlib import Path
 
 import httpx
 import ollama
 import pytest
+import trio
 
 from gguf_files import write_pair
 from kvgrove import serve
 from kvgrove.config import Settings
+from kvgrove.models.loading import load
 from model_stores import add_to_store
+from waiting import wait_until
+
+QWEN = "hf.co/someone/tiny-qwen3-GGUF:Q4_K_M"
+
+
+def held_loader(gate: threading.Event, entered: threading.Event | None = None):
+    """A loader that holds QWEN's load (reporting no progress) until `gate` is set."""
+
+    def loader(name):
+        if name == QWEN:
+            if entered is not None:
+                entered.set()
+            assert gate.wait(60), "the test never released the load"
+        return load(name)
+
+    return loader
+
+
+async def serve_in_process(nursery, settings, loader):
+    """serve.serve in this trio run, ready; returns it and an Ollama client of it."""
+    srv = await nursery.start(partial(serve.serve, settings, handle_signals=False, loader=loader))
+    await srv.ready.wait()
+    return srv, ollama.AsyncClient(host=srv.url)
 
 
 @pytest.fixture(scope="module")
@@ -168,23 +195,9 @@ def test_unknown_and_unloadable_models_are_clear_errors(server, tmp_path):
 async def test_a_load_never_blocks_the_loaded_model(store, monkeypatch, tmp_path):
     """While one model's load is held open, the server's own model keeps answering; requests
     for the loading one wait and then get it."""
-    import threading
-    from functools import partial
-
-    import trio
-
-    from kvgrove.models.loading import load
-
     monkeypatch.setenv("OLLAMA_MODELS", str(store))
-    qwen = "hf.co/someone/tiny-qwen3-GGUF:Q4_K_M"
+    qwen = QWEN
     entered, gate = threading.Event(), threading.Event()
-
-    def loader(name):
-        if name == qwen:
-            entered.set()
-            assert gate.wait(60), "the test never released the load"
-        return load(name)
-
     # Its own cache folder: the module's `server` serves the same model and owns the default one.
     settings = Settings(
         port=0, model="tiny-llama", shutdown_grace_seconds=1.0, kv_cache_dir=str(tmp_path / "kv")
@@ -192,11 +205,7 @@ async def test_a_load_never_blocks_the_loaded_model(store, monkeypatch, tmp_path
     messages = [{"role": "user", "content": "hello"}]
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
-            srv = await nursery.start(
-                partial(serve.serve, settings, handle_signals=False, loader=loader)
-            )
-            await srv.ready.wait()
-            client = ollama.AsyncClient(host=srv.url)
+            srv, client = await serve_in_process(nursery, settings, held_loader(gate, entered))
             replies = {}
             answered = trio.Event()
 
@@ -298,22 +307,9 @@ def test_least_recently_used_idle_model_unloads_to_make_room(store, monkeypatch,
 async def test_a_load_without_progress_times_out_and_the_server_keeps_serving(
     store, monkeypatch, tmp_path
 ):
-    import threading
-    from functools import partial
-
-    import trio
-
-    from kvgrove.models.loading import load
-
     monkeypatch.setenv("OLLAMA_MODELS", str(store))
-    qwen = "hf.co/someone/tiny-qwen3-GGUF:Q4_K_M"
+    qwen = QWEN
     gate = threading.Event()
-
-    def loader(name):  # reports no progress while held
-        if name == qwen:
-            assert gate.wait(60), "the test never released the load"
-        return load(name)
-
     settings = Settings(
         port=0,
         model="tiny-llama",
@@ -324,11 +320,7 @@ async def test_a_load_without_progress_times_out_and_the_server_keeps_serving(
     messages = [{"role": "user", "content": "hello"}]
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
-            srv = await nursery.start(
-                partial(serve.serve, settings, handle_signals=False, loader=loader)
-            )
-            await srv.ready.wait()
-            client = ollama.AsyncClient(host=srv.url)
+            srv, client = await serve_in_process(nursery, settings, held_loader(gate))
             with pytest.raises(ollama.ResponseError, match="made no loading progress"):
                 await client.chat(model=qwen, messages=messages)
             r = await client.chat(model="tiny-llama", messages=messages, options={"num_predict": 2})
@@ -336,9 +328,11 @@ async def test_a_load_without_progress_times_out_and_the_server_keeps_serving(
             gate.set()  # the load completes; the next request gets the model
             # The held load reports no progress, so wait for it to finish before asking again
             # (on a loaded machine it can take longer than the 0.5 s no-progress limit).
-            with trio.fail_after(60):
-                while not any(g.ready.is_set() for g in srv.runtime.registry.groups):
-                    await trio.sleep(0.05)
+            await wait_until(
+                lambda: any(g.ready.is_set() for g in srv.runtime.registry.groups),
+                what="the held load to finish",
+                seconds=60,
+            )
             r = await client.chat(model=qwen, messages=messages, options={"num_predict": 2})
             assert r.eval_count == 2
             srv.shutdown.set()

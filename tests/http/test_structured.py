@@ -6,8 +6,6 @@ import json
 import re
 
 import httpx
-import ollama
-import openai
 import pytest
 
 SCHEMA = {
@@ -32,16 +30,6 @@ def valid(text: str) -> bool:
         and 0 <= value["age"] <= 150
         and isinstance(value["admin"], bool)
     )
-
-
-@pytest.fixture(scope="module")
-def oa(live_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{live_server.url}/v1", api_key="unused", timeout=120)
-
-
-@pytest.fixture(scope="module")
-def ol(live_server) -> ollama.Client:
-    return ollama.Client(host=live_server.url, timeout=120)
 
 
 PROMPT = [{"role": "user", "content": "Describe a user as JSON."}]

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 
 import httpx
-import ollama
-import openai
 import pytest
 
 LOOKUP = {
@@ -49,16 +47,6 @@ def valid(name: str, args: dict) -> bool:
     return set(args) == {"a", "b"} and all(
         isinstance(v, int) and 0 <= v <= 99 for v in args.values()
     )
-
-
-@pytest.fixture(scope="module")
-def oa(live_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{live_server.url}/v1", api_key="unused", timeout=120)
-
-
-@pytest.fixture(scope="module")
-def ol(live_server) -> ollama.Client:
-    return ollama.Client(host=live_server.url, timeout=120)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
-
 from kvgrove.memory.ledger import Budgets
 from kvgrove.memory.prefix_cache import PrefixCache, namespace_dir
 from kvgrove.memory.snapshots import layout
 from kvgrove.models.caches import cache_tokens, make_cache
-from kvgrove.models.generate import generate, prefill_chunks
-from kvgrove.models.loading import load
+from kvgrove.models.generate import generate
 from kvgrove.sampling import SamplingParams
-from tiny_models import write_tiny_model
+from tiny_models import prefilled
 
 GREEDY = SamplingParams(temperature=0.0)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return load(write_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "llama")).model
-
-
-def prefilled(model, tokens):
-    cache = make_cache(model)
-    for _ in prefill_chunks(model, cache, tokens, chunk_tokens=64):
-        pass
-    return cache
 
 
 AMPLE = Budgets(1 << 30, 1 << 30, 1 << 30)

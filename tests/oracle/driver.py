@@ -1,10 +1,10 @@
 """Run one oracle `Scenario` through the real actors and check every promise of the prefix cache.
 
-The actors are composed as the server composes them (accountant, executor on its MLX thread,
-pager, scheduler), in process. The only thing between them is a relay on the channel into the
-accountant: every `Charge` passes through unchanged, and the relay notes the largest figure each
-tier of the prefix cache was charged (the executor charges them after every step), so "no tier
-was ever over its budget" is checked at step granularity.
+The actors are composed as the server composes them (`start_engine`: accountant, executor on its
+MLX thread, pager, scheduler), in process. Its `watch_charges` hook shows the driver every
+`Charge` on its way to the accountant: the driver notes the largest figure each tier of the
+prefix cache was charged (the executor charges them after every step), so "no tier was ever
+over its budget" is checked at step granularity.
 
 Checks (each failure is a line in `Outcome.failures`):
 - every completed request's tokens equal the cache-off greedy reference for its prompt, and a
@@ -32,8 +32,7 @@ import attrs
 import trio
 
 from kvgrove import faults
-from kvgrove.actors.accountant import Accountant
-from kvgrove.actors.executor import Executor
+from kvgrove.actors.engine import Engine, start_engine
 from kvgrove.actors.messages import (
     CacheQuery,
     Cancel,
@@ -46,8 +45,6 @@ from kvgrove.actors.messages import (
     Submit,
     Token,
 )
-from kvgrove.actors.pager import Pager
-from kvgrove.actors.scheduler import Scheduler
 from kvgrove.config import Settings
 from kvgrove.faults import InjectedFault
 from kvgrove.memory.ledger import TIERS
@@ -139,47 +136,36 @@ class _Fallbacks(logging.Handler):
 
 
 class _Actors:
+    """The actors of one composition, started by `start_engine` as serve.py starts them, with
+    every charge to the accountant shown to `Run.sample_tier` on its way."""
+
     def __init__(self, settings: Settings, kv_budget: int | None, run: Run) -> None:
         self.settings, self.kv_budget, self.run = settings, kv_budget, run
+        self.engine: Engine | None = None
+        self.early: list[Charge] = []  # charged while the engine started (the pager's recovery)
 
     async def start(self, nursery: trio.Nursery) -> None:
-        s = self.settings
-        self.accountant = Accountant(s)
-        await nursery.start(self.accountant.run)
-        # Unbuffered: the executor's charge waits for the relay, so the relay's reading of the
-        # trie happens before the executor's next step can start.
-        tap_send, tap_recv = trio.open_memory_channel[object](0)
-        nursery.start_soon(self._relay, tap_recv, self.accountant.inbox.clone())
-        self.executor = Executor(s, accountant=tap_send)
-        loaded = await nursery.start(self.executor.run)
-        self.pager = Pager(
-            s,
-            mlx=self.executor.mlx,
-            loaded=loaded,
-            executor=self.executor.inbox.clone(),
-            accountant=tap_send.clone(),
+        self.engine = await start_engine(
+            nursery, self.settings, kv_budget_bytes=self.kv_budget, watch_charges=self._charged
         )
-        await nursery.start(self.pager.run)
-        self.scheduler = Scheduler(
-            s,
-            executor=self.executor.inbox.clone(),
-            pager=self.pager.inbox.clone(),
-            kv_budget_bytes=self.kv_budget,
-        )
-        await nursery.start(self.scheduler.run)
-        self.fingerprint = loaded.info.fingerprint
+        self.accountant, self.executor = self.engine.accountant, self.engine.executor
+        self.pager, self.scheduler = self.engine.pager, self.engine.scheduler
+        for charge in self.early:  # nothing is locked before the first request
+            self._charged(charge)
+        self.early = []
 
-    async def _relay(self, recv, send) -> None:
-        async with send:
-            async for msg in recv:
-                if isinstance(msg, Charge) and msg.category in TIERS and msg.owner == "prefix":
-                    self.run.sample_tier(self, msg.category, msg.nbytes)
-                await send.send(msg)
+    def _charged(self, charge: Charge) -> None:
+        if charge.category in TIERS and charge.owner == "prefix":
+            if self.engine is None:
+                self.early.append(charge)
+            else:
+                self.run.sample_tier(self, charge.category, charge.nbytes)
 
     async def ask(self, inbox, make) -> Any:
         send, recv = trio.open_memory_channel(1)
-        await inbox.send(make(send))
-        return await recv.receive()
+        with trio.fail_after(DEADLINE):
+            await inbox.send(make(send))
+            return await recv.receive()
 
     def state(self, rid: int) -> str:
         sched = self.scheduler
@@ -491,7 +477,8 @@ class Run:
                         problems.append(f"namespace {ns!r}: {node!r} still locked")
             return cache.statistics(), problems
 
-        summary, problems = await actors.executor.mlx.call(inspect)
+        with trio.fail_after(DEADLINE):
+            summary, problems = await actors.executor.mlx.call(inspect)
         for p in problems:
             self.fail(f"{where}: {p}")
         if summary["locked_requests"]:
@@ -557,7 +544,7 @@ class Run:
         noted in `locked_overshoots` (a failure with KVGROVE_ORACLE_STRICT_BUDGET=1); beyond it,
         a bug."""
         self.peaks[tier] = max(self.peaks.get(tier, 0), nbytes)
-        cache = actors.pager.cache if hasattr(actors, "pager") else None
+        cache = actors.pager.cache
         budget = cache.budgets.of(tier) if cache is not None else None
         if budget is None or nbytes <= budget:
             return

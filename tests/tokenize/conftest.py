@@ -98,49 +98,54 @@ def _publish(tmp: Path, folder: Path) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def llama_cpp_vocab_dir() -> Path:
-    """Folder holding llama.cpp's ggml-vocab-*.gguf(.inp/.out) files."""
-    name, version, kind, sha = LLAMA_CPP_PYTHON
-    folder = assets_dir() / f"llama.cpp-vocab-{version}"
+def _unpacked(package: tuple[str, str, str, str], folder_name: str, unpack) -> Path:
+    """The assets folder `folder_name`, filled once by `unpack(data, tmp)` from the package's
+    release file (checked against its sha256) and published whole."""
+    name, version, kind, sha = package
+    folder = assets_dir() / folder_name
     if _ready(folder):
         return folder
     data = _fetch_release_file(name, version, kind, sha)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-        for member in tar.getmembers():
-            parts = member.name.split("/")
-            if (
-                member.isfile()
-                and len(parts) >= 2
-                and parts[-2] == "models"
-                and parts[-1].startswith("ggml-vocab-")
-                and "vendor/llama.cpp/models" in member.name
-            ):
-                src = tar.extractfile(member)
-                assert src is not None
-                (tmp / parts[-1]).write_bytes(src.read())
+    unpack(data, tmp)
     return _publish(tmp, folder)
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_vocab_dir() -> Path:
+    """Folder holding llama.cpp's ggml-vocab-*.gguf(.inp/.out) files."""
+
+    def unpack(data: bytes, tmp: Path) -> None:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+            for member in tar.getmembers():
+                parts = member.name.split("/")
+                if (
+                    member.isfile()
+                    and len(parts) >= 2
+                    and parts[-2] == "models"
+                    and parts[-1].startswith("ggml-vocab-")
+                    and "vendor/llama.cpp/models" in member.name
+                ):
+                    src = tar.extractfile(member)
+                    assert src is not None
+                    (tmp / parts[-1]).write_bytes(src.read())
+
+    return _unpacked(LLAMA_CPP_PYTHON, f"llama.cpp-vocab-{LLAMA_CPP_PYTHON[1]}", unpack)
 
 
 @pytest.fixture(scope="session")
 def mistral_spm_dir() -> Path:
     """Folder holding mistral-common's SentencePiece models (tokenizer.model.v1, ...)."""
-    name, version, kind, sha = MISTRAL_COMMON
-    folder = assets_dir() / f"mistral-common-{version}"
-    if _ready(folder):
-        return folder
-    data = _fetch_release_file(name, version, kind, sha)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with zipfile.ZipFile(io.BytesIO(data)) as whl:
-        for member in whl.namelist():
-            if member.startswith("mistral_common/data/") and ".model." in member:
-                (tmp / member.rsplit("/", 1)[1]).write_bytes(whl.read(member))
-    return _publish(tmp, folder)
+
+    def unpack(data: bytes, tmp: Path) -> None:
+        with zipfile.ZipFile(io.BytesIO(data)) as whl:
+            for member in whl.namelist():
+                if member.startswith("mistral_common/data/") and ".model." in member:
+                    (tmp / member.rsplit("/", 1)[1]).write_bytes(whl.read(member))
+
+    return _unpacked(MISTRAL_COMMON, f"mistral-common-{MISTRAL_COMMON[1]}", unpack)
 
 
 def _model_folder(tmp_root: Path, model_file: Path, name: str) -> Path:

@@ -17,6 +17,7 @@ import trio
 
 from kvgrove.actors.accountant import Accountant
 from kvgrove.actors.executor import Executor
+from kvgrove.actors.messages import Charge, Charges
 from kvgrove.actors.pager import Pager
 from kvgrove.actors.scheduler import Scheduler
 from kvgrove.config import Settings
@@ -50,21 +51,30 @@ async def start_engine(
     loader: Callable[[str | None], Any] | None = None,
     executor_factory: Callable[..., Executor] = Executor,
     kv_budget_bytes: int | None = None,
+    watch_charges: Callable[[Charge], None] | None = None,
 ) -> Engine:
     """Start the actors in `nursery` (they run until it is cancelled); return once the model is
     loaded and every actor is running. `loader` replaces kvgrove.models.loading.load;
     `executor_factory` makes the executor (tensor parallel passes rank 0's); `kv_budget_bytes`
-    bounds the live caches (None = their share of the device budget, as served)."""
+    bounds the live caches (None = their share of the device budget, as served).
+
+    `watch_charges` (the cache oracle's budget check) is called with every `Charge` on its way
+    to the accountant, before the accountant applies it, through an unbuffered relay: a sender
+    is never more than one message ahead of the watcher, and the executor charges after every
+    step, so the watcher sees every step's figures."""
     accountant = Accountant(settings)
     await nursery.start(accountant.run)
-    executor = executor_factory(settings, accountant=accountant.inbox.clone(), loader=loader)
+    charges = accountant.inbox
+    if watch_charges is not None:
+        charges = await nursery.start(_watch, accountant.inbox.clone(), watch_charges)
+    executor = executor_factory(settings, accountant=charges.clone(), loader=loader)
     loaded = await nursery.start(executor.run)
     pager = Pager(
         settings,
         mlx=executor.mlx,
         loaded=loaded,
         executor=executor.inbox.clone(),
-        accountant=accountant.inbox.clone(),
+        accountant=charges.clone(),
     )
     await nursery.start(pager.run)
     scheduler = Scheduler(
@@ -75,3 +85,20 @@ async def start_engine(
     )
     await nursery.start(scheduler.run)
     return Engine(loaded, accountant, executor, pager, scheduler)
+
+
+async def _watch(
+    accountant: trio.MemorySendChannel,
+    watch: Callable[[Charge], None],
+    *,
+    task_status: trio.TaskStatus[trio.MemorySendChannel] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Relay every message to the accountant unchanged, showing `watch` its charges first."""
+    send, recv = trio.open_memory_channel[object](0)
+    async with accountant, recv:
+        task_status.started(send)
+        async for msg in recv:
+            for charge in msg.charges if isinstance(msg, Charges) else (msg,):
+                if isinstance(charge, Charge):
+                    watch(charge)
+            await accountant.send(msg)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from kvgrove.actors.messages import Start, Step, StepItem
-from kvgrove.sampling import SamplingParams
+from kvgrove.sampling import FLOAT_FIELDS, INT_FIELDS, SamplingParams
 
 MAGIC = 0x6B764754  # "kvGT"
 HEADER_WORDS = 4
@@ -30,15 +30,7 @@ FRAME_WORDS = 4096
 STEP = 1
 STOP = 2  # rank 0 is shutting down: followers leave their loop
 
-_PARAM_INTS = ("top_k", "repeat_last_n", "seed", "top_logprobs")
-_PARAM_FLOATS = (
-    "temperature",
-    "top_p",
-    "min_p",
-    "repeat_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-)
+_PARAM_INTS = (*INT_FIELDS, "top_logprobs")
 
 
 class PlanError(ValueError):
@@ -112,7 +104,7 @@ class _Reader:
 def _write_params(w: _Writer, p: SamplingParams) -> None:
     for name in _PARAM_INTS:
         w.int(getattr(p, name))
-    for name in _PARAM_FLOATS:
+    for name in FLOAT_FIELDS:
         w.float(getattr(p, name))
     w.int(int(bool(p.logprobs)))
     w.int(int(p.grammar is not None))  # every rank samples under the same grammar
@@ -122,7 +114,7 @@ def _write_params(w: _Writer, p: SamplingParams) -> None:
 
 def _read_params(r: _Reader) -> SamplingParams:
     ints = {name: r.int() for name in _PARAM_INTS}
-    floats = {name: r.float() for name in _PARAM_FLOATS}
+    floats = {name: r.float() for name in FLOAT_FIELDS}
     logprobs = bool(r.int())
     grammar = r.text() if r.int() else None
     return SamplingParams(**ints, **floats, logprobs=logprobs, grammar=grammar)

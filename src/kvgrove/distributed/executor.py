@@ -496,12 +496,11 @@ def follower(
     *,
     loader: Callable[[str | None], Any] | None = None,
     on_result: Callable[[Step, StepResult], None] | None = None,
-    on_timeout: Callable[[str, float], None] = _exit_hung,
 ) -> Follower:
     """A follower for this rank (no accountant: rank 0 keeps the books)."""
     settings = tensor_parallel_settings(settings)
     loader = sharding_loader(group, loader)
-    watchdog = Watchdog(settings.tp_timeout_seconds, on_timeout)
+    watchdog = Watchdog(settings.tp_timeout_seconds, _exit_hung)
     executor = _FollowerExecutor(
         settings, accountant=None, loader=loader, group=group, watchdog=watchdog
     )

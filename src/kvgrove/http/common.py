@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from contextlib import aclosing
 from typing import Any
 
 from quart import current_app, request
 
-from kvgrove.actors.api import GenerationRequest, Runtime
+from kvgrove.actors.api import Finished, GenerationRequest, Runtime, TextChunk
 from kvgrove.http.guard import KEY_ID_SCOPE
 
 
@@ -179,6 +180,23 @@ def predict_limit(runtime: Runtime, value: int | None, name: str) -> int:
     return value
 
 
+async def collect(gen: Any) -> tuple[str, list, Finished]:
+    """A generation read whole (a reply not streamed): its text, its tokens and how it
+    finished. Raises the stream's GenerationError."""
+    texts: list[str] = []
+    tokens: list = []
+    final: Finished | None = None
+    async with aclosing(gen.stream()) as events:
+        async for ev in events:
+            if isinstance(ev, TextChunk):
+                texts.append(ev.text)
+                tokens.extend(ev.tokens)
+            else:
+                final = ev
+    assert final is not None
+    return "".join(texts), tokens, final
+
+
 def require_ready(runtime: Runtime) -> None:
     if not runtime.ready:
         raise NotReady("the model is loading" if runtime.state == "loading" else "shutting down")
@@ -197,16 +215,14 @@ def model_names(runtime: Runtime) -> set[str]:
     return names
 
 
-def check_model(runtime: Runtime, body: dict, *, required: bool = True) -> str:
+def check_model(runtime: Runtime, body: dict) -> str:
     """The request's model name, which must be the loaded model."""
     from kvgrove.models import bundled
 
     name = get_str(body, "model")
     info = runtime.loaded.info
     if name is None or name == "":
-        if required:
-            raise BadRequest("model is required", param="model")
-        return info.name
+        raise BadRequest("model is required", param="model")
     spec = bundled.lookup(name.removesuffix(":latest"))
     if name in model_names(runtime) or (spec is not None and spec.name == info.name):
         return name

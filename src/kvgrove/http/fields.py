@@ -17,7 +17,8 @@ import math
 import re
 from typing import Any
 
-from kvgrove.http.common import BadRequest
+from kvgrove.actors.api import Runtime
+from kvgrove.http.common import BadRequest, check_messages, read_json, require_ready, runtime
 
 SUPPORTED = "supported"
 IGNORE = "accepted, ignored"
@@ -35,52 +36,76 @@ _THINK = (
     "where it supports that; effort strings where the template reads reasoning_effort"
 )
 
-OLLAMA_GENERATE: Table = {
-    "model": (SUPPORTED, "must name the loaded model"),
-    "prompt": (SUPPORTED, ""),
-    "system": (SUPPORTED, ""),
-    "raw": (SUPPORTED, ""),
+# Rows more than one table holds, and the runs of rows both tables of an API hold.
+_MODEL = (SUPPORTED, "must name the loaded model")
+_CACHE_SALT = (SUPPORTED, "kvgrove: prefix-cache namespace")
+_GRAMMAR = (SUPPORTED, 'kvgrove: {"lark": ...} or {"regex": ...}, constrained decoding')
+_TRUNCATE = (REJECT, "a prompt over the context is 400, never truncated")
+_SHIFT = (REJECT, "no context shifting: generation stops at the context limit")
+_OLLAMA_REQUEST: Table = {
     "stream": (SUPPORTED, ""),
     "options": (SUPPORTED, "see the options table"),
     "keep_alive": (
         SUPPORTED,
         "Go durations; idle time of a model loaded on demand (--model stays)",
     ),
-    "images": (REJECT, "no model served has a vision tower: 400 says so"),
-    "suffix": (REJECT, "fill-in-the-middle is not implemented"),
-    "template": (REJECT, "the model's own chat template is always used"),
-    "context": (REJECT, "deprecated token context: send the conversation (the cache reuses it)"),
-    "truncate": (REJECT, "a prompt over the context is 400, never truncated"),
-    "shift": (REJECT, "no context shifting: generation stops at the context limit"),
-    "width": (REJECT, "image generation is not implemented"),
-    "height": (REJECT, "image generation is not implemented"),
-    "steps": (REJECT, "image generation is not implemented"),
-    "cache_salt": (SUPPORTED, "kvgrove: prefix-cache namespace"),
+}
+_OLLAMA_OUTPUT: Table = {
     "format": (SUPPORTED, '"json" or a JSON schema: constrained decoding (llguidance)'),
-    "grammar": (SUPPORTED, 'kvgrove: {"lark": ...} or {"regex": ...}, constrained decoding'),
+    "grammar": _GRAMMAR,
     "think": (SUPPORTED, _THINK),
     "logprobs": (SUPPORTED, ""),
     "top_logprobs": (SUPPORTED, "0-20"),
 }
 
+
+def _openai_request(**after_max_tokens: tuple[str, str]) -> Table:
+    """The sampling, streaming and namespace rows of both OpenAI endpoints."""
+    return {
+        "temperature": (SUPPORTED, ""),
+        "top_p": (SUPPORTED, ""),
+        "presence_penalty": (SUPPORTED, ""),
+        "frequency_penalty": (SUPPORTED, ""),
+        "seed": (SUPPORTED, ""),
+        "max_tokens": (SUPPORTED, ""),
+        **after_max_tokens,
+        "n": (SUPPORTED, "1 only; other values are 400"),
+        "stop": (SUPPORTED, "up to 4 strings"),
+        "stream": (SUPPORTED, ""),
+        "stream_options": (SUPPORTED, "include_usage"),
+        "cache_salt": _CACHE_SALT,
+        "user": (IGNORE, "no per-user accounting; keys namespace the cache"),
+    }
+
+
+OLLAMA_GENERATE: Table = {
+    "model": _MODEL,
+    "prompt": (SUPPORTED, ""),
+    "system": (SUPPORTED, ""),
+    "raw": (SUPPORTED, ""),
+    **_OLLAMA_REQUEST,
+    "images": (REJECT, "no model served has a vision tower: 400 says so"),
+    "suffix": (REJECT, "fill-in-the-middle is not implemented"),
+    "template": (REJECT, "the model's own chat template is always used"),
+    "context": (REJECT, "deprecated token context: send the conversation (the cache reuses it)"),
+    "truncate": _TRUNCATE,
+    "shift": _SHIFT,
+    "width": (REJECT, "image generation is not implemented"),
+    "height": (REJECT, "image generation is not implemented"),
+    "steps": (REJECT, "image generation is not implemented"),
+    "cache_salt": _CACHE_SALT,
+    **_OLLAMA_OUTPUT,
+}
+
 OLLAMA_CHAT: Table = {
-    "model": (SUPPORTED, "must name the loaded model"),
+    "model": _MODEL,
     "messages": (SUPPORTED, "roles system, user, assistant, tool"),
-    "stream": (SUPPORTED, ""),
-    "options": (SUPPORTED, "see the options table"),
-    "keep_alive": (
-        SUPPORTED,
-        "Go durations; idle time of a model loaded on demand (--model stays)",
-    ),
-    "truncate": (REJECT, "a prompt over the context is 400, never truncated"),
-    "shift": (REJECT, "no context shifting: generation stops at the context limit"),
-    "cache_salt": (SUPPORTED, "kvgrove: prefix-cache namespace"),
+    **_OLLAMA_REQUEST,
+    "truncate": _TRUNCATE,
+    "shift": _SHIFT,
+    "cache_salt": _CACHE_SALT,
     "tools": (SUPPORTED, _TOOLS),
-    "format": (SUPPORTED, '"json" or a JSON schema: constrained decoding (llguidance)'),
-    "grammar": (SUPPORTED, 'kvgrove: {"lark": ...} or {"regex": ...}, constrained decoding'),
-    "think": (SUPPORTED, _THINK),
-    "logprobs": (SUPPORTED, ""),
-    "top_logprobs": (SUPPORTED, "0-20"),
+    **_OLLAMA_OUTPUT,
 }
 
 OLLAMA_MESSAGE: Table = {
@@ -137,21 +162,9 @@ OLLAMA_OPTIONS: Table = {
 }
 
 OPENAI_CHAT: Table = {
-    "model": (SUPPORTED, "must name the loaded model"),
+    "model": _MODEL,
     "messages": (SUPPORTED, "roles system, developer, user, assistant, tool"),
-    "temperature": (SUPPORTED, ""),
-    "top_p": (SUPPORTED, ""),
-    "presence_penalty": (SUPPORTED, ""),
-    "frequency_penalty": (SUPPORTED, ""),
-    "seed": (SUPPORTED, ""),
-    "max_tokens": (SUPPORTED, ""),
-    "max_completion_tokens": (SUPPORTED, ""),
-    "n": (SUPPORTED, "1 only; other values are 400"),
-    "stop": (SUPPORTED, "up to 4 strings"),
-    "stream": (SUPPORTED, ""),
-    "stream_options": (SUPPORTED, "include_usage"),
-    "cache_salt": (SUPPORTED, "kvgrove: prefix-cache namespace"),
-    "user": (IGNORE, "no per-user accounting; keys namespace the cache"),
+    **_openai_request(max_completion_tokens=(SUPPORTED, "")),
     "safety_identifier": (IGNORE, "no per-user accounting"),
     "prompt_cache_key": (IGNORE, "the prefix cache matches every prompt by its tokens"),
     "metadata": (IGNORE, "stored nowhere (store is false)"),
@@ -164,7 +177,7 @@ OPENAI_CHAT: Table = {
     "web_search_options": (REJECT, "no web search"),
     "verbosity": (REJECT, "not implemented"),
     "response_format": (SUPPORTED, "text, json_object, json_schema: constrained decoding"),
-    "grammar": (SUPPORTED, 'kvgrove: {"lark": ...} or {"regex": ...}, constrained decoding'),
+    "grammar": _GRAMMAR,
     "tools": (SUPPORTED, _TOOLS),
     "tool_choice": (
         SUPPORTED,
@@ -199,26 +212,15 @@ OPENAI_MESSAGE: Table = {
 }
 
 OPENAI_COMPLETIONS: Table = {
-    "model": (SUPPORTED, "must name the loaded model"),
+    "model": _MODEL,
     "prompt": (SUPPORTED, "a string (or a list of one)"),
-    "temperature": (SUPPORTED, ""),
-    "top_p": (SUPPORTED, ""),
-    "presence_penalty": (SUPPORTED, ""),
-    "frequency_penalty": (SUPPORTED, ""),
-    "seed": (SUPPORTED, ""),
-    "max_tokens": (SUPPORTED, ""),
-    "n": (SUPPORTED, "1 only; other values are 400"),
-    "stop": (SUPPORTED, "up to 4 strings"),
-    "stream": (SUPPORTED, ""),
-    "stream_options": (SUPPORTED, "include_usage"),
-    "cache_salt": (SUPPORTED, "kvgrove: prefix-cache namespace"),
-    "user": (IGNORE, "no per-user accounting; keys namespace the cache"),
+    **_openai_request(),
     "best_of": (REJECT, "only 1"),
     "echo": (REJECT, "not implemented"),
     "suffix": (REJECT, "fill-in-the-middle is not implemented"),
     "logit_bias": (REJECT, "not implemented"),
     "logprobs": (SUPPORTED, "0-5"),
-    "grammar": (SUPPORTED, 'kvgrove: {"lark": ...} or {"regex": ...}, constrained decoding'),
+    "grammar": _GRAMMAR,
 }
 
 # The neutral values of REJECT fields (besides absent and null): sending these is accepted.
@@ -261,6 +263,27 @@ def check_fields(body: dict, table: Table, where: str = "") -> None:
             raise BadRequest(f"{label} is not supported: {why}", param=label)
 
 
+async def read_request(table: Table) -> tuple[Runtime, dict]:
+    """A generation route's start: the runtime, and the JSON body once the model is ready and
+    `table` knows every field of it."""
+    rt = runtime()
+    body = await read_json()
+    require_ready(rt)
+    check_fields(body, table)
+    return rt, body
+
+
+def check_chat_messages(
+    messages: Any, table: Table, roles: tuple[str, ...], name: str = "messages"
+) -> list[dict]:
+    """`messages` as a list of objects whose fields `table` knows and whose roles are `roles`."""
+    messages = check_messages(messages, name)
+    for i, m in enumerate(messages):
+        check_fields(m, table, f"{name}[{i}].")
+    check_roles(messages, roles, name)
+    return messages
+
+
 def images_error(label: str) -> BadRequest:
     return BadRequest(
         f"{label}: the loaded model has no vision tower and cannot read images", param=label
@@ -279,7 +302,6 @@ def check_roles(messages: list[dict], roles: tuple[str, ...], name: str = "messa
 # -- keep_alive, as Ollama's api.Duration parses it ------------------------------------------
 
 FOREVER = math.inf
-DEFAULT_KEEP_ALIVE = 300.0
 _UNITS = {
     "ns": 1e-9,
     "us": 1e-6,

@@ -15,8 +15,8 @@ from kvgrove.actors.api import Finished, GenerationError, GenerationRequest, Run
 from kvgrove.http import catalog
 from kvgrove.http.common import (
     BadRequest,
-    check_messages,
     check_model,
+    collect,
     context_tokens,
     generation_request,
     get_bool,
@@ -38,9 +38,10 @@ from kvgrove.http.fields import (
     OLLAMA_MESSAGE,
     OLLAMA_OPTIONS,
     OLLAMA_ROLES,
+    check_chat_messages,
     check_fields,
-    check_roles,
     keep_alive_seconds,
+    read_request,
 )
 from kvgrove.http.logprobs import token_entries, with_logprobs
 from kvgrove.http.structured import with_grammar
@@ -52,19 +53,10 @@ from kvgrove.http.tools import (
     ollama_fields,
     plain_plan,
 )
-from kvgrove.sampling import SamplingParams
+from kvgrove.sampling import FLOAT_FIELDS, INT_FIELDS, SamplingParams
 
 bp = Blueprint("ollama", __name__)
 
-_FLOAT_OPTIONS = (
-    "temperature",
-    "top_p",
-    "min_p",
-    "repeat_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-)
-_INT_OPTIONS = ("top_k", "repeat_last_n", "seed")
 NS = 1_000_000_000
 
 
@@ -78,11 +70,11 @@ def parse_options(body: dict) -> tuple[SamplingParams, int | None, int | None, t
     check_fields(requested, OLLAMA_OPTIONS, "options.")
     options = {**_manifest_options(), **requested}
     kwargs: dict[str, Any] = {}
-    for name in _FLOAT_OPTIONS:
+    for name in FLOAT_FIELDS:
         value = get_number(options, name, label=f"options.{name}")
         if value is not None:
             kwargs[name] = value
-    for name in _INT_OPTIONS:
+    for name in INT_FIELDS:
         value = get_int(options, name, label=f"options.{name}")
         if value is not None:
             kwargs[name] = value
@@ -105,7 +97,7 @@ def parse_options(body: dict) -> tuple[SamplingParams, int | None, int | None, t
 def _manifest_options() -> dict[str, Any]:
     """The default options of an Ollama store model's params layer (the request's win)."""
     params = getattr(runtime().loaded.info, "params", None) or {}
-    known = {*_FLOAT_OPTIONS, *_INT_OPTIONS, "num_predict", "num_ctx", "stop"}
+    known = {*FLOAT_FIELDS, *INT_FIELDS, "num_predict", "num_ctx", "stop"}
     return {k: v for k, v in params.items() if k in known}
 
 
@@ -143,21 +135,11 @@ async def _respond(
     wants_logprobs = request.params.logprobs
 
     if not stream:
-        texts: list[str] = []
-        tokens: list = []
-        final: Finished | None = None
-        async with aclosing(gen.stream()) as events:
-            try:
-                async for ev in events:
-                    if isinstance(ev, TextChunk):
-                        texts.append(ev.text)
-                        tokens.extend(ev.tokens)
-                    else:
-                        final = ev
-            except GenerationError as e:
-                return error_body(str(e), openai=False, status=500), 500, headers
-        assert final is not None
-        body = {"model": model, "created_at": now_iso(), **piece(plan.split_all("".join(texts)))}
+        try:
+            text, tokens, final = await collect(gen)
+        except GenerationError as e:
+            return error_body(str(e), openai=False, status=500), 500, headers
+        body = {"model": model, "created_at": now_iso(), **piece(plan.split_all(text))}
         if wants_logprobs:
             body["logprobs"] = token_entries(rt.loaded.tokenizer, tokens)
         return {**body, **final_fields(final)}, 200, headers
@@ -196,10 +178,7 @@ def _load_only(model: str, extra: dict[str, Any]) -> dict[str, Any]:
 
 @bp.post("/api/generate")
 async def generate() -> Any:
-    rt = runtime()
-    body = await read_json()
-    require_ready(rt)
-    check_fields(body, OLLAMA_GENERATE)
+    rt, body = await read_request(OLLAMA_GENERATE)
     model = check_model(rt, body)
     keep_alive_seconds(body)
     prompt = get_str(body, "prompt", "")
@@ -233,16 +212,10 @@ async def generate() -> Any:
 
 @bp.post("/api/chat")
 async def chat() -> Any:
-    rt = runtime()
-    body = await read_json()
-    require_ready(rt)
-    check_fields(body, OLLAMA_CHAT)
+    rt, body = await read_request(OLLAMA_CHAT)
     model = check_model(rt, body)
     keep_alive_seconds(body)
-    messages = check_messages(body.get("messages") or [])
-    for i, m in enumerate(messages):
-        check_fields(m, OLLAMA_MESSAGE, f"messages[{i}].")
-    check_roles(messages, OLLAMA_ROLES)
+    messages = check_chat_messages(body.get("messages") or [], OLLAMA_MESSAGE, OLLAMA_ROLES)
     stream = get_bool(body, "stream", True)
     params, max_tokens, num_ctx, stop = parse_options(body)
     params = with_logprobs(with_grammar(rt, params, body, api="ollama"), body, api="ollama")

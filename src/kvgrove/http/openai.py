@@ -15,8 +15,8 @@ from kvgrove.actors.api import Finished, GenerationError, GenerationRequest, Run
 from kvgrove.http.catalog import store_entries
 from kvgrove.http.common import (
     BadRequest,
-    check_messages,
     check_model,
+    collect,
     generation_request,
     get_bool,
     get_dict,
@@ -24,7 +24,6 @@ from kvgrove.http.common import (
     get_number,
     get_stop,
     predict_limit,
-    read_json,
     require_ready,
     runtime,
     tagged,
@@ -35,8 +34,8 @@ from kvgrove.http.fields import (
     OPENAI_COMPLETIONS,
     OPENAI_MESSAGE,
     OPENAI_ROLES,
-    check_fields,
-    check_roles,
+    check_chat_messages,
+    read_request,
 )
 from kvgrove.http.logprobs import completion_logprobs, token_entries, with_logprobs
 from kvgrove.http.structured import with_grammar
@@ -160,21 +159,10 @@ async def _respond(
         }
 
     if not stream:
-        texts: list[str] = []
-        tokens: list = []
-        final: Finished | None = None
-        async with aclosing(gen.stream()) as events:
-            try:
-                async for ev in events:
-                    if isinstance(ev, TextChunk):
-                        texts.append(ev.text)
-                        tokens.extend(ev.tokens)
-                    else:
-                        final = ev
-            except GenerationError as e:
-                return error_body(str(e), openai=True, status=500), 500, headers
-        assert final is not None
-        text = "".join(texts)
+        try:
+            text, tokens, final = await collect(gen)
+        except GenerationError as e:
+            return error_body(str(e), openai=True, status=500), 500, headers
         message = openai_message(plan.split_all(text), calls) if plan is not None else None
         only = choice(
             text, finish_reason(final.reason), delta=False, tokens=tuple(tokens), message=message
@@ -242,16 +230,10 @@ def _prepare(
 
 @bp.post("/v1/chat/completions")
 async def chat_completions() -> Any:
-    rt = runtime()
-    body = await read_json()
-    require_ready(rt)
-    check_fields(body, OPENAI_CHAT)
+    rt, body = await read_request(OPENAI_CHAT)
     if "messages" not in body:
         raise BadRequest("messages is required", param="messages")
-    messages = check_messages(body["messages"])
-    for i, m in enumerate(messages):
-        check_fields(m, OPENAI_MESSAGE, f"messages[{i}].")
-    check_roles(messages, OPENAI_ROLES)
+    messages = check_chat_messages(body["messages"], OPENAI_MESSAGE, OPENAI_ROLES)
     if not messages:
         raise BadRequest("messages must not be empty", param="messages")
     plan = chat_plan(rt, body, messages, api="openai")
@@ -263,10 +245,7 @@ async def chat_completions() -> Any:
 
 @bp.post("/v1/completions")
 async def completions() -> Any:
-    rt = runtime()
-    body = await read_json()
-    require_ready(rt)
-    check_fields(body, OPENAI_COMPLETIONS)
+    rt, body = await read_request(OPENAI_COMPLETIONS)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]

@@ -531,20 +531,14 @@ class CallIds:
 
 
 def openai_calls(calls: list[dict], ids: CallIds) -> list[dict]:
-    out = []
-    for call in calls:
-        _, cid = ids.next(call)
-        out.append(
-            {
-                "id": cid,
-                "type": "function",
-                "function": {
-                    "name": call["name"],
-                    "arguments": json.dumps(call["arguments"], ensure_ascii=False),
-                },
-            }
-        )
-    return out
+    return [
+        {"id": ids.next(call)[1], "type": "function", "function": _openai_function(call)}
+        for call in calls
+    ]
+
+
+def _openai_function(call: dict) -> dict:
+    return {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}
 
 
 def openai_call_deltas(calls: list[dict], ids: CallIds) -> list[dict]:
@@ -565,12 +559,8 @@ def ollama_calls(calls: list[dict], ids: CallIds) -> list[dict]:
     out = []
     for call in calls:
         index, cid = ids.next(call)
-        out.append(
-            {
-                "id": cid,
-                "function": {"index": index, "name": call["name"], "arguments": call["arguments"]},
-            }
-        )
+        function = {"index": index, "name": call["name"], "arguments": call["arguments"]}
+        out.append({"id": cid, "function": function})
     return out
 
 

@@ -221,7 +221,6 @@ class SizeInfo(NamedTuple):
     bytes_by_tier: dict[str, int]
     nodes_by_tier: dict[str, int]
     locked_bytes: int
-    evictable_bytes: int  # unlocked
 
 
 class Trie:
@@ -335,10 +334,7 @@ class Trie:
 
     def size_info(self) -> SizeInfo:
         locked = sum(n.nbytes for n in self.nodes() if n.lock_count)
-        total = sum(self._bytes.values())
-        return SizeInfo(
-            self._nodes, self._tokens, dict(self._bytes), dict(self._counts), locked, total - locked
-        )
+        return SizeInfo(self._nodes, self._tokens, dict(self._bytes), dict(self._counts), locked)
 
     # -- insertion -------------------------------------------------------------------------
 
