@@ -207,7 +207,7 @@ def failures(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("failures")
     model = write_tiny_model(tmp / "llama", "llama")
     scenarios = {
-        "killed": (["--die-after=10"], False),
+        "killed": (["--die-after=10", "--tp-timeout=5"], False),
         "hung": (["--stop-after=10", "--tp-timeout=3"], True),
         "startup": ([f"--rank1-model={tmp / 'no-such-model'}"], False),
     }
@@ -227,14 +227,20 @@ def failures(tmp_path_factory) -> dict:
 def test_killing_rank_1_mid_stream_fails_the_requests_and_stops_rank_0(failures):
     """Rank 1 SIGKILLs itself after drawing 10 tokens. Rank 0 (started here without
     mlx.launch, so its exit code is its own) fails every in-flight request with an error
-    naming the lost rank, and exits with 2 within the deadline."""
+    naming the lost rank, and exits with 2 within the deadline.
+
+    MLX's ring reports the closed socket as an error only when rank 0 is sending or
+    receiving at that moment; a collective already waiting on the dead rank can wait for ever
+    (it did in 5 of 6 runs at load ~1). Then rank 0's watchdog (--tp-timeout 5 s) is what
+    notices: both are the documented ways a lost follower is seen."""
     folder, procs, outputs = failures["killed"]
     assert procs[1].returncode == -signal.SIGKILL, outputs[1]
     assert procs[0].returncode == 2, outputs[0]
     rank0 = read(folder, 0, 0)
-    assert "lost the other ranks" in rank0["lost"]
+    seen = ("lost the other ranks", "did not complete within 5s")
+    assert any(s in rank0["lost"] for s in seen), rank0["lost"]
     for rid in ("1", "2", "3", "4", "5"):  # (9 may have been cancelled before)
-        assert rank0[rid].startswith("failed: tensor parallel: lost the other ranks"), rid
+        assert rank0[rid].startswith("failed: tensor parallel: "), (rid, rank0[rid])
 
 
 def test_a_hung_rank_1_fails_the_requests_and_stops_rank_0_within_the_timeout(failures):
