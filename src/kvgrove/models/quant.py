@@ -54,18 +54,17 @@ def dense_rows() -> int:
     return _dense_rows
 
 
-class DualLinear(nn.Module):
-    """A quantized linear layer that also holds its weights dequantized (see the module doc)."""
+class _Dual(nn.Module):
+    """Quantized weights kept as they are plus a dequantized copy: `matmul` (x @ W.T) takes
+    the dense copy for inputs of at least `rows` rows, the quantized kernel below that."""
 
-    def __init__(self, layer: nn.QuantizedLinear, rows: int, dtype: mx.Dtype) -> None:
+    def __init__(self, layer: nn.Module, rows: int, dtype: mx.Dtype) -> None:
         super().__init__()
         self.group_size, self.bits = layer.group_size, layer.bits
         self.mode = getattr(layer, "mode", "affine")
         self.rows = rows
         self.weight, self.scales = layer.weight, layer.scales
         self.biases = layer.get("biases")
-        if "bias" in layer:
-            self.bias = layer.bias
         self.dense = mx.dequantize(
             layer.weight,
             layer.scales,
@@ -74,47 +73,45 @@ class DualLinear(nn.Module):
             bits=self.bits,
             mode=self.mode,
         ).astype(dtype)
+
+    def matmul(self, x: mx.array) -> mx.array:
+        if x.size >= self.rows * x.shape[-1]:
+            return x @ self.dense.T
+        return mx.quantized_matmul(
+            x,
+            self.weight,
+            self.scales,
+            self.biases,
+            transpose=True,
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+        )
+
+
+class DualLinear(_Dual):
+    """A quantized linear layer that also holds its weights dequantized (see the module doc)."""
+
+    def __init__(self, layer: nn.QuantizedLinear, rows: int, dtype: mx.Dtype) -> None:
+        super().__init__(layer, rows, dtype)
+        if "bias" in layer:
+            self.bias = layer.bias
         self.freeze()
 
     def __call__(self, x: mx.array) -> mx.array:
-        if x.size >= self.rows * x.shape[-1]:
-            y = x @ self.dense.T
-        else:
-            y = mx.quantized_matmul(
-                x,
-                self.weight,
-                self.scales,
-                self.biases,
-                transpose=True,
-                group_size=self.group_size,
-                bits=self.bits,
-                mode=self.mode,
-            )
+        y = self.matmul(x)
         return y + self.bias if "bias" in self else y
 
 
-class DualEmbedding(nn.Module):
+class DualEmbedding(_Dual):
     """A quantized embedding that is also the model's head (tied weights): the lookup stays
     quantized (a gather of a few rows), the head (`as_linear`) takes a dense copy for inputs of
     at least `rows` rows, as DualLinear does."""
 
     def __init__(self, layer: nn.QuantizedEmbedding, rows: int, dtype: mx.Dtype) -> None:
-        super().__init__()
-        self.group_size, self.bits = layer.group_size, layer.bits
-        self.mode = getattr(layer, "mode", "affine")
-        self.rows = rows
-        self.weight, self.scales = layer.weight, layer.scales
-        self.biases = layer.get("biases")
+        super().__init__(layer, rows, dtype)
         self.num_embeddings = layer.weight.shape[0]
         self.dims = layer.weight.shape[1] * 32 // layer.bits
-        self.dense = mx.dequantize(
-            layer.weight,
-            layer.scales,
-            self.biases,
-            group_size=self.group_size,
-            bits=self.bits,
-            mode=self.mode,
-        ).astype(dtype)
         self.freeze()
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -129,18 +126,7 @@ class DualEmbedding(nn.Module):
         )
 
     def as_linear(self, x: mx.array) -> mx.array:
-        if x.size >= self.rows * x.shape[-1]:
-            return x @ self.dense.T
-        return mx.quantized_matmul(
-            x,
-            self.weight,
-            self.scales,
-            self.biases,
-            transpose=True,
-            group_size=self.group_size,
-            bits=self.bits,
-            mode=self.mode,
-        )
+        return self.matmul(x)
 
 
 def memory_from_info(info: dict) -> int:
