@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-import mlx.core as mx
 import trio
 
 from kvgrove.actors.messages import (
@@ -34,32 +33,12 @@ from kvgrove.actors.messages import (
 from kvgrove.actors.mlx_thread import MLXHandle, MLXThread
 from kvgrove.config import Settings
 from kvgrove.models.loading import load
-from kvgrove.models.runner import StepRunner, str_error, wants_restore
+from kvgrove.models.runner import StepRunner, overlap_on, str_error, wants_restore
+from kvgrove.models.steps import ExecutorStats
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Executor", "ExecutorStats", "MLXThread", "str_error"]
-
-
-def overlap_on(settings: Settings) -> bool:
-    """Whether the batched decode runs one step ahead (`Settings.decode_overlap`)."""
-    if settings.decode_overlap == "auto":
-        return mx.default_device().type == mx.DeviceType.gpu
-    return settings.decode_overlap == "on"
-
-
-@attrs.frozen
-class ExecutorStats:
-    steps: int
-    items: int
-    live_sequences: int
-    tokens_computed: int
-    weights_bytes: int = 0
-    batch_rows: int = 0  # rows in the running batch now
-    max_batch_rows: int = 0  # the most rows one batched forward pass has decoded
-    batched: bool = True  # False: the model's caches cannot batch; rows decode one by one
-    overlapped_steps: int = 0  # batched decodes launched before the scheduler planned them
-    wasted_row_steps: int = 0  # rows decoded ahead that the plan did not take
 
 
 class Executor:

@@ -17,7 +17,6 @@ import time
 import trio
 
 from kvgrove.actors.channels import ask, sender
-from kvgrove.actors.executor import ExecutorStats
 from kvgrove.actors.messages import (
     Cancel,
     Done,
@@ -34,6 +33,7 @@ from kvgrove.actors.messages import (
     Submit,
 )
 from kvgrove.config import Settings
+from kvgrove.models.steps import ExecutorStats
 from kvgrove.scheduling.core import SchedulerCore
 from kvgrove.scheduling.follow import InFlight
 from kvgrove.scheduling.prefix_locks import PrefixLocks

@@ -24,6 +24,7 @@ from typing import Any
 import attrs
 import mlx.core as mx
 
+from kvgrove.config import Settings
 from kvgrove.grammar import Constraint
 from kvgrove.memory.snapshots import WHOLE, NotSnapshotCapable, layout
 from kvgrove.models.batching import RunningBatch, prefill_together, unbatchable_reason
@@ -107,6 +108,13 @@ class PrefillLaunch:
     cache: list[Any]
     pending: PendingSample
     start: float
+
+
+def overlap_on(settings: Settings) -> bool:
+    """Whether the batched decode runs one step ahead (`Settings.decode_overlap`)."""
+    if settings.decode_overlap == "auto":
+        return mx.default_device().type == mx.DeviceType.gpu
+    return settings.decode_overlap == "on"
 
 
 def wants_restore(items: Iterable[StepItem]) -> bool:

@@ -56,3 +56,19 @@ class StepResult:
     error: str | None = None  # the step failed as a whole (e.g. out of memory)
     # (request_id, tokens) for each preempted sequence whose KV the prefix cache now holds.
     kept: tuple[tuple[int, int], ...] = ()
+
+
+@attrs.frozen
+class ExecutorStats:
+    """The executor's statistics() snapshot (ExecutorQuery's answer)."""
+
+    steps: int
+    items: int
+    live_sequences: int
+    tokens_computed: int
+    weights_bytes: int = 0
+    batch_rows: int = 0  # rows in the running batch now
+    max_batch_rows: int = 0  # the most rows one batched forward pass has decoded
+    batched: bool = True  # False: the model's caches cannot batch; rows decode one by one
+    overlapped_steps: int = 0  # batched decodes launched before the scheduler planned them
+    wasted_row_steps: int = 0  # rows decoded ahead that the plan did not take
