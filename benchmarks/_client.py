@@ -13,21 +13,24 @@ import trio
 USAGE = re.compile(rb'"completion_tokens":\s*(\d+)')
 
 
+def completion_body(model: str, prompt: str, gen_tokens: int) -> dict:
+    """The benchmarks' request: a greedy streamed /v1/completions that ends with its usage."""
+    return {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": gen_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
 async def streamed_completion(
     port: int, model: str, prompt: str, gen_tokens: int
 ) -> tuple[float, int]:
     """(TTFT seconds, generated tokens read off the usage chunk) of one greedy streamed
     completion from the server on 127.0.0.1:`port`."""
-    body = json.dumps(
-        {
-            "model": model,
-            "prompt": prompt,
-            "max_tokens": gen_tokens,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-    ).encode()
+    body = json.dumps(completion_body(model, prompt, gen_tokens)).encode()
     head = (
         f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"

@@ -28,6 +28,7 @@ import kvgrove  # noqa: F401  (must come first: it loads OpenBLAS before mlx is 
 import httpx
 import trio
 
+from _client import completion_body
 from _common import FILLER, table
 from _servers import free_port, mlx_folder, pct, start_kvgrove, start_mlx_lm, stop, wait_ready
 
@@ -59,14 +60,7 @@ async def one(client, model: str, prompt: str, gen_tokens: int, resets: list[int
 
 
 async def _one(client, model: str, prompt: str, gen_tokens: int, sent: float):
-    body = {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": gen_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    body = completion_body(model, prompt, gen_tokens)
     ttft = None
     chunks = 0
     usage = None

@@ -113,6 +113,33 @@ class SchedulerCore(SeqQueue):
             self.steps_planned += 1
         return tuple(items)
 
+    def plan_follow(self, items: tuple[StepItem, ...]) -> bool:
+        """Whether the step after the one decoding `items` (in flight or about to be sent) is
+        its continuation (`kvgrove.scheduling.follow`), as far as is known now: every running
+        sequence decodes in it, nothing waits, leaves or is preempted, no reply channel is full,
+        the live caches stay within budget, and no row reaches its token or context limit with
+        the token coming now. If so it counts as a planned step."""
+        if not items or len(items) != len(self._running):
+            return False
+        if self._waiting or self._release or self._preempt or self._rematch:
+            return False
+        for it in items:
+            seq = self._running.get(it.request_id)
+            if seq is None or not seq.runnable or not seq.decoding or it.start is not None:
+                return False
+            sub, after = seq.submit, seq.generated + 1
+            if sub.max_tokens is not None and after >= sub.max_tokens:
+                return False
+            if len(seq.prompt) + after >= sub.context_tokens:
+                return False
+        if self.kv_budget_bytes is not None:
+            growth = 2 * self._bytes_per_token * len(items)
+            if self.live_bytes + growth > self.kv_budget_bytes:
+                return False
+        self.steps_planned += 1
+        self.max_decode_rows = max(self.max_decode_rows, len(items))
+        return True
+
     def _fits(self, seq: SeqState, *, running: bool, planned: float = 0.0) -> bool:
         """Whether seq's cache can be built now without outgrowing the budget, beside the live
         caches and the `planned` bytes of those this step starts."""

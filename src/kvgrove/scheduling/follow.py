@@ -26,31 +26,6 @@ def continued(result: StepResult) -> tuple[StepItem, ...]:
     )
 
 
-def follows(core: SchedulerCore, items: tuple[StepItem, ...]) -> bool:
-    """Whether the step after the one decoding `items` (in flight or about to be sent) would be
-    its continuation, as far as is known now: every running sequence decodes in it, nothing
-    waits, leaves or is preempted, no reply channel is full, the live caches stay within
-    budget, and no row reaches its token or context limit with the token coming now."""
-    if not items or len(items) != len(core._running):
-        return False
-    if core._waiting or core._release or core._preempt or core._rematch:
-        return False
-    for it in items:
-        seq = core._running.get(it.request_id)
-        if seq is None or not seq.runnable or not seq.decoding or it.start is not None:
-            return False
-        sub, after = seq.submit, seq.generated + 1
-        if sub.max_tokens is not None and after >= sub.max_tokens:
-            return False
-        if len(seq.prompt) + after >= sub.context_tokens:
-            return False
-    if core.kv_budget_bytes is not None:
-        growth = 2 * core._bytes_per_token * len(items)
-        if core.live_bytes + growth > core.kv_budget_bytes:
-            return False
-    return True
-
-
 class InFlight:
     """The scheduler's count of the executor's results still to come, and what they are for."""
 
@@ -86,9 +61,7 @@ class InFlight:
         return items
 
     def _follow(self, items: tuple[StepItem, ...]) -> bool:
-        if not (self.enabled and follows(self.core, items)):
+        if not (self.enabled and self.core.plan_follow(items)):
             return False
-        self.core.steps_planned += 1
-        self.core.max_decode_rows = max(self.core.max_decode_rows, len(items))
         self.follows += 1
         return True
