@@ -142,9 +142,10 @@ class SlotKVCache(mlx_cache.BatchKVCache):
         self.rows = n + k
         self._set_pads(pads)
 
-    def moving_rows(self, src: mx.array) -> tuple[mx.array, mx.array] | None:
-        """Rows `src` as they stand (lazily), to be evaluated and handed to `move`."""
-        return None if self.keys is None else (self.keys[src], self.values[src])
+    def read_rows(self, index: mx.array) -> tuple[mx.array, mx.array]:
+        """Rows `index` (positions [0, _idx)) gathered into new arrays, lazily: one copy."""
+        i = self._idx
+        return self.keys[:, :, :i, :][index], self.values[:, :, :i, :][index]
 
     def move(
         self,
@@ -154,10 +155,11 @@ class SlotKVCache(mlx_cache.BatchKVCache):
     ) -> None:
         """Keep rows `order` (old row indices, in their new order) as rows 0..: rows `dst`
         (the positions p where order[p] != p) get `rows`, the old rows order[p] read by
-        `moving_rows` and already evaluated, so nothing else reads the buffers and these writes
+        `read_rows` and already evaluated, so nothing else reads the buffers and these writes
         go in place; every other row keeps its place."""
         if rows is not None:
-            self.keys[dst], self.values[dst] = rows
+            i = self._idx
+            self.keys[dst, :, :i, :], self.values[dst, :, :i, :] = rows
         self.rows = len(order)
         pads = [self.pads[o] for o in order]
         if not self.rows:
@@ -210,33 +212,42 @@ def _merge_recurrent(layers: list[Any]) -> Any:
 
 
 def _row_caches(
-    cache: Sequence[Any], rows: Sequence[int], tokens: Sequence[int], *, views: bool = False
+    cache: Sequence[Any],
+    rows: Sequence[int],
+    tokens: Sequence[int],
+    *,
+    views: bool = False,
 ) -> list[list[Any]]:
     """Per-sequence caches of batch rows `rows` (holding `tokens` each), one list per row.
 
-    Copies (contiguous, lazy: the caller evaluates them), or with `views` lazy slices of the
-    batch's buffers: for a cache read once and dropped before the batch's next step (a
-    prefix-cache store copies only the span it keeps), never for one that decodes on. A view
-    alive at the next step would only cost speed: the batch's in-place writes would copy its
-    buffers instead."""
+    Copies, or with `views` slices of the batch's buffers: for a cache read once and dropped
+    before the batch's next step (a prefix-cache store copies only the span it keeps), never
+    for one that decodes on. A view alive at the next step would only cost speed: the batch's
+    in-place writes would copy its buffers instead. Copies are one gather of all the rows per
+    layer (not one copy per row and layer: fewer operations to launch), each row's cache a
+    slice of it, never of the batch's buffers; lazy, the caller evaluates them."""
     out: list[list[Any]] = [[] for _ in rows]
+    index = mx.array(rows, mx.int32)
+    at = rows if views else range(len(rows))  # each row's place in the arrays it is cut from
     for layer in cache:
         if isinstance(layer, SlotKVCache):
             pads, end = layer.pads, layer._idx
-            for mine, row in zip(out, rows, strict=True):
-                k = layer.keys[row : row + 1, :, pads[row] : end, :]
-                v = layer.values[row : row + 1, :, pads[row] : end, :]
+            if views:
+                keys, values = layer.keys, layer.values
+            else:
+                keys, values = layer.read_rows(index)
+            for mine, row, j in zip(out, rows, at, strict=True):
                 c = SpanKVCache()
-                c.keys, c.values = (k, v) if views else (mx.contiguous(k), mx.contiguous(v))
+                c.keys = keys[j : j + 1, :, pads[row] : end, :]
+                c.values = values[j : j + 1, :, pads[row] : end, :]
                 c.offset = end - pads[row]
                 mine.append(c)
             continue
-        for mine, row, n in zip(out, rows, tokens, strict=True):
+        # Gathered even for views: a view would keep the whole batch state alive.
+        gathered = [None if a is None else a[index] for a in layer.cache]
+        for j, (mine, n) in enumerate(zip(out, tokens, strict=True)):
             c = RecurrentCache(len(layer.cache))
-            # Copies, not views: a view would keep the whole batch state alive.
-            c.cache = [
-                mx.contiguous(a[row : row + 1]) if a is not None else None for a in layer.cache
-            ]
+            c.cache = [None if a is None else a[j : j + 1] for a in gathered]
             c._tokens_seen = n
             mine.append(c)
     return out
@@ -319,42 +330,40 @@ class RunningBatch:
             return {}
         assert self.cache is not None
         everyone = len(leaving) == len(self.ids)
+        gone = set(leaving)
+        order = _compaction(len(self.ids), {i for i, rid in enumerate(self.ids) if rid in gone})
+        moved = [(p, o) for p, o in enumerate(order) if p != o]
+        kept = [rid for rid in leaving if rid not in drop]
+        viewed = [rid for rid in kept if everyone and rid in views]
+        copied = [rid for rid in kept if rid not in viewed]
         out = {}
-        copies = []
-        for as_view in (False, True):
-            group = [
-                rid for rid in leaving if rid not in drop and (everyone and rid in views) == as_view
-            ]
-            rows = [self.ids.index(rid) for rid in group]
-            if rows:
+        for group, as_view in ((copied, False), (viewed, True)):
+            if group:
+                rows = [self.ids.index(rid) for rid in group]
                 caches = _row_caches(
                     self.cache, rows, [self.tokens[r] for r in rows], views=as_view
                 )
                 out.update(zip(group, caches, strict=True))
-                if not as_view:
-                    copies += [_arrays(c) for row in caches for c in row]
+        copies = [_arrays(c) for rid in copied for c in out[rid]]
         if everyone:  # nothing writes into the batch's buffers again: no need to wait
             mx.async_eval(copies)
             self.ids, self.tokens, self.cache = [], [], None
             return out
-        gone = set(leaving)
-        order = _compaction(len(self.ids), {i for i, rid in enumerate(self.ids) if rid in gone})
-        moved = [(p, o) for p, o in enumerate(order) if p != o]
-        slots = [c for c in self.cache if isinstance(c, SlotKVCache)]
-        dst = src = None
-        reads = [None] * len(slots)
+        reads, dst = {}, None
         if moved:
             dst = mx.array([p for p, _ in moved], mx.int32)
             src = mx.array([o for _, o in moved], mx.int32)
-            reads = [c.moving_rows(src) for c in slots]
+            reads = {
+                i: c.read_rows(src) for i, c in enumerate(self.cache) if isinstance(c, SlotKVCache)
+            }
         if copies or moved:
             # The one wait: the copies out and the moving rows' reads done, for every layer at
             # once, so the moves below and the next step write into the buffers in place.
-            mx.eval(copies, [r for r in reads if r is not None])
-        index, read = None, iter(reads)
-        for c in self.cache:
+            mx.eval(copies, list(reads.values()))
+        index = None
+        for i, c in enumerate(self.cache):
             if isinstance(c, SlotKVCache):
-                c.move(order, dst, next(read))
+                c.move(order, dst, reads.get(i))
             else:
                 index = mx.array(order) if index is None else index
                 c.filter(index)
