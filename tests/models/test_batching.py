@@ -221,8 +221,8 @@ def test_padding_every_row_shares_is_dropped_when_the_long_row_leaves(tmp_path):
 
 def test_rows_kv_after_joins_and_leaves_is_each_rows_own(tmp_path):
     """Rows joining one by one, several at once (a longer one shifting the batch), and rows
-    prefilled together, then rows leaving from the middle (the last ones move into the holes):
-    every row's KV, read back or left as its own cache, is exactly the per-sequence cache's."""
+    prefilled together, then rows leaving from the middle (the last ones move into the holes),
+    twice: every row's KV, read back or left as its own cache, is exactly its own cache's."""
     model = load(str(write_tiny_model(tmp_path / "llama", "llama"))).model
     lengths = (6, 11, 4, 23, 9, 3, 14, 8)
     prompts = {r: [(5 * r + 3 * i) % 200 + 3 for i in range(n)] for r, n in enumerate(lengths)}
@@ -237,6 +237,8 @@ def test_rows_kv_after_joins_and_leaves_is_each_rows_own(tmp_path):
     batch.join([(r, _copied(own[r])) for r in (6, 7)])
     left = batch.leave([1, 3], views=[1])  # rows stay: copies, 6 and 7 move into the holes
     assert batch.ids == [0, 6, 2, 7, 4, 5]
+    left |= batch.leave([0, 2])  # short rows (copied from past the padding they share)
+    assert batch.ids == [4, 6, 5, 7]
     read = zip(batch.ids, batch.row_caches(batch.ids), strict=True)
     for r, cache in [*left.items(), *read]:
         n = len(prompts[r])

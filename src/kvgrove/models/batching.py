@@ -142,24 +142,26 @@ class SlotKVCache(mlx_cache.BatchKVCache):
         self.rows = n + k
         self._set_pads(pads)
 
-    def read_rows(self, index: mx.array) -> tuple[mx.array, mx.array]:
-        """Rows `index` (positions [0, _idx)) gathered into new arrays, lazily: one copy."""
-        i = self._idx
-        return self.keys[:, :, :i, :][index], self.values[:, :, :i, :][index]
+    def read_rows(self, rows: Sequence[int], index: mx.array) -> tuple[int, mx.array, mx.array]:
+        """Rows `rows` (`index` on the device) gathered into new arrays, lazily: one copy of
+        positions [start, _idx), from the first one any of them holds; returns start too."""
+        start, i = min(self.pads[r] for r in rows), self._idx
+        return start, self.keys[:, :, start:i, :][index], self.values[:, :, start:i, :][index]
 
     def move(
         self,
         order: Sequence[int],
         dst: mx.array | None = None,
-        rows: tuple[mx.array, mx.array] | None = None,
+        rows: tuple[int, mx.array, mx.array] | None = None,
     ) -> None:
         """Keep rows `order` (old row indices, in their new order) as rows 0..: rows `dst`
         (the positions p where order[p] != p) get `rows`, the old rows order[p] read by
         `read_rows` and already evaluated, so nothing else reads the buffers and these writes
         go in place; every other row keeps its place."""
         if rows is not None:
+            start, keys, values = rows
             i = self._idx
-            self.keys[dst, :, :i, :], self.values[dst, :, :i, :] = rows
+            self.keys[dst, :, start:i, :], self.values[dst, :, start:i, :] = keys, values
         self.rows = len(order)
         pads = [self.pads[o] for o in order]
         if not self.rows:
@@ -233,13 +235,13 @@ def _row_caches(
         if isinstance(layer, SlotKVCache):
             pads, end = layer.pads, layer._idx
             if views:
-                keys, values = layer.keys, layer.values
+                start, keys, values = 0, layer.keys, layer.values
             else:
-                keys, values = layer.read_rows(index)
+                start, keys, values = layer.read_rows(rows, index)
             for mine, row, j in zip(out, rows, at, strict=True):
                 c = SpanKVCache()
-                c.keys = keys[j : j + 1, :, pads[row] : end, :]
-                c.values = values[j : j + 1, :, pads[row] : end, :]
+                c.keys = keys[j : j + 1, :, pads[row] - start : end - start, :]
+                c.values = values[j : j + 1, :, pads[row] - start : end - start, :]
                 c.offset = end - pads[row]
                 mine.append(c)
             continue
@@ -352,14 +354,15 @@ class RunningBatch:
         reads, dst = {}, None
         if moved:
             dst = mx.array([p for p, _ in moved], mx.int32)
-            src = mx.array([o for _, o in moved], mx.int32)
-            reads = {
-                i: c.read_rows(src) for i, c in enumerate(self.cache) if isinstance(c, SlotKVCache)
-            }
+            movers = [o for _, o in moved]
+            src = mx.array(movers, mx.int32)
+            for i, c in enumerate(self.cache):
+                if isinstance(c, SlotKVCache):
+                    reads[i] = c.read_rows(movers, src)
         if copies or moved:
             # The one wait: the copies out and the moving rows' reads done, for every layer at
             # once, so the moves below and the next step write into the buffers in place.
-            mx.eval(copies, list(reads.values()))
+            mx.eval(copies, [r[1:] for r in reads.values()])
         index = None
         for i, c in enumerate(self.cache):
             if isinstance(c, SlotKVCache):
