@@ -10,16 +10,16 @@ buffers grow when they run out: one copy, amortized), a leave moves the last row
 holes it leaves (only those rows are copied), so neither costs a whole-batch copy per event.
 Recurrent layers' states are small and fixed per row: they are concatenated and gathered.
 
-Rows leave as kvgrove per-sequence caches (`SpanKVCache`, `RecurrentCache`): contiguous copies,
-never views into the batch buffers, so a sequence's cache can be snapshotted or kept after the
-batch moves on.
+Rows leave as kvgrove per-sequence caches (`SpanKVCache`, `RecurrentCache`): copies (slices of
+one gather of the leaving rows per layer), never views into the batch buffers, so a sequence's
+cache can be snapshotted or kept after the batch moves on.
 
 Membership changes wait on the device as little as they can: on an accelerator each wait is a
 round trip behind everything queued. The rows' left padding is mirrored on the host (never read
 back), a join or a leave is queued with one `mx.async_eval`, and a leave waits once (for all
-layers), only when rows leave as copies or move: MLX writes a buffer in place only when no
-pending operation still reads it, so those reads must be done before the moves and the next
-step write into the buffers (else each write copies its whole buffer).
+layers), only when rows stay and others leave as copies or move: MLX writes a buffer in place
+only when no pending operation still reads it, so those reads must be done before the moves and
+the next step write into the buffers (else each write copies its whole buffer).
 """
 
 from __future__ import annotations
