@@ -217,3 +217,96 @@ def test_padding_every_row_shares_is_dropped_when_the_long_row_leaves(tmp_path):
             out[r].append(t)
     for r in (2, 3):
         assert out[r] == [s.token for s in generate(model, prompts[r], GREEDY, max_tokens=7)]
+
+
+def test_rows_kv_after_joins_and_leaves_is_each_rows_own(tmp_path):
+    """Rows joining one by one, several at once (a longer one shifting the batch), and rows
+    prefilled together, then rows leaving from the middle (the last ones move into the holes),
+    twice: every row's KV, read back or left as its own cache, is exactly its own cache's."""
+    model = load(str(write_tiny_model(tmp_path / "llama", "llama"))).model
+    lengths = (6, 11, 4, 23, 9, 3, 14, 8)
+    prompts = {r: [(5 * r + 3 * i) % 200 + 3 for i in range(n)] for r, n in enumerate(lengths)}
+    own = {r: prefill(model, p)[0] for r, p in prompts.items()}
+    batch = RunningBatch()
+    batch.join([(0, _copied(own[0]))])
+    batch.join([(r, _copied(own[r])) for r in (1, 2, 3)])  # 3 is the longest: a shift
+    _, together = prefill_together(model, [prompts[4], prompts[5]], len(model.layers))
+    for row, r in enumerate((4, 5)):  # batched numerics: these rows' own are the batch's rows
+        own[r] = [layer.extract(row) for layer in together]
+    batch.join_batch([4, 5], [len(prompts[4]), len(prompts[5])], together)
+    batch.join([(r, _copied(own[r])) for r in (6, 7)])
+    left = batch.leave([1, 3], views=[1])  # rows stay: copies, 6 and 7 move into the holes
+    assert batch.ids == [0, 6, 2, 7, 4, 5]
+    left |= batch.leave([0, 2])  # short rows (copied from past the padding they share)
+    assert batch.ids == [4, 6, 5, 7]
+    read = zip(batch.ids, batch.row_caches(batch.ids), strict=True)
+    for r, cache in [*left.items(), *read]:
+        n = len(prompts[r])
+        assert cache_tokens(cache) == n
+        for mine, theirs in zip(cache, own[r], strict=True):
+            assert mine.keys.shape[2] == n
+            assert mx.array_equal(mine.keys, theirs.keys[..., :n, :]), r
+            assert mx.array_equal(mine.values, theirs.values[..., :n, :]), r
+    for layer in batch.cache:
+        assert layer.pads == layer.left_padding.tolist()
+        assert (layer.offset == layer._idx - layer.left_padding).all()
+
+
+def _copied(cache):
+    out = []
+    for c in cache:
+        fresh = SpanKVCache()
+        fresh.keys, fresh.values, fresh.offset = mx.array(c.keys), mx.array(c.values), c.offset
+        out.append(fresh)
+    return out
+
+
+class _Syncs:
+    """Counts the host's waits on the device (`mx.eval`, reading an array back) while inside."""
+
+    def __init__(self, monkeypatch):
+        self.n = 0
+        for target, names in ((mx, ("eval", "synchronize")), (mx.array, _READS)):
+            for name in names:
+                monkeypatch.setattr(target, name, self._counted(getattr(target, name)))
+
+    def _counted(self, f):
+        def counted(*args, **kwargs):
+            self.n += 1
+            return f(*args, **kwargs)
+
+        return counted
+
+
+_READS = ("tolist", "item", "__int__", "__float__", "__bool__", "__index__")
+
+
+def test_membership_changes_wait_on_the_device_at_most_once(tmp_path, monkeypatch):
+    """On an accelerator each wait costs a round trip behind the queued work: a join, and a
+    leave with nothing to copy or move, wait for nothing; a leave that copies or moves rows
+    waits once, for all layers together. That wait keeps the writes in place: the next step's
+    peak memory stays below one layer's buffer (an in-place write refused copies the buffer)."""
+    model = load(str(write_tiny_model(tmp_path / "llama", "llama"))).model
+    rows = [(r, prefill(model, [3 + r, 4, 5, 6 + r])[0]) for r in range(16)]
+    batch = RunningBatch()
+
+    def syncs(f, *args, **kw):
+        counter = _Syncs(monkeypatch)
+        f(*args, **kw)
+        monkeypatch.undo()
+        if batch.ids:  # the next step
+            mx.eval(batch.forward(model, [1] * len(batch)))
+        return counter.n
+
+    assert syncs(batch.join, rows[:1]) == 0
+    assert syncs(batch.join, rows[1:]) == 0
+    last = batch.ids[-1]
+    assert syncs(batch.leave, [last], drop=[last]) == 0  # nothing to copy, nothing moves
+    assert syncs(batch.leave, batch.ids[2:4], drop=batch.ids[2:4]) == 1  # two rows move
+    mx.eval([[c.keys, c.values] for c in batch.cache])
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    assert syncs(batch.leave, [batch.ids[1]]) == 1  # its copy out, and the last row moves
+    assert mx.get_peak_memory() - before < batch.cache[0].nbytes
+    everyone = list(batch.ids)
+    assert syncs(batch.leave, everyone, views=everyone) == 0

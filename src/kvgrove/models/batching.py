@@ -10,9 +10,16 @@ buffers grow when they run out: one copy, amortized), a leave moves the last row
 holes it leaves (only those rows are copied), so neither costs a whole-batch copy per event.
 Recurrent layers' states are small and fixed per row: they are concatenated and gathered.
 
-Rows leave as kvgrove per-sequence caches (`SpanKVCache`, `RecurrentCache`): contiguous copies,
-never views into the batch buffers, so a sequence's cache can be snapshotted or kept after the
-batch moves on.
+Rows leave as kvgrove per-sequence caches (`SpanKVCache`, `RecurrentCache`): copies (slices of
+one gather of the leaving rows per layer), never views into the batch buffers, so a sequence's
+cache can be snapshotted or kept after the batch moves on.
+
+Membership changes wait on the device as little as they can: on an accelerator each wait is a
+round trip behind everything queued. The rows' left padding is mirrored on the host (never read
+back), a join or a leave is queued with one `mx.async_eval`, and a leave waits once (for all
+layers), only when rows stay and others leave as copies or move: MLX writes a buffer in place
+only when no pending operation still reads it, so those reads must be done before the moves and
+the next step write into the buffers (else each write copies its whole buffer).
 """
 
 from __future__ import annotations
@@ -46,11 +53,20 @@ class SlotKVCache(mlx_cache.BatchKVCache):
     (the spare rows are memory a long-context batch cannot waste); positions grow in `step`s
     as mlx-lm's do. A joining row longer than the batch's length shifts the batch right
     (one copy); a freed row's old values stay behind its new occupant's left padding, masked.
+
+    `pads` mirrors `left_padding` on the host (`offset` is `_idx - pads` row by row), so
+    nothing here reads the device's copy back.
     """
 
     def __init__(self, left_padding: Sequence[int]) -> None:
         super().__init__(list(left_padding))
         self.rows = len(left_padding)
+        self.pads = list(left_padding)
+
+    def _set_pads(self, pads: list[int]) -> None:
+        self.pads = pads
+        self.left_padding = mx.array(pads, mx.int32)
+        self.offset = mx.array([self._idx - p for p in pads], mx.int32)
 
     @property
     def capacity(self) -> int:
@@ -96,76 +112,86 @@ class SlotKVCache(mlx_cache.BatchKVCache):
         self.keys, self.values = new_k, new_v
         if shift:
             self._idx += shift
-            self.left_padding = self.left_padding + shift
+            self._set_pads([p + shift for p in self.pads])
 
-    def take(
-        self,
-        keys: mx.array,
-        values: mx.array,
-        length: int,
-        left_padding: mx.array,
-        offset: mx.array,
-    ) -> None:
-        """Rows prefilled elsewhere join at the end: `keys` (k, H, >= length, D), left-padded to
-        their shared `length`. Only they are written (unless capacity or left room runs out)."""
-        k = keys.shape[0]
+    def take(self, parts: Sequence[tuple[mx.array, mx.array, int, Sequence[int]]]) -> None:
+        """Rows prefilled elsewhere join at the end. Each part is (keys (k, H, >= length, D),
+        values, length, the k rows' left padding): k rows left-padded to their shared length.
+        Only they are written (unless capacity or left room runs out: then one copy for all)."""
+        k = sum(part[0].shape[0] for part in parts)
+        longest = max(part[2] for part in parts)
         n = self.rows
         if self.keys is None:
+            keys, values = parts[0][0], parts[0][1]
             self.keys, self.values = keys[..., :0, :], values[..., :0, :]
-            self.rows, self._idx = 0, 0
-            self._relayout(k, 0, length + 1)
-            self.left_padding = mx.zeros((0,), mx.int32)
-            self.offset = mx.zeros((0,), mx.int32)
-        shift = max(0, length - self._idx)
+            self.rows, self._idx, self.pads = 0, 0, []
+            self._relayout(k, 0, longest + 1)
+        shift = max(0, longest - self._idx)
         if n + k > self.capacity or shift or self._idx + 1 > self.keys.shape[2]:
             capacity = self.capacity
             if n + k > capacity:  # doubling while small, then 16 rows at a time
                 capacity = max(n + k, capacity + min(capacity, 16))
             self._relayout(capacity, shift, self._idx + shift + 1)
-        start = self._idx - length
-        self.keys[n : n + k, :, start : self._idx, :] = keys[..., :length, :]
-        self.values[n : n + k, :, start : self._idx, :] = values[..., :length, :]
-        lp = left_padding.astype(self.left_padding.dtype) + start
-        self.left_padding = mx.concatenate([self.left_padding, lp])
-        self.offset = mx.concatenate([self.offset, offset.astype(self.offset.dtype)])
+        pads = list(self.pads)
+        for keys, values, length, left_padding in parts:
+            r, start = len(pads), self._idx - length
+            end = r + keys.shape[0]
+            self.keys[r:end, :, start : self._idx, :] = keys[..., :length, :]
+            self.values[r:end, :, start : self._idx, :] = values[..., :length, :]
+            pads += [p + start for p in left_padding]
         self.rows = n + k
+        self._set_pads(pads)
 
-    def move(self, order: Sequence[int]) -> None:
-        """Keep rows `order` (old row indices, in their new order) as rows 0.., where row p
-        keeps its place unless order[p] != p: only those rows are copied."""
-        moved = [(p, o) for p, o in enumerate(order) if p != o]
-        if moved and self.keys is not None:
-            dst = mx.array([p for p, _ in moved])
-            src = mx.array([o for _, o in moved])
-            rows = self.keys[src], self.values[src]
-            # Evaluated apart, so the buffers have no other reader and the writes go in place.
-            mx.eval(rows)
-            self.keys[dst], self.values[dst] = rows
-        index = mx.array(list(order), dtype=mx.int32)
-        self.left_padding = self.left_padding[index]
-        self.offset = self.offset[index]
+    def read_rows(self, rows: Sequence[int], index: mx.array) -> tuple[int, mx.array, mx.array]:
+        """Rows `rows` (`index` on the device) gathered into new arrays, lazily: one copy of
+        positions [start, _idx), from the first one any of them holds; returns start too."""
+        start, i = min(self.pads[r] for r in rows), self._idx
+        return start, self.keys[:, :, start:i, :][index], self.values[:, :, start:i, :][index]
+
+    def move(
+        self,
+        order: Sequence[int],
+        dst: mx.array | None = None,
+        rows: tuple[int, mx.array, mx.array] | None = None,
+    ) -> None:
+        """Keep rows `order` (old row indices, in their new order) as rows 0..: rows `dst`
+        (the positions p where order[p] != p) get `rows`, the old rows order[p] read by
+        `read_rows` and already evaluated, so nothing else reads the buffers and these writes
+        go in place; every other row keeps its place."""
+        if rows is not None:
+            start, keys, values = rows
+            i = self._idx
+            self.keys[dst, :, start:i, :], self.values[dst, :, start:i, :] = keys, values
         self.rows = len(order)
+        pads = [self.pads[o] for o in order]
         if not self.rows:
             self.keys = self.values = None
             self._idx = 0
+            self._set_pads(pads)
             return
-        strip = min(self.left_padding.tolist())
+        strip = min(pads)
         capacity = self.capacity
         if capacity > 8 and self.rows * 4 <= capacity:
             capacity //= 2  # give back what a much smaller batch no longer needs
         if strip >= self.step or capacity != self.capacity:
             # Padding every row shares (its long rows left): drop it, one copy.
-            self.left_padding = self.left_padding - strip
+            pads = [p - strip for p in pads]
             i = self._idx
             k, v = self.keys, self.values
             self.keys, self.values = k[: self.rows, :, strip:i, :], v[: self.rows, :, strip:i, :]
             self._idx = i - strip
             self._relayout(capacity, 0, self._idx + 1)
             # _relayout copied rows [0, rows) positions [0, _idx) of the sliced view.
+        self._set_pads(pads)
 
     def extract(self, idx: int) -> mlx_cache.KVCache:
         assert idx < self.rows
-        return super().extract(idx)
+        cache = mlx_cache.KVCache()
+        pad = self.pads[idx]
+        cache.keys = mx.contiguous(self.keys[idx : idx + 1, :, pad : self._idx])
+        cache.values = mx.contiguous(self.values[idx : idx + 1, :, pad : self._idx])
+        cache.offset = self._idx - pad
+        return cache
 
 
 def _compaction(n: int, leaving: set[int]) -> list[int]:
@@ -188,36 +214,44 @@ def _merge_recurrent(layers: list[Any]) -> Any:
 
 
 def _row_caches(
-    cache: Sequence[Any], rows: Sequence[int], tokens: Sequence[int], *, views: bool = False
+    cache: Sequence[Any],
+    rows: Sequence[int],
+    tokens: Sequence[int],
+    *,
+    views: bool = False,
 ) -> list[list[Any]]:
     """Per-sequence caches of batch rows `rows` (holding `tokens` each), one list per row.
 
-    Copies (contiguous, evaluated), or with `views` lazy slices of the batch's buffers: for a
-    cache read once and dropped before the batch's next step (a prefix-cache store copies only
-    the span it keeps), never for one that decodes on. A view alive at the next step would only
-    cost speed: the batch's in-place writes would copy its buffers instead."""
+    Copies, or with `views` slices of the batch's buffers: for a cache read once and dropped
+    before the batch's next step (a prefix-cache store copies only the span it keeps), never
+    for one that decodes on. A view alive at the next step would only cost speed: the batch's
+    in-place writes would copy its buffers instead. Copies are one gather of all the rows per
+    layer (not one copy per row and layer: fewer operations to launch), each row's cache a
+    slice of it, never of the batch's buffers; lazy, the caller evaluates them."""
     out: list[list[Any]] = [[] for _ in rows]
+    index = mx.array(rows, mx.int32)
+    at = rows if views else range(len(rows))  # each row's place in the arrays it is cut from
     for layer in cache:
-        if isinstance(layer, mlx_cache.BatchKVCache):
-            pads, end = layer.left_padding.tolist(), layer._idx
-            for mine, row in zip(out, rows, strict=True):
-                k = layer.keys[row : row + 1, :, pads[row] : end, :]
-                v = layer.values[row : row + 1, :, pads[row] : end, :]
+        if isinstance(layer, SlotKVCache):
+            pads, end = layer.pads, layer._idx
+            if views:
+                start, keys, values = 0, layer.keys, layer.values
+            else:
+                start, keys, values = layer.read_rows(rows, index)
+            for mine, row, j in zip(out, rows, at, strict=True):
                 c = SpanKVCache()
-                c.keys, c.values = (k, v) if views else (mx.contiguous(k), mx.contiguous(v))
+                c.keys = keys[j : j + 1, :, pads[row] - start : end - start, :]
+                c.values = values[j : j + 1, :, pads[row] - start : end - start, :]
                 c.offset = end - pads[row]
                 mine.append(c)
             continue
-        for mine, row, n in zip(out, rows, tokens, strict=True):
+        # Gathered even for views: a view would keep the whole batch state alive.
+        gathered = [None if a is None else a[index] for a in layer.cache]
+        for j, (mine, n) in enumerate(zip(out, tokens, strict=True)):
             c = RecurrentCache(len(layer.cache))
-            # Copies, not views: a view would keep the whole batch state alive.
-            c.cache = [
-                mx.contiguous(a[row : row + 1]) if a is not None else None for a in layer.cache
-            ]
+            c.cache = [None if a is None else a[j : j + 1] for a in gathered]
             c._tokens_seen = n
             mine.append(c)
-    if not views:
-        mx.eval([_arrays(c) for row in out for c in row])
     return out
 
 
@@ -261,10 +295,7 @@ class RunningBatch:
         for i, mine in enumerate(self.cache):
             layers = [cache[i] for _, cache in rows]
             if isinstance(mine, SlotKVCache):
-                for c in layers:
-                    n = int(c.offset)
-                    zero, length = mx.array([0], mx.int32), mx.array([n], mx.int32)
-                    mine.take(c.keys, c.values, n, zero, length)
+                mine.take([(c.keys, c.values, int(c.offset), [0]) for c in layers])
             elif mine is None:
                 self.cache[i] = _merge_recurrent(layers)
             else:
@@ -281,8 +312,7 @@ class RunningBatch:
         else:
             for mine, theirs in zip(self.cache, cache, strict=True):
                 if isinstance(mine, SlotKVCache):
-                    k, v, length = theirs.keys, theirs.values, theirs._idx
-                    mine.take(k, v, length, theirs.left_padding, theirs.offset)
+                    mine.take([(theirs.keys, theirs.values, theirs._idx, theirs.pads)])
                 else:
                     mine.extend(theirs)
         self.ids += list(ids)
@@ -302,26 +332,41 @@ class RunningBatch:
             return {}
         assert self.cache is not None
         everyone = len(leaving) == len(self.ids)
+        gone = set(leaving)
+        order = _compaction(len(self.ids), {i for i, rid in enumerate(self.ids) if rid in gone})
+        moved = [(p, o) for p, o in enumerate(order) if p != o]
+        kept = [rid for rid in leaving if rid not in drop]
+        viewed = [rid for rid in kept if everyone and rid in views]
+        copied = [rid for rid in kept if rid not in viewed]
         out = {}
-        for as_view in (False, True):
-            group = [
-                rid for rid in leaving if rid not in drop and (everyone and rid in views) == as_view
-            ]
-            rows = [self.ids.index(rid) for rid in group]
-            if rows:
+        for group, as_view in ((copied, False), (viewed, True)):
+            if group:
+                rows = [self.ids.index(rid) for rid in group]
                 caches = _row_caches(
                     self.cache, rows, [self.tokens[r] for r in rows], views=as_view
                 )
                 out.update(zip(group, caches, strict=True))
-        if everyone:
+        copies = [_arrays(c) for rid in copied for c in out[rid]]
+        if everyone:  # nothing writes into the batch's buffers again: no need to wait
+            mx.async_eval(copies)
             self.ids, self.tokens, self.cache = [], [], None
             return out
-        gone = set(leaving)
-        order = _compaction(len(self.ids), {i for i, rid in enumerate(self.ids) if rid in gone})
+        reads, dst = {}, None
+        if moved:
+            dst = mx.array([p for p, _ in moved], mx.int32)
+            movers = [o for _, o in moved]
+            src = mx.array(movers, mx.int32)
+            for i, c in enumerate(self.cache):
+                if isinstance(c, SlotKVCache):
+                    reads[i] = c.read_rows(movers, src)
+        if copies or moved:
+            # The one wait: the copies out and the moving rows' reads done, for every layer at
+            # once, so the moves below and the next step write into the buffers in place.
+            mx.eval(copies, [r[1:] for r in reads.values()])
         index = None
-        for c in self.cache:
+        for i, c in enumerate(self.cache):
             if isinstance(c, SlotKVCache):
-                c.move(order)
+                c.move(order, dst, reads.get(i))
             else:
                 index = mx.array(order) if index is None else index
                 c.filter(index)
@@ -334,7 +379,10 @@ class RunningBatch:
         """Per-sequence copies (or views, see `_row_caches`) of rows' caches; the rows stay."""
         assert self.cache is not None
         rows = [self.ids.index(rid) for rid in rids]
-        return _row_caches(self.cache, rows, [self.tokens[r] for r in rows], views=views)
+        out = _row_caches(self.cache, rows, [self.tokens[r] for r in rows], views=views)
+        if not views:  # the reads done, so the batch's next step writes in place
+            mx.eval([_arrays(c) for row in out for c in row])
+        return out
 
     def trim(self, n: int = 1) -> None:
         """Take the last n tokens off every row (plain-attention batches only)."""
@@ -351,8 +399,9 @@ class RunningBatch:
         return logits[:, -1, :]
 
     def _evaluate(self) -> None:
-        # Materialize the copies now, so the old buffers are freed rather than kept by the graph.
-        mx.eval([_arrays(c) for c in self.cache])
+        # Queue the copies now, so the old buffers are freed rather than kept by the graph; no
+        # wait: what the next step writes in place is their output, which nothing else reads.
+        mx.async_eval([_arrays(c) for c in self.cache])
 
 
 def prefill_together(
