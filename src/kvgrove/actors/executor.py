@@ -126,7 +126,8 @@ class Executor:
             case Follow():
                 if self._last is not None and self._last[1].error is None:
                     step, result = self._last
-                    await self._handle(Step(continued(result), (), step.reply))
+                    # Its continuation is likely granted too: it runs ahead (`Step.ahead`).
+                    await self._handle(Step(continued(result), (), step.reply, ahead=True))
             case UsePager(channel=channel):
                 self._pager = channel
                 self.runner.keeping = True

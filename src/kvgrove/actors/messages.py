@@ -63,6 +63,11 @@ class Step:
     # A plain decode step: right after it the executor runs its continuation (`Follow`) too,
     # without waiting for the scheduler, so `reply` receives two results.
     follow: bool = False
+    # The step after this one is expected to be its continuation (`follow`, or a continuation
+    # the scheduler is likely to grant the next of): the runner launches that step's forward
+    # from this one's still-lazy tokens (`Settings.decode_overlap`). Only then, so a plan that
+    # changes the batch rarely finds a step run ahead to undo.
+    ahead: bool = False
 
 
 @attrs.frozen

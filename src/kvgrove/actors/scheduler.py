@@ -115,8 +115,9 @@ class Scheduler:
                         continue  # before sleeping, every gone handler is noticed
                     await self._wait_for_message()
                     continue
-                follow = self.in_flight.sent(items, release=release, preempt=preempt)
-                await self._executor.send(Step(items, release, self._results_send, preempt, follow))
+                follow, ahead = self.in_flight.sent(items, release=release, preempt=preempt)
+                step = Step(items, release, self._results_send, preempt, follow, ahead)
+                await self._executor.send(step)
                 await self._take_result()
 
     async def _take_result(self) -> None:

@@ -293,7 +293,8 @@ class StepRunner:
                 results[item.request_id] = self._run_item(item)
         if together is not None:
             self._finish_prefill_together(together, results)
-        self._launch_ahead(batch, results)
+        if step.ahead:
+            self._launch_ahead(batch, results)
         if batch is not None:
             self._finish_decode(batch, results)
         self._prepare_ahead(results)
@@ -464,7 +465,9 @@ class StepRunner:
 
     def _launch_ahead(self, launch: DecodeLaunch | None, results: dict) -> None:
         """Launch the next decode of every batch row from this step's tokens, still lazy for
-        the rows decoded now (plain-attention batches: a token can come off again)."""
+        the rows decoded now (plain-attention batches: a token can come off again). Only for a
+        step whose next is expected to be its continuation (`Step.ahead`): run ahead of every
+        step, the plans that change the batch (joins) undid it, and it lost at 64 rows."""
         ids = list(self._batch.ids)
         if not (self.overlap and self.batched and self._prefill_together and ids):
             return

@@ -119,6 +119,14 @@ class SchedulerCore(SeqQueue):
         sequence decodes in it, nothing waits, leaves or is preempted, no reply channel is full,
         the live caches stay within budget, and no row reaches its token or context limit with
         the token coming now. If so it counts as a planned step."""
+        if not self.continues(items):
+            return False
+        self.steps_planned += 1
+        self.max_decode_rows = max(self.max_decode_rows, len(items))
+        return True
+
+    def continues(self, items: tuple[StepItem, ...]) -> bool:
+        """`plan_follow`'s test alone, counting nothing."""
         if not items or len(items) != len(self._running):
             return False
         if self._waiting or self._release or self._preempt or self._rematch:
@@ -136,8 +144,6 @@ class SchedulerCore(SeqQueue):
             growth = 2 * self._bytes_per_token * len(items)
             if self.live_bytes + growth > self.kv_budget_bytes:
                 return False
-        self.steps_planned += 1
-        self.max_decode_rows = max(self.max_decode_rows, len(items))
         return True
 
     def _fits(self, seq: SeqState, *, running: bool, planned: float = 0.0) -> bool:

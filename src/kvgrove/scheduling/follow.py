@@ -8,6 +8,13 @@ continuation (`kvgrove.actors.messages.Follow`), else it holds, takes the runnin
 too and plans the next step with everything known. So at most one step runs that the scheduler
 has not seen the start of; a row that ends by a stop token, a stop string or a cancel costs at
 most one wasted row-step, one that reaches its token or context limit none (it is foreseen).
+
+With `Settings.decode_overlap` a step expected to be continued (`Step.ahead`: a followed step,
+and every continuation, as the scheduler's next grant is likely) also launches its continuation's
+forward from its own still-lazy tokens, so the device never waits for the host between
+continuations. A prediction that proves wrong costs the rows the next plan does not decode one
+more row-step each (`StepRunner.wasted_row_steps`); a plan that keeps the rows, new prompts
+prefilling beside them, still uses it.
 """
 
 from __future__ import annotations
@@ -41,11 +48,16 @@ class InFlight:
         """A continuation runs: the next result is for it; nothing is to be planned."""
         return self.results > 0
 
-    def sent(self, items: tuple[StepItem, ...], *, release: tuple, preempt: tuple) -> bool:
-        """A planned step goes out; returns whether the executor is to follow it."""
-        follow = not release and not preempt and self._follow(items)
+    def sent(
+        self, items: tuple[StepItem, ...], *, release: tuple, preempt: tuple
+    ) -> tuple[bool, bool]:
+        """A planned step goes out; returns whether the executor is to follow it, and whether
+        the step after it is expected to be its continuation (`Step.ahead`): followed, or, with
+        follow off, a plan that will decode the same rows again."""
+        plain = not release and not preempt
+        follow = plain and self._follow(items)
         self.results, self._coming = (2 if follow else 1), items
-        return follow
+        return follow, follow or (plain and not self.enabled and self.core.continues(items))
 
     def grant(self) -> bool:
         """While a continuation runs: whether to ask for the one after it (`Follow`)."""
