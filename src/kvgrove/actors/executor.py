@@ -99,7 +99,19 @@ class Executor:
             with self._accountant:
                 await self._accountant.send(Charge("weights", "model", self.loaded.info.nbytes))
                 task_status.started(self.loaded)
-                async for msg in self._inbox:
+                while True:
+                    # What is already queued runs without a checkpoint first: a `Follow` sent
+                    # while the last continuation ran goes to the MLX thread before the
+                    # scheduler takes that one's result, so the device gets its next step first.
+                    try:
+                        msg = self._inbox.receive_nowait()
+                    except trio.WouldBlock:
+                        try:
+                            msg = await self._inbox.receive()
+                        except trio.EndOfChannel:
+                            break
+                    except trio.EndOfChannel:
+                        break
                     await self._handle(msg)
         finally:
             # Graceful or not, the pager's at-stop work (the prefix cache to disk) runs first.
