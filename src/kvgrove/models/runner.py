@@ -551,13 +551,14 @@ class StepRunner:
         start, end, ids = launch.start, time.monotonic(), launch.ids
         share = self._batch.nbytes // max(1, len(ids))
         self.max_batch_rows = max(self.max_batch_rows, len(ids))
+        # Per row only what is the row's own (no TokenChoice, one log entry tuple each).
+        tokens, logprobs, tops = sampled.tokens, sampled.logprobs, sampled.top_logprobs
+        live, seconds, log_step = self._live, end - start, self.step_log.append
         for row, rid in enumerate(ids):
-            choice = sampled.row(row)
-            self._live[rid].sampler.accept(choice.token)
-            results[rid] = ItemResult(
-                rid, choice.token, choice.logprob, choice.top_logprobs, end - start, share
-            )
-            self.step_log.append((rid, start, end))
+            token = tokens[row]
+            live[rid].sampler.accept(token)
+            results[rid] = ItemResult(rid, token, logprobs[row], tops[row], seconds, share)
+            log_step((rid, start, end))
         self.items += len(ids)
         self.tokens += len(ids)
 
