@@ -178,13 +178,17 @@ async def run_staggered(settings, requests):
     return results, follows, stats
 
 
-async def test_followed_decode_runs_ahead_and_joins_undo_nothing(tiny):
+@pytest.mark.parametrize("follow", [True, False])
+async def test_followed_decode_runs_ahead_and_joins_undo_nothing(tiny, follow):
     """With the overlap on, every continuation decodes from the forward its predecessor
     launched ahead, and only a row that ends (stop token, cancel, token limit) costs a
     row-step computed ahead and not taken: one each at most. Rows joining the followed batch
     undo nothing (the step before a join is not continued, so nothing ran ahead of it), and the
-    tokens and endings are those of a run with the overlap off."""
-    base = Settings(model=tiny("llama"), disk_budget_bytes=0, prefix_cache=False)
+    tokens and endings are those of a run with the overlap off. With follow off, the plans the
+    scheduler expects to decode the same rows next run ahead alike."""
+    base = Settings(
+        model=tiny("llama"), disk_budget_bytes=0, prefix_cache=False, decode_follow=follow
+    )
     plain, _, _ = await run_staggered(attrs.evolve(base, decode_overlap="off"), staggered(None))
     stop_token = plain[2][0][5]
     requests = staggered(stop_token)
@@ -194,6 +198,7 @@ async def test_followed_decode_runs_ahead_and_joins_undo_nothing(tiny):
     assert on[2] == (plain[2][0][: plain[2][0].index(stop_token)], "stop")
     assert on[3] == (plain[3][0][:5], "cancelled")
     assert off_stats.overlapped_steps == off_stats.wasted_row_steps == 0
-    assert follows > 0
+    assert (follows > 0) == follow
     assert stats.overlapped_steps >= follows  # each continuation used the step run ahead
+    assert stats.overlapped_steps > 0
     assert stats.wasted_row_steps <= len(requests)
