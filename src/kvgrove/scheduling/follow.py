@@ -52,12 +52,12 @@ class InFlight:
         self, items: tuple[StepItem, ...], *, release: tuple, preempt: tuple
     ) -> tuple[bool, bool]:
         """A planned step goes out; returns whether the executor is to follow it, and whether
-        the step after it is expected to be its continuation (`Step.ahead`): followed, or, with
-        follow off, a plan that will decode the same rows again."""
-        plain = not release and not preempt
-        follow = plain and self._follow(items)
+        the step after it is expected to be its continuation (`Step.ahead`): followed, or a plan
+        the scheduler will follow with the same rows (one releasing rows as they end; any, with
+        follow off)."""
+        follow = not release and not preempt and self._follow(items)
         self.results, self._coming = (2 if follow else 1), items
-        return follow, follow or (plain and not self.enabled and self.core.continues(items))
+        return follow, follow or self.core.continues(items)
 
     def grant(self) -> bool:
         """While a continuation runs: whether to ask for the one after it (`Follow`)."""
