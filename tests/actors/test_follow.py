@@ -202,3 +202,15 @@ async def test_followed_decode_runs_ahead_and_joins_undo_nothing(tiny, follow):
     assert stats.overlapped_steps >= follows  # each continuation used the step run ahead
     assert stats.overlapped_steps > 0
     assert stats.wasted_row_steps <= len(requests)
+
+
+async def test_a_lone_row_reaching_its_limit_leaves_nothing_run_ahead(tiny):
+    """The scheduler foresees a token limit: the continuation that samples a lone row's last
+    token does not run ahead (a whole forward for nothing), every one before it does."""
+    base = Settings(model=tiny("llama"), disk_budget_bytes=0, prefix_cache=False)
+    request = [(1, prompt(1), 30, GREEDY, (), None)]
+    off, _, _ = await run_staggered(attrs.evolve(base, decode_overlap="off"), request)
+    on, follows, stats = await run_staggered(attrs.evolve(base, decode_overlap="on"), request)
+    assert on == off and on[1][1] == "length"
+    assert follows > 0 and stats.overlapped_steps >= follows
+    assert stats.wasted_row_steps == 0

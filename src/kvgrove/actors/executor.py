@@ -130,16 +130,17 @@ class Executor:
         match msg:
             case Step():
                 self._last = None  # a step that fails on its way leaves nothing to continue
-                result = await self._step(msg)
+                # A followed step runs ahead (its continuation is certain); its `ahead` is the
+                # continuation's.
+                result = await self._step(attrs.evolve(msg, ahead=True) if msg.follow else msg)
                 msg.reply.send_nowait(result)
                 self._last = (msg, result)
                 if msg.follow:  # its continuation runs now, not after the scheduler's word
-                    await self._handle(Follow())
-            case Follow():
+                    await self._handle(Follow(msg.ahead))
+            case Follow(ahead=ahead):
                 if self._last is not None and self._last[1].error is None:
                     step, result = self._last
-                    # Its continuation is likely granted too: it runs ahead (`Step.ahead`).
-                    await self._handle(Step(continued(result), (), step.reply, ahead=True))
+                    await self._handle(Step(continued(result), (), step.reply, ahead=ahead))
             case UsePager(channel=channel):
                 self._pager = channel
                 self.runner.keeping = True

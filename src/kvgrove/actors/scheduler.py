@@ -101,8 +101,9 @@ class Scheduler:
                 self._deliver_all()
                 self._drop_abandoned()
                 if self.in_flight.following:  # a continuation runs: one more, or hold
-                    if self.in_flight.grant():
-                        await self._executor.send(Follow())
+                    granted, ahead = self.in_flight.grant()
+                    if granted:
+                        await self._executor.send(Follow(ahead))
                     await self._take_result()
                     continue
                 self._handle_stalls()

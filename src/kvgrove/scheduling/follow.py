@@ -51,20 +51,21 @@ class InFlight:
     def sent(
         self, items: tuple[StepItem, ...], *, release: tuple, preempt: tuple
     ) -> tuple[bool, bool]:
-        """A planned step goes out; returns whether the executor is to follow it, and whether
-        the step after it is expected to be its continuation (`Step.ahead`): followed, or a plan
-        the scheduler will follow with the same rows (one releasing rows as they end; any, with
-        follow off)."""
+        """A planned step goes out; returns whether the executor is to follow it, and its
+        `Step.ahead`: for a followed step, whether the continuation is expected to be continued
+        too; else whether the scheduler's next plan is expected to decode the same rows (a step
+        releasing rows as they end; any, with follow off)."""
         follow = not release and not preempt and self._follow(items)
         self.results, self._coming = (2 if follow else 1), items
-        return follow, follow or self.core.continues(items)
+        return follow, self.core.decodes_again(items, tokens=2 if follow else 1)
 
-    def grant(self) -> bool:
-        """While a continuation runs: whether to ask for the one after it (`Follow`)."""
+    def grant(self) -> tuple[bool, bool]:
+        """While a continuation runs: whether to ask for the one after it (`Follow`), and
+        whether some of its rows are expected to decode after it (`Follow.ahead`)."""
         if self.results == 1 and self._follow(self._coming):
             self.results = 2
-            return True
-        return False
+            return True, self.core.decodes_again(self._coming, tokens=2)
+        return False, False
 
     def took(self, result: StepResult) -> tuple[StepItem, ...]:
         """A result came: the items it is for. No continuation follows a step that failed."""
