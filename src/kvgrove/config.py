@@ -143,11 +143,11 @@ class Settings:
     # models); off = one forward per prompt.
     batch_prefill: bool = True
     # The batched decode launches step N+1 from step N's still-lazy tokens before N's tokens go
-    # up (plain-attention models), for a step expected to be continued (`Step.ahead`: followed
-    # steps and their continuations): "on", "off", or "auto" = on with a GPU. Run ahead of every
-    # step it lost on the H200 (8B bf16: 534 vs 673 tok/s at 64 rows): each join undid the step
-    # run ahead. Now nothing runs ahead of a step that a join follows. Off on a CPU, where the
-    # host and the model share the cores (benchmarks/overlap.py).
+    # up (plain-attention models), for a step the scheduler expects rows of to decode next
+    # (`Step.ahead`): "on", "off", or "auto" = on with a GPU. Run ahead of every step it lost on
+    # the H200 (8B bf16: 534 vs 673 tok/s at 64 rows): each join undid the step run ahead. Now
+    # nothing runs ahead of a step that a join follows. Off on a CPU, where the host and the
+    # model share the cores (benchmarks/overlap.py).
     decode_overlap: str = attrs.field(
         default="auto", validator=attrs.validators.in_(("auto", "on", "off"))
     )

@@ -466,7 +466,7 @@ class StepRunner:
     def _launch_ahead(self, launch: DecodeLaunch | None, results: dict) -> None:
         """Launch the next decode of every batch row from this step's tokens, still lazy for
         the rows decoded now (plain-attention batches: a token can come off again). Only for a
-        step whose next is expected to be its continuation (`Step.ahead`): run ahead of every
+        step the scheduler expects rows of to decode next (`Step.ahead`): run ahead of every
         step, the plans that change the batch (joins) undid it, and it lost at 64 rows."""
         ids = list(self._batch.ids)
         if not (self.overlap and self.batched and self._prefill_together and ids):

@@ -9,12 +9,13 @@ too and plans the next step with everything known. So at most one step runs that
 has not seen the start of; a row that ends by a stop token, a stop string or a cancel costs at
 most one wasted row-step, one that reaches its token or context limit none (it is foreseen).
 
-With `Settings.decode_overlap` a step expected to be continued (`Step.ahead`: a followed step,
-and every continuation, as the scheduler's next grant is likely) also launches its continuation's
-forward from its own still-lazy tokens, so the device never waits for the host between
-continuations. A prediction that proves wrong costs the rows the next plan does not decode one
-more row-step each (`StepRunner.wasted_row_steps`); a plan that keeps the rows, new prompts
-prefilling beside them, still uses it.
+With `Settings.decode_overlap` a step the scheduler expects rows of to decode next
+(`Step.ahead`, `Follow.ahead`: `SchedulerCore.decodes_again`) also launches that next forward
+from its own still-lazy tokens, so the device never waits for the host between continuations.
+A plan that keeps the rows (new prompts prefilling beside them, rows leaving) uses it; each row
+it does not decode costs one row-step more (`StepRunner.wasted_row_steps`). Nothing runs ahead
+of a step a row joins after (it would take the step run ahead off the whole batch), nor of one
+whose rows all reach their limits.
 """
 
 from __future__ import annotations
