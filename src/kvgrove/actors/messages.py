@@ -63,10 +63,11 @@ class Step:
     # A plain decode step: right after it the executor runs its continuation (`Follow`) too,
     # without waiting for the scheduler, so `reply` receives two results.
     follow: bool = False
-    # The step after this one is expected to be its continuation: the runner launches that
-    # step's forward from this one's still-lazy tokens (`Settings.decode_overlap`). Only then,
-    # so a plan that changes the batch rarely finds a step run ahead to undo. A followed step
-    # always runs ahead (its continuation is certain): its `ahead` is its continuation's.
+    # Rows of this step are expected to decode in the step after it, in the same batch: the
+    # runner launches that forward from this one's still-lazy tokens (`Settings.decode_overlap`).
+    # Only then, so a plan that changes the batch rarely finds a step run ahead to undo. A
+    # followed step always runs ahead (its continuation is certain): its `ahead` is its
+    # continuation's.
     ahead: bool = False
 
 
