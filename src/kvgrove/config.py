@@ -143,12 +143,13 @@ class Settings:
     # models); off = one forward per prompt.
     batch_prefill: bool = True
     # The batched decode launches step N+1 from step N's still-lazy tokens before N's tokens go
-    # up (plain-attention models): "on", "off", or "auto" = on with a GPU. Off by default: on
-    # this CPU it was slower (benchmarks/overlap.py: the host and the model share the cores) and
-    # on the H200 (8B bf16, benchmarks/gpu_server.py) it gained nothing at 32 rows (543 vs 525
-    # tok/s) and lost at 64 (534 vs 673): each join undoes the step run ahead.
+    # up (plain-attention models), for a step the scheduler expects rows of to decode next
+    # (`Step.ahead`): "on", "off", or "auto" = on with a GPU. Run ahead of every step it lost on
+    # the H200 (8B bf16: 534 vs 673 tok/s at 64 rows): each join undid the step run ahead. Now
+    # nothing runs ahead of a step that a join follows. Off on a CPU, where the host and the
+    # model share the cores (benchmarks/overlap.py).
     decode_overlap: str = attrs.field(
-        default="off", validator=attrs.validators.in_(("auto", "on", "off"))
+        default="auto", validator=attrs.validators.in_(("auto", "on", "off"))
     )
     # A plain decode step is followed by its continuation (each row fed the token it sampled)
     # without waiting for the scheduler, while the scheduler sees no change coming: the device
@@ -272,7 +273,8 @@ _HELP = {
     "model_load_timeout_seconds": "how long a request waits for a load making no progress",
     "tensor_parallel": "ranks to split the model across (mx.distributed ring; 1 = off)",
     "hostfile": "mlx.launch hostfile: run the --tensor-parallel ranks on these machines",
-    "decode_overlap": "run the batched decode one step ahead: on, off or auto (= on with a GPU)",
+    "decode_overlap": "run a followed batched decode one step ahead: on, off or auto (= on "
+    "with a GPU)",
     "tp_timeout_seconds": "a tensor-parallel step taking longer means a rank is hung: stop",
     "quantized_dense_rows": "GPU: quantized layers keep a dense copy for inputs of this many "
     "rows or more, where it fits (0 = never)",

@@ -26,8 +26,11 @@ def prompt(i: int, n: int = 12) -> tuple[int, ...]:
     return tuple((13 * i + 5 * j) % 250 + 5 for j in range(n))
 
 
-async def generate(scheduler, rid, tokens, max_tokens, params, stop_ids, cancel_after, gate):
-    """(tokens, how it ended); a reader held back by `gate` parks its sequence meanwhile."""
+async def generate(
+    scheduler, rid, tokens, max_tokens, params, stop_ids, cancel_after, gate, started=None
+):
+    """(tokens, how it ended); a reader held back by `gate` parks its sequence meanwhile;
+    `started` is set at its first token."""
     send, recv = trio.open_memory_channel(256 if gate is None else 1)
     submit = Submit(rid, tokens, params, max_tokens, 400, frozenset(stop_ids), send)
     await scheduler.inbox.send(submit)
@@ -38,6 +41,8 @@ async def generate(scheduler, rid, tokens, max_tokens, params, stop_ids, cancel_
         match msg:
             case Token(token=token):
                 out.append(token)
+                if started is not None:
+                    started.set()
                 if len(out) == cancel_after:
                     await scheduler.inbox.send(Cancel(rid, trio.current_time()))
                     return out, "cancelled"
@@ -130,3 +135,82 @@ async def test_follow_changes_no_token_and_no_ending(tiny, prefix_cache):
             assert ending == "stop" and tokens == plain[4][0][: plain[4][0].index(stop_token)]
         else:
             assert (len(tokens), ending) == (n, "length"), rid
+
+
+def staggered(stop_token: int | None):
+    """(request id, prompt, max tokens, params, stop ids, cancel after), each arriving alone
+    once the one before it decodes: it prefills on its own, then joins the followed batch."""
+    stops = () if stop_token is None else (stop_token,)
+    return [
+        (1, prompt(1), 40, GREEDY, (), None),
+        (2, prompt(2, 20), 40, GREEDY, stops, None),  # ends at a stop token
+        (3, prompt(3), 30, GREEDY, (), 5),  # cancelled mid-follow
+        (4, prompt(4, 16), 12, GREEDY, (), None),  # reaches its token limit
+        (5, prompt(5), 20, SEEDED, (), None),
+        (6, prompt(6, 9), 16, GREEDY, (), None),
+    ]
+
+
+async def run_staggered(settings, requests):
+    """What each request got, the scheduler's follow count and the executor's statistics."""
+    results = {}
+    async with trio.open_nursery() as nursery:
+        engine = await start_engine(nursery, settings)
+        with trio.fail_after(DEADLINE):
+            async with trio.open_nursery() as clients:
+                for rid, tokens, n, params, stops, cancel in requests:
+                    started = trio.Event()
+
+                    async def one(rid=rid, a=(tokens, n, params, stops, cancel), e=started):
+                        results[rid] = await generate(engine.scheduler, rid, *a, None, e)
+                        e.set()
+
+                    clients.start_soon(one)
+                    await started.wait()
+        await wait_until(
+            lambda: not engine.executor.statistics().live_sequences,
+            what="every sequence released",
+            seconds=DEADLINE,
+        )
+        follows = engine.scheduler.in_flight.follows
+        stats = engine.executor.statistics()
+        nursery.cancel_scope.cancel()
+    return results, follows, stats
+
+
+@pytest.mark.parametrize("follow", [True, False])
+async def test_followed_decode_runs_ahead_and_joins_undo_nothing(tiny, follow):
+    """With the overlap on, every continuation decodes from the forward its predecessor
+    launched ahead, and only a row that ends (stop token, cancel, token limit) costs a
+    row-step computed ahead and not taken: one each at most. Rows joining the followed batch
+    undo nothing (the step before a join is not continued, so nothing ran ahead of it), and the
+    tokens and endings are those of a run with the overlap off. With follow off, the plans the
+    scheduler expects to decode the same rows next run ahead alike."""
+    base = Settings(
+        model=tiny("llama"), disk_budget_bytes=0, prefix_cache=False, decode_follow=follow
+    )
+    plain, _, _ = await run_staggered(attrs.evolve(base, decode_overlap="off"), staggered(None))
+    stop_token = plain[2][0][5]
+    requests = staggered(stop_token)
+    off, _, off_stats = await run_staggered(attrs.evolve(base, decode_overlap="off"), requests)
+    on, follows, stats = await run_staggered(attrs.evolve(base, decode_overlap="on"), requests)
+    assert on == off
+    assert on[2] == (plain[2][0][: plain[2][0].index(stop_token)], "stop")
+    assert on[3] == (plain[3][0][:5], "cancelled")
+    assert off_stats.overlapped_steps == off_stats.wasted_row_steps == 0
+    assert (follows > 0) == follow
+    assert stats.overlapped_steps >= follows  # each continuation used the step run ahead
+    assert stats.overlapped_steps > 0
+    assert stats.wasted_row_steps <= len(requests)
+
+
+async def test_a_lone_row_reaching_its_limit_leaves_nothing_run_ahead(tiny):
+    """The scheduler foresees a token limit: the continuation that samples a lone row's last
+    token does not run ahead (a whole forward for nothing), every one before it does."""
+    base = Settings(model=tiny("llama"), disk_budget_bytes=0, prefix_cache=False)
+    request = [(1, prompt(1), 30, GREEDY, (), None)]
+    off, _, _ = await run_staggered(attrs.evolve(base, decode_overlap="off"), request)
+    on, follows, stats = await run_staggered(attrs.evolve(base, decode_overlap="on"), request)
+    assert on == off and on[1][1] == "length"
+    assert follows > 0 and stats.overlapped_steps >= follows
+    assert stats.wasted_row_steps == 0

@@ -137,7 +137,8 @@ async def test_the_overlap_changes_no_token(llama, kv_budget_bytes, prefix_cache
     assert off_stats.overlapped_steps == 0
     assert (off_preempted > 0) == (preempted > 0) == (kv_budget_bytes is not None)
     assert stats.overlapped_steps > 0  # it did run ahead
-    assert stats.wasted_row_steps > 0  # and rows that finished left one step behind
+    # Rows that end may leave a step computed ahead behind, or none: the scheduler runs ahead
+    # only of plans it expects some of the rows to decode after.
     assert on.keys() == off.keys()
     for rid in on:
         assert on[rid] == off[rid], rid

@@ -62,6 +62,7 @@ steps = st.builds(
     release=st.lists(request_ids, max_size=5).map(tuple),
     reply=st.none(),
     preempt=st.lists(request_ids, max_size=5).map(tuple),
+    ahead=st.booleans(),
 )
 
 
@@ -148,6 +149,6 @@ def test_every_field_of_a_step_travels():
         "resume_tokens",
     }
     # `follow` stays on rank 0: its executor runs the continuation as a step of its own, which
-    # it broadcasts like any other.
-    fields = {"items", "release", "reply", "preempt", "follow"}
+    # it broadcasts like any other. `ahead` travels: every rank runs the same decode ahead.
+    fields = {"items", "release", "reply", "preempt", "follow", "ahead"}
     assert {f.name for f in attrs.fields(Step)} == fields

@@ -227,8 +227,13 @@ def run_turns(model: str, group, plain: bool, kv_dir: Path) -> dict:
 
 def run_model(model: str, group, plain: bool, die: int | None = None) -> dict:
     timeout = next((float(a.split("=")[1]) for a in sys.argv if a.startswith("--tp-timeout=")), 60)
+    # The decode overlap on (a CPU's auto is off): every rank runs the same decode ahead.
     settings = Settings(
-        model=model, prefill_chunk_tokens=16, prefix_cache=False, tp_timeout_seconds=timeout
+        model=model,
+        prefill_chunk_tokens=16,
+        prefix_cache=False,
+        tp_timeout_seconds=timeout,
+        decode_overlap="on",
     )
     if group.rank() == 0:
         return trio.run(drive, settings, group, plain)

@@ -49,6 +49,7 @@ def test_health_memory_and_metrics(live_server):
         "kvgrove_time_to_first_token_seconds_bucket",
         "kvgrove_inter_token_seconds_count",
         'kvgrove_memory_bytes{tier="host"}',
+        'kvgrove_executor_steps{kind="overlapped"}',
     ):
         assert name in text, name
 

@@ -168,6 +168,9 @@ def generate(
         "prefill_chunk_tokens": chunk,
         "max_running_sequences": rng.choice([1, 2, 4, 8]),
         "batch_prefill": rng.random() < 0.7,
+        # The decode overlap (off by default on a CPU) runs ahead of every followed step here,
+        # so the oracle checks it against what the prefix cache promises.
+        "decode_overlap": "on",
     }
     # Tiny tier budgets force every move: device -> host -> disk -> dropped.
     tiering = rng.choice(["device", "host", "disk", "tight", "drop"])

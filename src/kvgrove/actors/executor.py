@@ -99,7 +99,19 @@ class Executor:
             with self._accountant:
                 await self._accountant.send(Charge("weights", "model", self.loaded.info.nbytes))
                 task_status.started(self.loaded)
-                async for msg in self._inbox:
+                while True:
+                    # What is already queued runs without a checkpoint first: a `Follow` sent
+                    # while the last continuation ran goes to the MLX thread before the
+                    # scheduler takes that one's result, so the device gets its next step first.
+                    try:
+                        msg = self._inbox.receive_nowait()
+                    except trio.WouldBlock:
+                        try:
+                            msg = await self._inbox.receive()
+                        except trio.EndOfChannel:
+                            break
+                    except trio.EndOfChannel:
+                        break
                     await self._handle(msg)
         finally:
             # Graceful or not, the pager's at-stop work (the prefix cache to disk) runs first.
@@ -118,15 +130,17 @@ class Executor:
         match msg:
             case Step():
                 self._last = None  # a step that fails on its way leaves nothing to continue
-                result = await self._step(msg)
+                # A followed step runs ahead (its continuation is certain); its `ahead` is the
+                # continuation's.
+                result = await self._step(attrs.evolve(msg, ahead=True) if msg.follow else msg)
                 msg.reply.send_nowait(result)
                 self._last = (msg, result)
                 if msg.follow:  # its continuation runs now, not after the scheduler's word
-                    await self._handle(Follow())
-            case Follow():
+                    await self._handle(Follow(msg.ahead))
+            case Follow(ahead=ahead):
                 if self._last is not None and self._last[1].error is None:
                     step, result = self._last
-                    await self._handle(Step(continued(result), (), step.reply))
+                    await self._handle(Step(continued(result), (), step.reply, ahead=ahead))
             case UsePager(channel=channel):
                 self._pager = channel
                 self.runner.keeping = True

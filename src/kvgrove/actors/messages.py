@@ -63,6 +63,12 @@ class Step:
     # A plain decode step: right after it the executor runs its continuation (`Follow`) too,
     # without waiting for the scheduler, so `reply` receives two results.
     follow: bool = False
+    # Rows of this step are expected to decode in the step after it, in the same batch: the
+    # runner launches that forward from this one's still-lazy tokens (`Settings.decode_overlap`).
+    # Only then, so a plan that changes the batch rarely finds a step run ahead to undo. A
+    # followed step always runs ahead (its continuation is certain): its `ahead` is its
+    # continuation's.
+    ahead: bool = False
 
 
 @attrs.frozen
@@ -74,6 +80,10 @@ class Follow:
     change coming: the device then never waits for the tokens to reach the clients. A row that
     ended in the meantime costs one wasted row-step. After a step that failed as a whole, no
     continuation runs (and none replies)."""
+
+    # The scheduler expects some of its rows to decode after it (not every one reaches its
+    # token or context limit with the token it samples): it runs ahead (`Step.ahead`).
+    ahead: bool = True
 
 
 @attrs.frozen

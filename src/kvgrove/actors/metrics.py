@@ -53,8 +53,9 @@ class Metrics:
         key = (name, tuple(sorted(labels.items())))
         self.counters[key] = self.counters.get(key, 0) + value
 
-    def render(self, gauges: dict[str, tuple[str, dict[str, float]]] | None = None) -> str:
-        """Text format. gauges: name -> (help, {label value of `tier`: value})."""
+    def render(self, gauges: dict[str, tuple] | None = None) -> str:
+        """Text format. gauges: name -> (help, {label value: value}[, label name, "tier" if
+        not given])."""
         lines: list[str] = []
         for name in sorted({n for n, _ in self.counters}):
             lines += [f"# HELP {name} {self.help.get(name, name)}", f"# TYPE {name} counter"]
@@ -63,7 +64,8 @@ class Metrics:
                     lbl = ",".join(f'{k}="{v}"' for k, v in labels)
                     lines.append(f"{name}{{{lbl}}} {value}" if lbl else f"{name} {value}")
         lines += self.ttft.render() + self.inter_token.render()
-        for name, (help_text, values) in (gauges or {}).items():
+        for name, (help_text, values, *label) in (gauges or {}).items():
+            key = label[0] if label else "tier"
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
-            lines += [f'{name}{{tier="{k}"}} {v}' for k, v in values.items()]
+            lines += [f'{name}{{{key}="{k}"}} {v}' for k, v in values.items()]
         return "\n".join(lines) + "\n"

@@ -101,8 +101,9 @@ class Scheduler:
                 self._deliver_all()
                 self._drop_abandoned()
                 if self.in_flight.following:  # a continuation runs: one more, or hold
-                    if self.in_flight.grant():
-                        await self._executor.send(Follow())
+                    granted, ahead = self.in_flight.grant()
+                    if granted:
+                        await self._executor.send(Follow(ahead))
                     await self._take_result()
                     continue
                 self._handle_stalls()
@@ -115,8 +116,9 @@ class Scheduler:
                         continue  # before sleeping, every gone handler is noticed
                     await self._wait_for_message()
                     continue
-                follow = self.in_flight.sent(items, release=release, preempt=preempt)
-                await self._executor.send(Step(items, release, self._results_send, preempt, follow))
+                follow, ahead = self.in_flight.sent(items, release=release, preempt=preempt)
+                step = Step(items, release, self._results_send, preempt, follow, ahead)
+                await self._executor.send(step)
                 await self._take_result()
 
     async def _take_result(self) -> None:

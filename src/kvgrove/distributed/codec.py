@@ -125,6 +125,7 @@ def encode_step(step: Step) -> np.ndarray:
     w = _Writer()
     w.ids(step.release)
     w.ids(step.preempt)
+    w.int(int(step.ahead))  # every rank runs the same decode ahead (its collectives pair up)
     w.int(len(step.items))
     for item in step.items:
         w.int(item.request_id)
@@ -146,6 +147,7 @@ def decode_step(words: np.ndarray) -> Step:
     r = _Reader(words)
     release = r.ids()
     preempt = r.ids()
+    ahead = bool(r.int())
     items = []
     for _ in range(r.int()):
         request_id = r.int()
@@ -165,7 +167,7 @@ def decode_step(words: np.ndarray) -> Step:
         items.append(StepItem(request_id, tokens, sample, start, resume_tokens))
     if r.at != len(r.words):
         raise PlanError(f"{len(r.words) - r.at} words left over after the plan")
-    return Step(items=tuple(items), release=release, reply=None, preempt=preempt)
+    return Step(items=tuple(items), release=release, reply=None, preempt=preempt, ahead=ahead)
 
 
 def _crc(kind: int, payload: np.ndarray) -> int:

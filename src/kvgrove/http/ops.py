@@ -57,6 +57,19 @@ async def metrics() -> Any:
             **attrs.asdict(mem.cached_kv_bytes),
         }
         gauges["kvgrove_memory_bytes"] = ("Bytes held, by tier.", tiers)
+        executor = rt.actors.get("executor")
+        if executor is not None:  # whether the decode runs ahead, and what that wastes
+            stats = executor.statistics()
+            gauges["kvgrove_executor_steps"] = (
+                "Executor steps; batched decodes run ahead (the overlap); rows run ahead and "
+                "not taken.",
+                {
+                    "all": stats.steps,
+                    "overlapped": stats.overlapped_steps,
+                    "wasted_rows": stats.wasted_row_steps,
+                },
+                "kind",
+            )
         cache = await rt.prefix_cache()
         if cache.get("enabled"):
             gauges["kvgrove_prefix_cache_hit_ratio"] = (

@@ -293,7 +293,8 @@ class StepRunner:
                 results[item.request_id] = self._run_item(item)
         if together is not None:
             self._finish_prefill_together(together, results)
-        self._launch_ahead(batch, results)
+        if step.ahead:
+            self._launch_ahead(batch, results)
         if batch is not None:
             self._finish_decode(batch, results)
         self._prepare_ahead(results)
@@ -464,7 +465,9 @@ class StepRunner:
 
     def _launch_ahead(self, launch: DecodeLaunch | None, results: dict) -> None:
         """Launch the next decode of every batch row from this step's tokens, still lazy for
-        the rows decoded now (plain-attention batches: a token can come off again)."""
+        the rows decoded now (plain-attention batches: a token can come off again). Only for a
+        step the scheduler expects rows of to decode next (`Step.ahead`): run ahead of every
+        step, the plans that change the batch (joins) undid it, and it lost at 64 rows."""
         ids = list(self._batch.ids)
         if not (self.overlap and self.batched and self._prefill_together and ids):
             return
@@ -548,13 +551,14 @@ class StepRunner:
         start, end, ids = launch.start, time.monotonic(), launch.ids
         share = self._batch.nbytes // max(1, len(ids))
         self.max_batch_rows = max(self.max_batch_rows, len(ids))
+        # Per row only what is the row's own (no TokenChoice, one log entry tuple each).
+        tokens, logprobs, tops = sampled.tokens, sampled.logprobs, sampled.top_logprobs
+        live, seconds, log_step = self._live, end - start, self.step_log.append
         for row, rid in enumerate(ids):
-            choice = sampled.row(row)
-            self._live[rid].sampler.accept(choice.token)
-            results[rid] = ItemResult(
-                rid, choice.token, choice.logprob, choice.top_logprobs, end - start, share
-            )
-            self.step_log.append((rid, start, end))
+            token = tokens[row]
+            live[rid].sampler.accept(token)
+            results[rid] = ItemResult(rid, token, logprobs[row], tops[row], seconds, share)
+            log_step((rid, start, end))
         self.items += len(ids)
         self.tokens += len(ids)
 

@@ -127,10 +127,7 @@ class SchedulerCore(SeqQueue):
             seq = self._running.get(it.request_id)
             if seq is None or not seq.runnable or not seq.decoding or it.start is not None:
                 return False
-            sub, after = seq.submit, seq.generated + 1
-            if sub.max_tokens is not None and after >= sub.max_tokens:
-                return False
-            if len(seq.prompt) + after >= sub.context_tokens:
+            if not self._within_limits(seq, 1):
                 return False
         if self.kv_budget_bytes is not None:
             growth = 2 * self._bytes_per_token * len(items)
@@ -139,6 +136,29 @@ class SchedulerCore(SeqQueue):
         self.steps_planned += 1
         self.max_decode_rows = max(self.max_decode_rows, len(items))
         return True
+
+    def decodes_again(self, items: tuple[StepItem, ...], *, tokens: int = 1) -> bool:
+        """Whether the plan after the one `tokens` steps on from a step decoding `items` is
+        expected to decode some of the same rows in the same batch (`Step.ahead`): every running
+        sequence decodes in it (no row prefilled or parked now joins then, which would take the
+        step run ahead off the whole batch), and some row stays runnable and within its limits.
+        Rows that end meanwhile, or leave as sequences join or are preempted, cost one row-step
+        each; counts nothing."""
+        if not items or len(items) != len(self._running):
+            return False
+        seqs = [self._running.get(it.request_id) for it in items]
+        for it, seq in zip(items, seqs, strict=True):
+            if seq is None or not seq.decoding or it.start is not None:
+                return False
+        return any(seq.runnable and self._within_limits(seq, tokens) for seq in seqs)
+
+    @staticmethod
+    def _within_limits(seq: SeqState, tokens: int) -> bool:
+        """Whether seq stays below its token and context limits with `tokens` more."""
+        sub, after = seq.submit, seq.generated + tokens
+        if sub.max_tokens is not None and after >= sub.max_tokens:
+            return False
+        return len(seq.prompt) + after < sub.context_tokens
 
     def _fits(self, seq: SeqState, *, running: bool, planned: float = 0.0) -> bool:
         """Whether seq's cache can be built now without outgrowing the budget, beside the live

@@ -8,6 +8,14 @@ continuation (`kvgrove.actors.messages.Follow`), else it holds, takes the runnin
 too and plans the next step with everything known. So at most one step runs that the scheduler
 has not seen the start of; a row that ends by a stop token, a stop string or a cancel costs at
 most one wasted row-step, one that reaches its token or context limit none (it is foreseen).
+
+With `Settings.decode_overlap` a step the scheduler expects rows of to decode next
+(`Step.ahead`, `Follow.ahead`: `SchedulerCore.decodes_again`) also launches that next forward
+from its own still-lazy tokens, so the device never waits for the host between continuations.
+A plan that keeps the rows (new prompts prefilling beside them, rows leaving) uses it; each row
+it does not decode costs one row-step more (`StepRunner.wasted_row_steps`). Nothing runs ahead
+of a step a row joins after (it would take the step run ahead off the whole batch), nor of one
+whose rows all reach their limits.
 """
 
 from __future__ import annotations
@@ -41,18 +49,24 @@ class InFlight:
         """A continuation runs: the next result is for it; nothing is to be planned."""
         return self.results > 0
 
-    def sent(self, items: tuple[StepItem, ...], *, release: tuple, preempt: tuple) -> bool:
-        """A planned step goes out; returns whether the executor is to follow it."""
+    def sent(
+        self, items: tuple[StepItem, ...], *, release: tuple, preempt: tuple
+    ) -> tuple[bool, bool]:
+        """A planned step goes out; returns whether the executor is to follow it, and its
+        `Step.ahead`: for a followed step, whether the continuation is expected to be continued
+        too; else whether the scheduler's next plan is expected to decode the same rows (a step
+        releasing rows as they end; any, with follow off)."""
         follow = not release and not preempt and self._follow(items)
         self.results, self._coming = (2 if follow else 1), items
-        return follow
+        return follow, self.core.decodes_again(items, tokens=2 if follow else 1)
 
-    def grant(self) -> bool:
-        """While a continuation runs: whether to ask for the one after it (`Follow`)."""
+    def grant(self) -> tuple[bool, bool]:
+        """While a continuation runs: whether to ask for the one after it (`Follow`), and
+        whether some of its rows are expected to decode after it (`Follow.ahead`)."""
         if self.results == 1 and self._follow(self._coming):
             self.results = 2
-            return True
-        return False
+            return True, self.core.decodes_again(self._coming, tokens=2)
+        return False, False
 
     def took(self, result: StepResult) -> tuple[StepItem, ...]:
         """A result came: the items it is for. No continuation follows a step that failed."""
