@@ -199,6 +199,10 @@ class StepRunner:
         """Drop a sequence without keeping anything (its ranks lost, its books cleared)."""
         self._live.pop(request_id, None)
 
+    @property
+    def has_keeps(self) -> bool:
+        return bool(self._keeps)
+
     def take_keeps(self) -> list[Keep]:
         keeps, self._keeps = self._keeps, []
         return keeps
