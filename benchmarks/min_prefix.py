@@ -12,8 +12,8 @@ its own, one greedy token each (so the wave is its admission and prefill). Two c
 
 Each (case, k) runs `--waves` waves per setting, the two settings alternating on one engine (the
 minimum is switched on its running scheduler core between waves; the machine is shared: a ratio
-within one run holds, absolute figures move with the load). Printed: the median
-wave time, restore / recompute, and the executor's steps per wave.
+within one run holds, absolute figures move with the load). Printed: the median wave time,
+restore / recompute, the executor's steps and the model's prefill passes per wave.
 
     PYTHONPATH=src .venv/bin/python benchmarks/min_prefix.py [--ks 4,8,16,32,64,128]
 """
@@ -37,10 +37,33 @@ from _common import table
 from kvgrove.actors.engine import start_engine
 from kvgrove.actors.messages import Done, Failed, Submit
 from kvgrove.config import Settings
+from kvgrove.models.loading import load
 from kvgrove.sampling import SamplingParams
 
 OFF = 0  # restore and wait for any prefix (the behaviour before the setting)
 NEVER = 10**9  # restore nothing: recompute every prompt in full
+
+
+class Counting:
+    """The model, its prefill passes (more than one position) counted: on an accelerator each
+    costs about the same whatever it holds, so their number is what the wave costs there."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.prefills = 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, inputs, cache=None):
+        self.prefills += inputs.shape[1] > 1
+        return self.inner(inputs, cache=cache)
+
+
+def counting_load(name):
+    loaded = load(name)
+    loaded.model = Counting(loaded.model)
+    return loaded
 
 
 async def wave(engine, prompts, rids) -> float:
@@ -79,8 +102,9 @@ async def main(args) -> None:
     rids = itertools.count(1)
     rows = []
     async with trio.open_nursery() as nursery:
-        engine = await start_engine(nursery, settings)
+        engine = await start_engine(nursery, settings, loader=counting_load)
         core = engine.scheduler.core
+        model = engine.loaded.model
         # Warm-up: compile what both paths use.
         for minimum in (OFF, NEVER, OFF):
             core.min_prefix_tokens = minimum
@@ -92,6 +116,7 @@ async def main(args) -> None:
             for k in (int(x) for x in args.ks.split(",")):
                 times = {OFF: [], NEVER: []}
                 steps = {OFF: [], NEVER: []}
+                passes = {OFF: [], NEVER: []}
                 shared = toks(k)
                 for _ in range(args.waves):
                     for minimum in (OFF, NEVER):
@@ -101,9 +126,10 @@ async def main(args) -> None:
                         else:  # the shared tokens are cached (restore points inside them too)
                             await wave(engine, [shared + toks(args.unique)], [next(rids)])
                         ps = [shared + toks(args.unique) for _ in range(args.requests)]
-                        before = engine.executor.statistics().steps
+                        before = engine.executor.statistics().steps, model.prefills
                         times[minimum].append(await wave(engine, ps, [next(rids) for _ in ps]))
-                        steps[minimum].append(engine.executor.statistics().steps - before)
+                        steps[minimum].append(engine.executor.statistics().steps - before[0])
+                        passes[minimum].append(model.prefills - before[1])
                 off, never = (statistics.median(times[m]) for m in (OFF, NEVER))
                 rows.append(
                     [
@@ -114,6 +140,8 @@ async def main(args) -> None:
                         off / never,
                         statistics.median(steps[OFF]),
                         statistics.median(steps[NEVER]),
+                        statistics.median(passes[OFF]),
+                        statistics.median(passes[NEVER]),
                     ]
                 )
                 print(
@@ -132,6 +160,8 @@ async def main(args) -> None:
         "restore / recompute",
         "steps (restore)",
         "steps (recompute)",
+        "prefill passes (restore)",
+        "prefill passes (recompute)",
     ]
     print(table(headers, rows))
 
