@@ -139,6 +139,16 @@ class Settings:
     # what the device budget leaves after the weights), live caches the rest of that
     # (`device_split`); host and disk tiers get their budgets.
     prefix_cache: bool = True
+    # A cached prefix shorter than this is not restored (its lock is let go and the prompt
+    # prefills in full, beside other fresh prompts), and a prompt waits for another's prefill
+    # only to gain at least this many tokens; 0 = restore and wait for any. A restored prompt
+    # prefills in a pass of its own after a pager round trip (a follower after a wait and a
+    # second match): on the H200 trace such a pass costs 20-35 ms, while 16 more tokens in a
+    # batched prefill cost well under 1 ms there. On this CPU (SmolLM2-135M, 16 prompts of
+    # k + 40 tokens, benchmarks/min_prefix.py) the two are within the noise up to k = 16
+    # (restore / recompute wave time 0.81-1.23x) and restoring wins beyond (0.61x at 32,
+    # 0.42x at 64). 16 is also vLLM's block: it reuses whole 16-token blocks only.
+    min_prefix_tokens: int = attrs.field(default=16, validator=_non_negative)
     # New prompts that arrive together prefill in one left-padded forward pass (plain-attention
     # models); off = one forward per prompt.
     batch_prefill: bool = True
@@ -266,6 +276,8 @@ _HELP = {
     "stall_limit_seconds": "a client stalled this long in all gets an in-stream error",
     "max_body_bytes": "largest request body; larger get 413",
     "max_predict_tokens": "largest num_predict / max_tokens; also caps 'until the limit'",
+    "min_prefix_tokens": "a cached or shared prefix shorter than this is recomputed, not "
+    "restored or waited for (0 = any)",
     "device_cache_bytes": "device-tier budget of the prefix cache (0 = half what weights leave)",
     "kv_cache_dir": "folder of the prefix cache's disk tier (default ~/.cache/kvgrove/kv)",
     "max_loaded_models": "other models loaded on demand at once (0 = serve --model only)",

@@ -92,3 +92,4 @@ def test_generator_is_seeded_and_covers_the_workload():
     assert points >= {"snapshot.take", "tiers.demote", "tiers.promote", "disk.write"}
     bases = {r.base[0] for sc in scenarios for r in sc.requests()}
     assert bases == {"piece", "turn", "none"}
+    assert {sc.settings["min_prefix_tokens"] for sc in scenarios} == {0, 16}

@@ -243,4 +243,7 @@ def generate(
             )
         steps.append(Wave(tuple(reqs)))
         done += [r.rid for r in reqs if r.action in ("read", "stall_resume")]
+    # Drawn last, so the rest of a seed's scenario is what it was before the setting: half the
+    # scenarios restore any cached prefix, half leave those under 16 tokens to be recomputed.
+    settings["min_prefix_tokens"] = rng.choice([0, 16])
     return Scenario(seed, kind, settings, kv_budget, pieces, armed, tuple(steps))

@@ -70,6 +70,7 @@ class Scheduler:
             max_running=settings.max_running_sequences,
             kv_budget_bytes=kv_budget_bytes,
             share_prefills=pager is not None and settings.prefix_cache,
+            min_prefix_tokens=settings.min_prefix_tokens,
         )
         self._executor = executor
         match = release = None

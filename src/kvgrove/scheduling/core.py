@@ -44,6 +44,7 @@ class SchedulerStats:
     preempted: int = 0
     max_decode_rows: int = 0  # the most sequences decoded in one step so far
     prefill_waits: int = 0  # sequences that waited for another's prefill of their prefix
+    short_prefixes: int = 0  # matched prefixes under min_prefix_tokens, computed instead
     stall_parked: int = 0  # now out of the batch because their client stopped reading
     stall_parks: int = 0  # times a sequence left the batch for that, in all
     stall_ended: int = 0  # sequences ended at the stall limit, in all
@@ -65,12 +66,14 @@ class SchedulerCore(SeqQueue):
         kv_budget_bytes: int | None = None,
         aging_tokens_per_step: int = DEFAULT_AGING_TOKENS_PER_STEP,
         share_prefills: bool = False,
+        min_prefix_tokens: int = 0,
     ) -> None:
         assert chunk_tokens > 0
         super().__init__(
             max_running=max_running,
             aging_tokens_per_step=aging_tokens_per_step,
             share_prefills=share_prefills,
+            min_prefix_tokens=min_prefix_tokens,
         )
         self.chunk_tokens = chunk_tokens
         self.kv_budget_bytes = kv_budget_bytes  # None = unbounded
@@ -228,6 +231,7 @@ class SchedulerCore(SeqQueue):
             preempted=self.preempted,
             max_decode_rows=self.max_decode_rows,
             prefill_waits=self.prefill_waits,
+            short_prefixes=self.short_prefixes,
             stall_parked=sum(1 for s in self._waiting if s.stall_parked),
             stall_parks=self.stall_parks,
             stall_ended=self.stall_ended,

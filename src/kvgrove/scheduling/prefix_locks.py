@@ -2,9 +2,10 @@
 
 A submitted prompt is matched against the prefix cache before admission (the pager locks what
 it finds and answers `Matched`); a sequence that waited for another's prefill is matched again;
-one that ends before the executor saw it has its lock released here (the executor's stores
-release the others). The shell gives it `match` and `release`, which send to the pager without
-blocking and say whether the pager took the message (None = no prefix cache).
+one that ends before the executor saw it, or whose match is too short to be worth restoring
+(`SeqQueue.worth`), has its lock released here (the executor's stores release the others).
+The shell gives it `match` and `release`, which send to the pager without blocking and say
+whether the pager took the message (None = no prefix cache).
 """
 
 from __future__ import annotations
@@ -41,28 +42,38 @@ class PrefixLocks:
             self.core.admit(submit)
 
     def matched(self, request_id: int, cached_tokens: int) -> None:
-        """The pager's answer: admit (or, after a wait, restart from) `cached_tokens`."""
+        """The pager's answer: admit (or, after a wait, restart from) `cached_tokens`, or from
+        0 when so short a prefix is not worth restoring (its lock released)."""
         if request_id in self.rematching:
             self.rematching.discard(request_id)
             if self.core.get(request_id) is None:  # gone while the pager looked again
                 self.release(request_id)
             else:
-                self.core.rematched(request_id, cached_tokens)
+                self.core.rematched(request_id, self._worth(request_id, cached_tokens))
             return
         submit = self.matching.pop(request_id, None)
         if submit is None or submit.handler_gone:  # cancelled while the pager looked
             self.release(request_id)
         else:
-            self.core.admit(submit, cached_tokens=cached_tokens)
+            self.core.admit(submit, cached_tokens=self._worth(request_id, cached_tokens))
+
+    def _worth(self, request_id: int, cached_tokens: int) -> int:
+        cached = self.core.worth(cached_tokens)
+        if cached != cached_tokens:
+            self.release(request_id)  # unlocked now: nothing will restore it
+        return cached
 
     def send_rematches(self) -> None:
         """Sequences that waited for another's prefill ask the pager for the longer match."""
+        self.send_releases()
         for rid in self.core.take_rematch():
             seq = self.core.get(rid)
             if seq is None:
                 continue
             sub = seq.submit
-            if self._match(rid, sub.namespace, sub.prompt_tokens):
+            if rid in self.releases:  # a Release still to send would unlock the new match
+                self.core.rematched(rid, seq.cached_tokens)
+            elif self._match(rid, sub.namespace, sub.prompt_tokens):
                 self.rematching.add(rid)
             else:  # the pager is swamped: start from what it has
                 self.core.rematched(rid, seq.cached_tokens)

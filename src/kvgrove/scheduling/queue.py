@@ -21,15 +21,26 @@ from kvgrove.scheduling.sharing import find_leader, wait_is_over
 class SeqQueue:
     """The waiting and running sequences; admission, removal, stalls and preemption."""
 
-    def __init__(self, *, max_running: int, aging_tokens_per_step: int, share_prefills: bool):
-        assert max_running > 0 and aging_tokens_per_step >= 0
+    def __init__(
+        self,
+        *,
+        max_running: int,
+        aging_tokens_per_step: int,
+        share_prefills: bool,
+        min_prefix_tokens: int = 0,
+    ):
+        assert max_running > 0 and aging_tokens_per_step >= 0 and min_prefix_tokens >= 0
         self.max_running = max_running
         self.aging_tokens_per_step = aging_tokens_per_step
         # A prompt's KV enters the prefix cache as it is prefilled: a sequence whose uncached
         # prefix another is prefilling waits for it rather than compute it too.
         self.share_prefills = share_prefills
+        # A cached prefix shorter than this is not restored and a shared one not waited for:
+        # the prompt is computed in full, beside other fresh prompts (`Settings`).
+        self.min_prefix_tokens = min_prefix_tokens
         self._rematch: list[int] = []
         self.prefill_waits = 0
+        self.short_prefixes = 0
         self._waiting: list[SeqState] = []
         self._running: dict[int, SeqState] = {}  # insertion order = round-robin order
         self._release: list[int] = []
@@ -60,6 +71,14 @@ class SeqQueue:
         self._fill()
         return seq
 
+    def worth(self, cached_tokens: int) -> int:
+        """How much of a matched prefix to restore: all of it, or none (counted) when it is
+        shorter than `min_prefix_tokens`."""
+        if 0 < cached_tokens < self.min_prefix_tokens:
+            self.short_prefixes += 1
+            return 0
+        return cached_tokens
+
     def priority(self, seq: SeqState) -> int:
         """Cache-aware order with aging: cached prefix tokens plus credit for steps waited."""
         waited = self.steps_planned - seq.submitted_step
@@ -89,7 +108,7 @@ class SeqQueue:
         cached, seq waits for it: the longest such shared prefix wins."""
         if not self.share_prefills or seq.started or seq.waited or seq.finished:
             return
-        found = find_leader(seq, self._running.values())
+        found = find_leader(seq, self._running.values(), min_gain=self.min_prefix_tokens)
         if found is not None:
             seq.waits_for, seq.wait_until, seq.waited = found[0].request_id, found[1], True
             self.prefill_waits += 1

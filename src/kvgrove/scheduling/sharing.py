@@ -20,9 +20,13 @@ def common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     return i
 
 
-def find_leader(seq: SeqState, running: Iterable[SeqState]) -> tuple[SeqState, int] | None:
+def find_leader(
+    seq: SeqState, running: Iterable[SeqState], *, min_gain: int = 0
+) -> tuple[SeqState, int] | None:
     """The running sequence prefilling (or about to) the longest prefix of seq's prompt beyond
-    what seq has cached, and how long that shared prefix is; None if there is none."""
+    what seq has cached, and how long that shared prefix is; None if there is none, or if it
+    would gain seq fewer than `min_gain` tokens (a wait and a second match cost more than
+    computing a few tokens beside other fresh prompts)."""
     usable = len(seq.prompt) - 1  # at least one prompt token is always fed
     best, best_common = None, seq.cached_tokens
     for other in running:
@@ -33,7 +37,9 @@ def find_leader(seq: SeqState, running: Iterable[SeqState]) -> tuple[SeqState, i
         common = min(common_prefix(seq.prompt, other.prompt), usable)
         if common > best_common and other.fed < common:
             best, best_common = other, common
-    return None if best is None else (best, best_common)
+    if best is None or best_common - seq.cached_tokens < min_gain:
+        return None
+    return best, best_common
 
 
 def wait_is_over(seq: SeqState, running: Mapping[int, SeqState]) -> bool:
