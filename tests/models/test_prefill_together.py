@@ -10,6 +10,7 @@ from kvgrove.models.batching import RunningBatch, prefill_together
 from kvgrove.models.caches import cache_tokens, make_cache
 from kvgrove.models.generate import forward, prefill_chunks
 from kvgrove.models.loading import load
+from kvgrove.models.runner import prefill_groups
 from tiny_models import write_tiny_model
 
 # (cached prefix, new tokens): a suffix of 1 token; a prefix longer than other rows' whole
@@ -113,3 +114,19 @@ def test_restored_prefixes_with_one_token_each_skip_the_block(tmp_path):
     for row, p in enumerate(prompts):
         want = alone(model, restored(model, p[:-1]), p[-1:])
         assert mx.allclose(logprobs(logits[row]), logprobs(want), atol=1e-4).item()
+
+
+def test_groups_bound_the_padding_of_new_tokens_and_of_context():
+    # Six prompts after one shared 1,700-token prefix, and six short fresh ones: two groups
+    # (one pass each), not one whose fresh rows would be padded to 1,700 positions.
+    rows = [(1700, 20 + i) for i in range(6)] + [(0, 30 + i) for i in range(6)]
+    groups = prefill_groups(rows, 4096)
+    assert sorted(map(sorted, groups)) == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11]]
+    mixed = [*rows, (40, 2000), (3, 1)]
+    for limit in (64, 300, 4096):
+        for group in prefill_groups(mixed, limit):
+            ends = [sum(mixed[r]) for r in group]
+            assert len(group) >= 2
+            assert len(group) * max(mixed[r][1] for r in group) <= limit
+            assert len(group) * max(ends) - sum(ends) <= limit
+    assert prefill_groups([(0, 5)], 4096) == []  # one prompt prefills on its own
