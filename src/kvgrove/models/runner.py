@@ -4,7 +4,8 @@ It owns the sequences the executor knows (`Live`: a sampler and, unless the sequ
 of the running batch, its own cache) and the `RunningBatch`. A step decodes every decoding
 sequence in one batched forward pass (rows join and leave only when membership changes), and
 runs the step's prefill chunks one sequence at a time while that batch computes
-(`mx.async_eval`); whole new prompts may prefill together in one left-padded pass.
+(`mx.async_eval`); prompts' last chunks (whole new prompts, or the rest after a restored
+prefix) may prefill together, a group per left-padded pass.
 
 The prefix cache is not touched here (the pager owns it): a restored prefix comes in as a live
 cache (`run_items(..., restored)`, asked for with `restore_requests`), and what the prefix cache
