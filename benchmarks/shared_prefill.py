@@ -1,12 +1,18 @@
-"""Identical prompts arriving together: computed once (kvgrove shares an in-flight prefill) or
-once per request (prefix cache off), on the real actors (scheduler, pager, executor).
+"""Prompts sharing a prefix arriving together, on the real actors (scheduler, pager, executor).
 
 `requests` requests with the same `prompt_tokens`-token prompt arrive at once; each generates
-`output_tokens`. Printed per configuration: the wall time until all are done, time to first
-token (median, max), the tokens the executor computed (prompt and decode), and the cached tokens
-the requests report.
+`output_tokens`: computed once (kvgrove shares an in-flight prefill) or once per request (prefix
+cache off). With `--question-tokens Q`, the shared prompt is a system prompt or document that
+one earlier request already left in the prefix cache, and each request adds its own Q-token
+question: the prefills of the questions after the restored prefix (prefilled together in one
+pass where they fit, see `StepRunner._launch_prefill_together`). Printed per configuration: the
+wall time until all are done, time to first token (median, max), the tokens the executor
+computed (prompt and decode, the earlier request's not counted), and the cached tokens the
+requests report.
 
     .venv/bin/python benchmarks/shared_prefill.py [--requests 3 --prompt-tokens 400 ...]
+    .venv/bin/python benchmarks/shared_prefill.py --requests 8 --prompt-tokens 1700 \
+        --question-tokens 20 --chunk-tokens 2048
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import kvgrove  # noqa: F401  (must come first: it loads OpenBLAS before mlx is 
 # isort: on
 import trio
 
-from _common import prompt_of, table
+from _common import FILLER, prompt_of, table
 from kvgrove.actors.engine import start_engine
 from kvgrove.actors.messages import Done, Failed, Submit, Token
 from kvgrove.config import Settings
@@ -39,31 +45,37 @@ async def one_config(args, prefix_cache: bool) -> list[object]:
     async with trio.open_nursery() as nursery:
         engine = await start_engine(nursery, settings)  # the actors as served
         loaded, executor, scheduler = engine.loaded, engine.executor, engine.scheduler
-        prompt = tuple(prompt_of(loaded.tokenizer, args.prompt_tokens))
+        prompts = wave_prompts(loaded.tokenizer, args)
         ttft, cached = [], []
-        t0 = time.perf_counter()
+        t0 = 0.0
 
-        async def request(rid: int) -> None:
+        async def request(rid: int, prompt: tuple[int, ...], timed: bool = True) -> None:
             send, recv = trio.open_memory_channel(64)
             params = SamplingParams(temperature=0)
             submit = Submit(rid, prompt, params, args.output_tokens, 8192, frozenset(), send)
             await scheduler.inbox.send(submit)
             first = True
             async for msg in recv:
-                if isinstance(msg, Token) and first:
+                if isinstance(msg, Token) and first and timed:
                     ttft.append(time.perf_counter() - t0)
                     first = False
                 if isinstance(msg, Done):
-                    cached.append(msg.cached_tokens)
+                    if timed:
+                        cached.append(msg.cached_tokens)
                     return
                 if isinstance(msg, Failed):
                     raise RuntimeError(msg.message)
 
+        before = 0
+        if args.question_tokens:  # an earlier request leaves the shared prompt in the cache
+            await request(0, prompts[0], timed=False)
+            before = executor.statistics().tokens_computed
+        t0 = time.perf_counter()
         async with trio.open_nursery() as inner:
-            for rid in range(1, args.requests + 1):
-                inner.start_soon(request, rid)
+            for rid, prompt in enumerate(prompts[1:], start=1):
+                inner.start_soon(request, rid, prompt)
         wall = time.perf_counter() - t0
-        computed = executor.statistics().tokens_computed
+        computed = executor.statistics().tokens_computed - before
         nursery.cancel_scope.cancel()
     name = "kvgrove, prefix cache on" if prefix_cache else "kvgrove, prefix cache off"
     return [
@@ -72,8 +84,25 @@ async def one_config(args, prefix_cache: bool) -> list[object]:
         statistics.median(ttft),
         max(ttft),
         computed,
-        args.requests * (args.prompt_tokens + args.output_tokens - 1),
+        sum(len(p) + args.output_tokens - 1 for p in prompts[1:]),
         "/".join(str(c) for c in sorted(cached)),
+    ]
+
+
+def wave_prompts(tokenizer, args) -> list[tuple[int, ...]]:
+    """The earlier request's prompt, then the wave's: the shared prompt alone (identical), or
+    followed by each one's own question, whose first tokens differ (a common first token would
+    make the others wait for one to prefill it, see `kvgrove.scheduling.sharing`)."""
+    shared = tuple(prompt_of(tokenizer, args.prompt_tokens))
+    if not args.question_tokens:
+        return [shared] * (args.requests + 1)
+    filler = tokenizer.encode(FILLER)
+    firsts = list(dict.fromkeys(filler))
+    assert len(firsts) > args.requests, "more requests than distinct first tokens"
+    n = args.question_tokens
+    return [
+        (*shared, firsts[i], *(filler[(5 * i + j) % len(filler)] for j in range(1, n)))
+        for i in range(args.requests + 1)
     ]
 
 
@@ -84,14 +113,24 @@ async def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=400)
     p.add_argument("--output-tokens", type=int, default=8)
     p.add_argument("--chunk-tokens", type=int, default=128)
+    p.add_argument(
+        "--question-tokens",
+        type=int,
+        default=0,
+        help="each request's own question after the cached shared prompt (0: identical prompts)",
+    )
+    p.add_argument("--configs", default="off,on", help="prefix cache off / on, in this order")
     args = p.parse_args()
-    rows = [await one_config(args, on) for on in (False, True)]
+    rows = [await one_config(args, name == "on") for name in args.configs.split(",")]
     headers = ["config", "wall s", "TTFT p50 s", "TTFT max s", "tokens computed"]
     headers += ["without sharing", "cached tokens"]
-    print(
-        f"{args.requests} identical {args.prompt_tokens}-token prompts at once, "
-        f"{args.output_tokens} tokens each, prefill chunk {args.chunk_tokens}"
-    )
+    what = f"{args.requests} identical {args.prompt_tokens}-token prompts"
+    if args.question_tokens:
+        what = (
+            f"{args.requests} prompts of a cached {args.prompt_tokens}-token prefix "
+            f"+ {args.question_tokens} tokens each"
+        )
+    print(f"{what} at once, {args.output_tokens} tokens each, prefill chunk {args.chunk_tokens}")
     print(table(headers, rows))
 
 

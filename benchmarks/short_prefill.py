@@ -5,7 +5,10 @@ the executor could: one 19-token chunk then a 1-token forward (the executor befo
 one 20-token forward with the head on the last position only (`forward`, what the executor
 does now) or on all 20 (`forward_all20_fullhead`, before), the chunk alone; against 1 token at
 that context and 20 with no context; and the attention of one layer alone (`sdpa1layer_*`, x30:
-MLX's fused SDPA over the cache's view with a causal mask, as mlx-lm's models call it).
+MLX's fused SDPA over the cache's view with a causal mask, as mlx-lm's models call it). Six
+users' turns over the same restored context (each its own 20 new tokens): one by one, as
+`forward` each (`rows6_alone`), or in one left-padded pass (`rows6_together`,
+`kvgrove.models.batching.prefill_together`).
 Usage: PYTHONPATH=src python benchmarks/short_prefill.py [variant ...]
 """
 
@@ -19,6 +22,7 @@ import kvgrove  # noqa: F401  (must come first: it loads OpenBLAS before mlx is 
 import mlx.core as mx
 
 # isort: on
+from kvgrove.models.batching import prefill_together
 from kvgrove.models.caches import make_cache
 from kvgrove.models.generate import forward, generation_stream, prefill_chunks
 from kvgrove.models.loading import load
@@ -30,6 +34,8 @@ N, T = 1700, 20
 random.seed(0)
 ctx = [random.randrange(1000, 20000) for _ in range(N)]
 new = [random.randrange(1000, 20000) for _ in range(T)]
+ROWS = 6
+news = [[random.randrange(1000, 20000) for _ in range(T)] for _ in range(ROWS)]
 
 with mx.stream(generation_stream()):
     base = make_cache(model)
@@ -72,6 +78,15 @@ with mx.stream(generation_stream()):
         elif name == "prefill20_only":
             for _ in prefill_chunks(model, c, new, chunk_tokens=T):
                 pass
+        elif name.startswith("rows6"):
+            caches = [c] + [fresh() for _ in range(ROWS - 1)]
+            t0 = time.perf_counter()
+            if name == "rows6_alone":
+                for c, tokens in zip(caches, news, strict=True):
+                    mx.eval(forward(model, c, mx.array(tokens, dtype=mx.uint32)[None]))
+            else:
+                lg, _ = prefill_together(model, news, len(model.layers), caches)
+                mx.eval(lg)
         elif name == "decode1":
             lg = forward(model, c, mx.array(new[:1], dtype=mx.uint32)[None])
             mx.eval(lg)

@@ -8,12 +8,13 @@ host tier and the disk tier, for plain attention (llama), hybrid recurrent (qwen
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import attrs
 import pytest
 import trio
 
-from actor_calls import GREEDY, ask, run
+from actor_calls import GREEDY, ask, gather, run
 from kvgrove.actors.engine import start_engine
 from kvgrove.actors.messages import (
     CacheQuery,
@@ -206,4 +207,62 @@ async def test_integrity_check_through_the_pager_repairs_a_folder_that_disagrees
         again, done = await run(scheduler, 2, prompt, 3)
         assert again == first and done.cached_tokens == 0
         await check_clean(accountant, pager, executor)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("arch", ["llama", "glm4_moe_lite"])
+async def test_prompts_after_cached_prefixes_prefill_together_with_solo_tokens(
+    tiny, arch, tmp_path
+):
+    """Requests arriving together, each starting from a cached prefix (a shared system prompt,
+    the same prompt again, a prefix longer than another's whole prompt) or none: prefilled in
+    one left-padded pass, each with the tokens it gets alone."""
+    folder = tiny(arch)
+    system = tuple((11 * i + 5) % 240 + 10 for i in range(60))
+
+    def question(first: int, n: int) -> tuple[int, ...]:
+        return tuple((first + 7 * i) % 240 + 10 for i in range(n))
+
+    warm = system + question(0, 8)
+    wave = [
+        warm,  # all but its last token cached: one token to feed
+        system + question(1, 5),
+        system + question(2, 20),
+        warm + question(3, 30),  # after the longest cached prefix
+        system[:12] + question(4, 3),  # shorter than the others' cached prefixes
+        question(5, 6),  # nothing cached
+    ]
+    model = load(folder).model
+    expected = [[s.token for s in generate(model, p, GREEDY, max_tokens=5)] for p in wave]
+    shapes = []
+
+    def loader(name):
+        loaded = load(name)
+        inner = loaded.model
+
+        class Counting:
+            def __getattr__(self, attr):
+                return getattr(inner, attr)
+
+            def __call__(self, inputs, cache=None):
+                shapes.append(tuple(inputs.shape))
+                return inner(inputs, cache=cache)
+
+        loaded.model = Counting()
+        return loaded
+
+    settings = Settings(model=folder, kv_cache_dir=str(tmp_path))
+    async with trio.open_nursery() as nursery:
+        engine = await start_engine(nursery, settings, loader=loader)
+        await run(engine.scheduler, 1, warm, 5)
+        shapes.clear()
+        calls = [partial(run, engine.scheduler, 10 + i, p, 5) for i, p in enumerate(wave)]
+        results = await gather(*calls)
+        assert [out for out, _ in results] == expected
+        cached = [done.cached_tokens for _, done in results]
+        assert cached[0] == len(warm) - 1 and cached[3] >= len(warm), cached
+        assert all(c >= len(system) for c in cached[1:3]) and cached[4] >= 12, cached
+        # Restored prefixes went through one (B, S) pass, B > 1, S > 1, not one pass each.
+        assert any(b > 1 and t > 1 for b, t in shapes), shapes
+        await check_clean(engine.accountant, engine.pager, engine.executor)
         nursery.cancel_scope.cancel()

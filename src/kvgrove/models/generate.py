@@ -66,6 +66,12 @@ def prefill_chunks(
 _PLAIN_HEAD = frozenset({"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3"})
 
 
+def head_follows_body(model: nn.Module) -> bool:
+    """Whether `forward` runs the head on the last position only (the model's own call would
+    compute logits for every position)."""
+    return type(model).__module__ in _PLAIN_HEAD
+
+
 def forward(model: nn.Module, cache: list[Any], tokens: mx.array) -> mx.array:
     """One step over (B, T) tokens; returns the last position's logits (B, V), lazily.
 
@@ -73,7 +79,7 @@ def forward(model: nn.Module, cache: list[Any], tokens: mx.array) -> mx.array:
     only: the other T - 1 rows of logits would be thrown away, and over SmolLM2's 49,152-token
     vocabulary they cost as much as its MLP for the same tokens.
     """
-    if tokens.shape[1] > 1 and type(model).__module__ in _PLAIN_HEAD:
+    if tokens.shape[1] > 1 and head_follows_body(model):
         hidden = model.model(tokens, cache)[:, -1:, :]
         if model.args.tie_word_embeddings:
             logits = model.model.embed_tokens.as_linear(hidden)

@@ -4,7 +4,8 @@ It owns the sequences the executor knows (`Live`: a sampler and, unless the sequ
 of the running batch, its own cache) and the `RunningBatch`. A step decodes every decoding
 sequence in one batched forward pass (rows join and leave only when membership changes), and
 runs the step's prefill chunks one sequence at a time while that batch computes
-(`mx.async_eval`); whole new prompts may prefill together in one left-padded pass.
+(`mx.async_eval`); prompts' last chunks (whole new prompts, or the rest after a restored
+prefix) may prefill together, a group per left-padded pass.
 
 The prefix cache is not touched here (the pager owns it): a restored prefix comes in as a live
 cache (`run_items(..., restored)`, asked for with `restore_requests`), and what the prefix cache
@@ -101,13 +102,42 @@ class Ahead:
 
 
 @attrs.frozen
-class PrefillLaunch:
-    """Whole prompts prefilling together in one batch cache, their first tokens pending."""
+class PrefillGroup:
+    """Prompts prefilling together in one batch cache, their first tokens pending."""
 
     items: list[StepItem]
     cache: list[Any]
     pending: PendingSample
+
+
+@attrs.frozen
+class PrefillLaunch:
+    """The step's prompts prefilling in groups, one left-padded pass each."""
+
+    items: list[StepItem]  # every group's
+    groups: list[PrefillGroup]
     start: float
+
+
+def prefill_groups(lengths: Sequence[tuple[int, int]], limit: int) -> list[list[int]]:
+    """Rows (cached prefix, new tokens) that prefill together, as groups of two or more (row
+    indices); the rest prefill one by one. Padding costs compute: within a group the padded
+    block of new tokens (rows x the most new tokens) and the padding to the longest row
+    (rows x its length, less their lengths: masked positions every query still scans) stay
+    within `limit` tokens each. Greedy over rows by length, so rows of like length group."""
+    order = sorted(range(len(lengths)), key=lambda r: (sum(lengths[r]), lengths[r][1]))
+    groups: list[list[int]] = []
+    group: list[int] = []
+    for r in order:
+        trial = [*group, r]
+        block = len(trial) * max(lengths[i][1] for i in trial)
+        padding = len(trial) * sum(lengths[r]) - sum(sum(lengths[i]) for i in trial)
+        if group and (block > limit or padding > limit):
+            groups.append(group)
+            trial = [r]
+        group = trial
+    groups.append(group)
+    return [g for g in groups if len(g) > 1]
 
 
 def overlap_on(settings: Settings) -> bool:
@@ -331,9 +361,7 @@ class StepRunner:
             sampler = SequenceSampler(
                 s.params, s.prompt_tokens, context_limit=s.context_tokens, constraint=constraint
             )
-            live = self._live[rid] = Live(
-                sampler, namespace=s.namespace, prompt_tokens=len(s.prompt_tokens)
-            )
+            live = Live(sampler, namespace=s.namespace, prompt_tokens=len(s.prompt_tokens))
         assert not live.has_cache
         promised = item.start.cached_tokens if first else item.resume_tokens
         cache, restored = self._restored.pop(rid, (None, 0))
@@ -349,7 +377,10 @@ class StepRunner:
             self.tokens += len(gap)
         if first and promised:
             live.restored_tokens = restored
-        live.cache = cache  # only now: a failure above leaves no half-built cache behind
+        # Only now: a failure above leaves no half-built cache behind, and a first item that
+        # failed is a first item again when it is retried alone (its prefix recomputed).
+        live.cache = cache
+        self._live[rid] = live
         return live
 
     def _keep_of(self, rid: int | None, live: Live, cache: list[Any] | None, **kw: Any) -> Keep:
@@ -579,64 +610,83 @@ class StepRunner:
     # -- prefills -------------------------------------------------------------------------
 
     def _launch_prefill_together(self, items: list[StepItem]) -> PrefillLaunch | None:
-        """Whole new prompts (two or more) prefill in one left-padded forward pass."""
+        """Prompts (whole, or the rest after a restored prefix) prefill in groups of two or
+        more, one left-padded forward pass each (`prefill_together`)."""
         if not (self.batched and self._prefill_together and self.batch_prefill):
             return None
-        fresh = [
-            it
-            for it in items
-            if it.sample and len(it.tokens) > 1 and not self._has_cache(it.request_id)
-        ]
-        # Padding costs compute: keep the padded batch within two chunks' worth of tokens.
-        fresh.sort(key=lambda it: len(it.tokens))
-        limit = 2 * self.chunk_tokens
-        while len(fresh) > 1 and len(fresh) * len(fresh[-1].tokens) > limit:
-            fresh.pop()
-        if len(fresh) < 2:
+        candidates = [it for it in items if it.sample and not self._has_cache(it.request_id)]
+        lengths = [(self._promised(it), len(it.tokens)) for it in candidates]
+        grouped = prefill_groups(lengths, 2 * self.chunk_tokens)
+        if not grouped:
             return None
         start = time.monotonic()
-        try:
-            for it in fresh:
-                self._open_sequence(it)
-            # A restored prefix (non-empty cache) prefills on its own.
-            fresh = [it for it in fresh if cache_tokens(self._live[it.request_id].cache) == 0]
-            if len(fresh) < 2:
-                return None
-            logits, cache = prefill_together(
-                self.model, [it.tokens for it in fresh], len(self.model.layers)
-            )
-            pending = build_sample(logits, [self._live[it.request_id].sampler for it in fresh])
-            mx.async_eval(*pending.arrays())
-        except Exception:
-            log.exception("prefilling together failed; prefilling one by one")
+        groups = []
+        for rows in grouped:
+            group = []
+            for it in (candidates[r] for r in rows):
+                try:
+                    self._open_sequence(it)
+                except Exception:  # it prefills on its own (and fails there, if it must)
+                    log.exception("restoring request %d failed", it.request_id)
+                    continue
+                group.append(it)
+            if len(group) < 2:
+                continue
+            lives = [self._live[it.request_id] for it in group]
+            try:
+                logits, cache = prefill_together(
+                    self.model,
+                    [it.tokens for it in group],
+                    len(self.model.layers),
+                    [live.cache for live in lives],
+                )
+                pending = build_sample(logits, [live.sampler for live in lives])
+                mx.async_eval(*pending.arrays())
+            except Exception:
+                log.exception("prefilling together failed; prefilling one by one")
+                continue
+            groups.append(PrefillGroup(group, cache, pending))
+        if not groups:
             return None
-        return PrefillLaunch(fresh, cache, pending, start)
+        return PrefillLaunch([it for g in groups for it in g.items], groups, start)
+
+    def _promised(self, item: StepItem) -> int:
+        """The prefix tokens a sequence without a cache starts this item from (restored)."""
+        if self._live.get(item.request_id) is None:
+            return item.start.cached_tokens if item.start is not None else 0
+        return item.resume_tokens
 
     def _finish_prefill_together(self, launch: PrefillLaunch, results: dict) -> None:
-        fresh, cache, start = launch.items, launch.cache, launch.start
+        for group in launch.groups:
+            self._finish_group(group, launch.start, results)
+
+    def _finish_group(self, group: PrefillGroup, start: float, results: dict) -> None:
+        items, cache = group.items, group.cache
         try:
-            sampled = launch.pending.result()
-        except Exception:
+            sampled = group.pending.result()
+        except Exception:  # the sequences' own caches are intact (only read)
             log.exception("prefilling together failed; prefilling one by one")
-            for it in fresh:
+            for it in items:
                 results[it.request_id] = self._run_item(it)
             return
-        ids = [it.request_id for it in fresh]
-        for rid in ids:
-            live = self._live[rid]
-            live.cache, live.in_batch = None, True  # the batch rows replace the empty caches
-        self._batch.join_batch(ids, [len(it.tokens) for it in fresh], cache)
+        ids = [it.request_id for it in items]
+        tokens = []
+        for it in items:
+            live = self._live[it.request_id]
+            tokens.append(cache_tokens(live.cache) + len(it.tokens))
+            live.cache, live.in_batch = None, True  # the batch rows replace their own caches
+        self._batch.join_batch(ids, tokens, cache)
         end = time.monotonic()
         share = sum(int(c.nbytes) for c in cache) // len(ids)
-        for row, it in enumerate(fresh):
+        for row, it in enumerate(items):
             choice = sampled.row(row)
             self._live[it.request_id].sampler.accept(choice.token)
             results[it.request_id] = ItemResult(
                 it.request_id, choice.token, choice.logprob, choice.top_logprobs, end - start, share
             )
             self.step_log.append((it.request_id, start, end))
-        self.items += len(fresh)
-        self.tokens += sum(len(it.tokens) for it in fresh)
+        self.items += len(items)
+        self.tokens += sum(len(it.tokens) for it in items)
         if self.keeping:  # the prompts' KV is shared at once
             try:
                 # Views: the pager copies the spans it stores before the next step.
