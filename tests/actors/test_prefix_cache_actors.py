@@ -251,7 +251,8 @@ async def test_prompts_after_cached_prefixes_prefill_together_with_solo_tokens(
         loaded.model = Counting()
         return loaded
 
-    settings = Settings(model=folder, kv_cache_dir=str(tmp_path))
+    # min_prefix_tokens=0: the 12-token prefix is restored too (the default, 16, would cut it)
+    settings = Settings(model=folder, kv_cache_dir=str(tmp_path), min_prefix_tokens=0)
     async with trio.open_nursery() as nursery:
         engine = await start_engine(nursery, settings, loader=loader)
         await run(engine.scheduler, 1, warm, 5)
