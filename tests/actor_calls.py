@@ -48,3 +48,13 @@ async def gather(*calls: Callable[[], Awaitable[Any]]) -> list[Any]:
         for i, call in enumerate(calls):
             nursery.start_soon(one, i, call)
     return results
+
+
+def drain(channel: Any) -> list[Any]:
+    """Every message queued on a receive channel now, without waiting."""
+    out = []
+    while True:
+        try:
+            out.append(channel.receive_nowait())
+        except trio.WouldBlock:
+            return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import trio
 
+from actor_calls import drain
 from kvgrove.actors.channels import sender
 from kvgrove.actors.messages import ItemResult, Match, Release, Submit
 from kvgrove.sampling import SamplingParams
@@ -31,15 +32,6 @@ def submit(rid: int, prompt: tuple[int, ...]) -> Submit:
 
 def prompt_sharing(n_shared: int, rid: int) -> tuple[int, ...]:
     return SHARED[:n_shared] + tuple(1000 + 50 * rid + i for i in range(30))
-
-
-def drain(pager) -> list:
-    out = []
-    while True:
-        try:
-            out.append(pager.receive_nowait())
-        except trio.WouldBlock:
-            return out
 
 
 def types(msgs) -> list[type]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import trio
 
+from actor_calls import drain
 from kvgrove.actors.channels import sender
 from kvgrove.actors.messages import Match, Release, Submit
 from kvgrove.sampling import SamplingParams
@@ -25,15 +26,6 @@ def submit(rid: int, n: int = 8):
         rid, tuple(range(1, n + 1)), SamplingParams(temperature=0), 4, 100, frozenset(), reply
     )
     return sub, handler
-
-
-def drain(pager) -> list:
-    out = []
-    while True:
-        try:
-            out.append(pager.receive_nowait())
-        except trio.WouldBlock:
-            return out
 
 
 def test_a_submit_waits_for_the_match_then_starts_from_the_cached_prefix():
