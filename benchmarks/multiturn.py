@@ -303,9 +303,9 @@ def main() -> None:
     ap.add_argument("--gguf", default=None, help="llama.cpp's model (default: the bundled GGUF)")
     args = ap.parse_args()
     if args.gguf is None:
-        from kvgrove.models.bundled import default_model_path
+        from kvgrove.models.bundled import pull
 
-        args.gguf = str(default_model_path())
+        args.gguf = str(pull())  # the bundled model's GGUF (already in the cache: no download)
 
     from kvgrove.tokenize import load_tokenizer
 

