@@ -15,6 +15,7 @@ state of the last node. All of this runs on the MLX thread; nothing here blocks 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -110,7 +111,9 @@ def is_dtype_name(name: object) -> bool:
 
 
 def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * getattr(mx, dtype).size
+    # math.prod, not numpy's: a payload has two arrays per layer and the trie reads their sizes
+    # on every insert (numpy's reduction was ~9 µs an array, a sixth of storing a sequence).
+    return math.prod(shape) * getattr(mx, dtype).size
 
 
 def _device_payload(
