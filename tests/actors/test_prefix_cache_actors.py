@@ -20,7 +20,9 @@ from kvgrove.actors.messages import (
     CacheQuery,
     Cancel,
     ExecutorQuery,
+    Match,
     MemoryQuery,
+    Release,
     Submit,
 )
 from kvgrove.config import Settings
@@ -266,4 +268,68 @@ async def test_prompts_after_cached_prefixes_prefill_together_with_solo_tokens(
         # Restored prefixes went through one (B, S) pass, B > 1, S > 1, not one pass each.
         assert any(b > 1 and t > 1 for b, t in shapes), shapes
         await check_clean(engine.accountant, engine.pager, engine.executor)
+        nursery.cancel_scope.cancel()
+
+
+async def test_matches_and_releases_queued_together_keep_their_order(tiny, tmp_path):
+    """The pager takes what is queued in one go (one call on the MLX thread for each run of
+    matches and releases): each message still acts in the order it was sent. A release between
+    two matches of the same request unlocks the first; a CacheQuery in the middle sees exactly
+    the messages before it."""
+    folder = tiny("llama")
+    prompt = tuple((7 * i) % 240 + 10 for i in range(40))
+    settings = Settings(model=folder, kv_cache_dir=str(tmp_path), min_prefix_tokens=0)
+    async with trio.open_nursery() as nursery:
+        accountant, executor, pager, scheduler = await start(nursery, settings)
+        await run(scheduler, 1, prompt, 2)
+        await check_clean(accountant, pager, executor)
+        send, recv = trio.open_memory_channel(16)
+        query_send, query_recv = trio.open_memory_channel(1)
+        # No checkpoint between the sends: the pager finds them all queued.
+        batch = [
+            Match(100, "", prompt, send),
+            Release(100),
+            Match(101, "", (*prompt, 5, 6), send),
+            CacheQuery(query_send),
+            Match(100, "", prompt[:20], send),
+            Match(102, "", (9, 9, 9, 9), send),  # nothing cached
+            Match(103, "other", prompt, send),  # another namespace: nothing cached
+        ]
+        for msg in batch:
+            pager.inbox.send_nowait(msg)
+        with trio.fail_after(30):
+            answers = [await recv.receive() for _ in range(5)]
+            summary = await query_recv.receive()
+        assert [a.request_id for a in answers] == [100, 101, 100, 102, 103]
+        cached = [a.cached_tokens for a in answers]
+        assert cached[0] == len(prompt) - 1 and cached[1] >= len(prompt) - 1, cached
+        assert cached[2] == 19 and cached[3] == 0 and cached[4] == 0, cached
+        # At the query: 100 released, 101 locked (and nothing after it yet).
+        assert summary["locked_requests"] == 1, summary
+        for rid in (100, 101):
+            pager.inbox.send_nowait(Release(rid))
+        await check_clean(accountant, pager, executor)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_burst_over_a_cached_prefix_is_matched_and_answered_like_alone(tiny, tmp_path):
+    """Forty requests submitted at once, each after the same cached system prompt: every one
+    restores it and gets the tokens it gets alone, and nothing is left locked or charged."""
+    folder = tiny("llama")
+    system = tuple((11 * i + 3) % 240 + 10 for i in range(48))
+    prompts = [
+        system + tuple((5 * i + 17 * k) % 240 + 10 for i in range(4 + k % 5)) for k in range(40)
+    ]
+    model = load(folder).model
+    expected = [[s.token for s in generate(model, p, GREEDY, max_tokens=4)] for p in prompts]
+    settings = Settings(model=folder, kv_cache_dir=str(tmp_path), max_running_sequences=64)
+    async with trio.open_nursery() as nursery:
+        accountant, executor, pager, scheduler = await start(nursery, settings)
+        await run(scheduler, 1, (*system, 7), 1)
+        results = await gather(
+            *[partial(run, scheduler, 10 + k, p, 4) for k, p in enumerate(prompts)]
+        )
+        assert [out for out, _ in results] == expected
+        assert all(done.cached_tokens >= len(system) for _, done in results)
+        await check_clean(accountant, pager, executor)
         nursery.cancel_scope.cancel()
