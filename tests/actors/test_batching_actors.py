@@ -187,9 +187,16 @@ async def test_a_failing_step_fails_only_its_requests_and_serving_goes_on(tiny):
         # are prefilled one by one here, so the fault hits the decode, not a batched prefill.)
         executor.settings = attrs.evolve(executor.settings, batch_prefill=False)
         executor.loaded.model.fail_next_decode = True
+        # Which rows are in that step depends on when each request came in (a prompt still
+        # prefilling then is not): at least two (the fault hits a batch), the others finish
+        # with their solo tokens.
         results = await run_all(scheduler, good, 12, first_id=10)
-        assert all(isinstance(r[-1], Failed) for r in results)
-        assert all(r[-1].message == "generation failed: decode fault" for r in results)
+        failed = [r for r in results if isinstance(r[-1], Failed)]
+        assert len(failed) >= 2, [r[-1] for r in results]
+        assert all(r[-1].message == "generation failed: decode fault" for r in failed)
+        for r, want in zip(results, expected, strict=True):
+            if not isinstance(r[-1], Failed):
+                assert tokens(r) == want
         # The server keeps serving.
         results = await run_all(scheduler, good, 12, first_id=20)
         assert [tokens(r) for r in results] == expected
