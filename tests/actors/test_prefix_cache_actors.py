@@ -159,6 +159,35 @@ async def test_cache_survives_a_restart_on_the_same_directory(tiny, tmp_path):
         nursery.cancel_scope.cancel()
 
 
+async def test_recovered_bytes_that_turn_out_corrupt_leave_the_ledger(tiny, tmp_path):
+    """The pager charges what it recovered from disk at start; when those entries fail their
+    checksum at restore and leave the trie, the ledger's disk figure goes back to 0 (the oracle
+    found it stuck: the executor, which charges the tiers after a step, did not know the pager's
+    start-up figure, so a tier that emptied was never charged again)."""
+    folder = tiny("llama")
+    prompt = tuple((3 * i) % 240 + 10 for i in range(40))
+    settings = Settings(model=folder, prefill_chunk_tokens=32, kv_cache_dir=str(tmp_path))
+    async with trio.open_nursery() as nursery:
+        _, _, _, scheduler = await start(nursery, settings)
+        first, _ = await run(scheduler, 1, prompt, 4)
+        nursery.cancel_scope.cancel()  # the executor writes the cache to disk on its way out
+    files = list(tmp_path.rglob("*.safetensors"))
+    assert files
+    for f in files:  # one flipped byte in the tensor data: the checksum fails at read
+        data = bytearray(f.read_bytes())
+        data[-3] ^= 0x01
+        f.write_bytes(bytes(data))
+    async with trio.open_nursery() as nursery:
+        accountant, executor, pager, scheduler = await start(nursery, settings)
+        memory = await ask(accountant.inbox, MemoryQuery)
+        assert memory.ledger.cached_kv_bytes.disk > 0  # recovered, and charged at start
+        again, done = await run(scheduler, 2, prompt, 4)
+        assert again == first and done.cached_tokens == 0  # recomputed, not served corrupt
+        summary, memory = await check_clean(accountant, pager, executor)
+        assert summary["bytes"]["disk"] == 0 and memory.ledger.cached_kv_bytes.disk == 0
+        nursery.cancel_scope.cancel()
+
+
 async def test_cancelled_requests_unlock_and_keep_what_they_computed(tiny, tmp_path):
     folder = tiny("llama")
     prompt = tuple((7 * i) % 240 + 10 for i in range(150))

@@ -148,9 +148,12 @@ class Executor:
                 if self._last is not None and self._last[1].error is None:
                     step, result = self._last
                     await self._handle(Step(continued(result), (), step.reply, ahead=ahead))
-            case UsePager(channel=channel):
+            case UsePager(channel=channel, charged=charged):
                 self._pager = channel
                 self.runner.keeping = True
+                for tier, nbytes in charged:  # the accountant holds these already
+                    if nbytes:
+                        self._charged[(tier, "prefix")] = nbytes
             case ExecutorQuery(reply=reply):
                 reply.send_nowait(self.statistics())
             case _:

@@ -160,9 +160,12 @@ class CacheQuery:
 @attrs.frozen
 class UsePager:
     """pager -> executor, once at start: the prefix cache is on; ask for restores and hand over
-    what to store on `channel` (the pager's own channel for the executor)."""
+    what to store on `channel` (the pager's own channel for the executor). `charged`: the tier
+    figures the pager charged at start (recovered from disk), which the executor's later charges
+    replace: it must know them, or a tier that empties is never charged back to 0."""
 
     channel: Any  # trio.MemorySendChannel[RestorePrefixes | StorePrefixes]
+    charged: tuple[tuple[str, int], ...] = ()
 
 
 @attrs.frozen

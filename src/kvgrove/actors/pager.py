@@ -99,11 +99,13 @@ class Pager:
             if cache is not None:
                 self.core = PagerCore(self.settings, self._loaded, cache, self._mlx.own_caches)
         steps_send, steps = trio.open_memory_channel[object](1)
+        # Charged before the executor hears of the pager: from then on the executor alone
+        # charges the tiers, replacing these figures (UsePager tells it what they were).
+        charged = await self._charge()
         if self.core is not None:
             self._mlx.at_stop(self.core.flush)
             if self._executor is not None:
-                await self._executor.send(UsePager(steps_send))
-        await self._charge()
+                await self._executor.send(UsePager(steps_send, charged))
         task_status.started()
         try:
             async with trio.open_nursery() as nursery:
@@ -173,11 +175,13 @@ class Pager:
             return {"enabled": False}
         return await self._mlx.call(self.core.summary, check)
 
-    async def _charge(self) -> None:
-        """Tell the accountant what each tier holds at start (recovered from disk)."""
+    async def _charge(self) -> tuple[tuple[str, int], ...]:
+        """Tell the accountant what each tier holds at start (recovered from disk); returns it."""
         if self.cache is None:
-            return
+            return ()
         tier_bytes = await self._mlx.call(self.cache.tier_bytes)
-        if self._accountant is not None:
-            for tier, nbytes in tier_bytes.items():
-                await self._accountant.send(Charge(tier, "prefix", nbytes))
+        if self._accountant is None:
+            return ()
+        for tier, nbytes in tier_bytes.items():
+            await self._accountant.send(Charge(tier, "prefix", nbytes))
+        return tuple(tier_bytes.items())
