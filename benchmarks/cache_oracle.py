@@ -6,6 +6,7 @@
 Scenarios are split evenly over the kinds (seeds from --first). Prints a table of scenarios,
 requests, completions, cancellations, restarts, faults raised and damaged files per kind, then each
 failing seed with its failures and (with --shrink) the smallest scenario that still fails.
+KVGROVE_ORACLE_TRACE=1 prints the traceback of an actor that crashed.
 Exit status 1 when any scenario failed.
 """
 

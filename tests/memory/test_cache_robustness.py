@@ -143,10 +143,11 @@ def test_a_failed_demotion_copy_drops_the_node_and_never_fails_the_store(model, 
     assert answer_with_cache(model, cache, 5, prompt(3)) == reference(model, prompt(3))
 
 
-@pytest.mark.parametrize("damage", ["renamed field", "no such dtype"])
+@pytest.mark.parametrize("damage", ["renamed field", "no such dtype", "a tensor with no dtype"])
 def test_a_header_missing_a_field_is_deleted_at_recovery_not_fatal(model, tmp_path, damage):
     """A damaged header (a flipped byte can rename a key) is a corrupt file at recovery: it is
-    deleted and the cache starts, never a KeyError out of the start (seen by the oracle)."""
+    deleted and the cache starts, never a KeyError out of the start (seen by the oracle: a flip
+    of "1.1" to "1.0" in the dtypes made a duplicate key, and one tensor had no dtype)."""
     from safetensors.numpy import load_file, save_file
 
     cache = make(model, tmp_path)
@@ -161,8 +162,11 @@ def test_a_header_missing_a_field_is_deleted_at_recovery_not_fatal(model, tmp_pa
         meta = dict(f.metadata())
     if damage == "renamed field":
         meta["restore_poinT"] = meta.pop("restore_point")
-    else:  # a flipped byte in a dtype name
+    elif damage == "no such dtype":  # a flipped byte in a dtype name
         meta["dtypes"] = meta["dtypes"].replace("float32", "flnat32", 1)
+    else:  # a flipped byte in a tensor's name, in the dtypes only: a duplicate JSON key
+        assert '"1.1"' in meta["dtypes"]
+        meta["dtypes"] = meta["dtypes"].replace('"1.1"', '"1.0"', 1)
     save_file(arrays, str(path), metadata=meta)
     again = make(model, tmp_path)  # starts
     assert again.statistics()["nodes"] == 0 and not path.exists()

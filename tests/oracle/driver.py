@@ -25,6 +25,7 @@ import os
 import shutil
 import struct
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -267,6 +268,8 @@ class Run:
             except BaseException as exc:  # an actor crashed or something hung
                 if isinstance(exc, KeyboardInterrupt):
                     raise
+                if os.environ.get("KVGROVE_ORACLE_TRACE"):  # where it came from, on stderr
+                    traceback.print_exception(exc)
                 self.fail(f"segment {self.segment}: actors failed: {_flatten(exc)}")
                 return
             if not steps:

@@ -115,12 +115,19 @@ def read_header(store: DiskStore, key: str) -> StoredNode:
     for name, dtype in dtypes.items():  # a flipped byte can name no dtype at all
         if not is_dtype_name(dtype) or name not in shapes:
             raise CorruptEntry(f"{key}: {name} has no dtype {dtype!r} or no tensor")
+    kinds = tuple(json.loads(meta["kinds"]))
+    if dtypes.keys() != shapes.keys():  # a flipped byte in a name (or a duplicate JSON key)
+        raise CorruptEntry(f"{key}: tensors {sorted(shapes)} but dtypes for {sorted(dtypes)}")
+    for name in shapes:
+        layer, _, part = name.partition(".")
+        if not (layer.isdigit() and int(layer) < len(kinds) and part.isdigit()):
+            raise CorruptEntry(f"{key}: a tensor {name!r} of no layer")
     return StoredNode(
         key=key,
         start=int(meta["start"]),
         prefix=meta["prefix"],
         tokens=tokens,
-        kinds=tuple(json.loads(meta["kinds"])),
+        kinds=kinds,
         dtypes=dtypes,
         shapes=shapes,
         whole=meta["whole"] == "1",
