@@ -170,8 +170,9 @@ def test_two_models_at_once_and_keep_alive_zero_unloads(server):
 
 def test_unknown_and_unloadable_models_are_clear_errors(server, tmp_path):
     client = ollama.Client(host=server.url)
-    with pytest.raises(ollama.ResponseError, match="not found"):
+    with pytest.raises(ollama.ResponseError, match="not found") as missing:
         client.chat(model="nothing-like-this", messages=[{"role": "user", "content": "x"}])
+    assert missing.value.status_code == 404  # as Ollama answers it
     with pytest.raises(ollama.ResponseError, match=r"failed to load: .*version 0"):
         client.chat(model="broken", messages=[{"role": "user", "content": "x"}])
     # A file path is not a model name a request may use (no opening files of its choosing).

@@ -102,7 +102,6 @@ def test_load_only_call(live_server):
     "body, field",
     [
         ('{"model": "smollm2", "prompt": ', "JSON"),
-        ({"model": "nope", "prompt": "x"}, "model"),
         ({"model": "smollm2", "prompt": 5}, "prompt"),
         ({"model": "smollm2", "prompt": "x", "stream": "yes"}, "stream"),
         ({"model": "smollm2", "prompt": "x", "options": {"temperature": -1}}, "temperature"),
@@ -116,6 +115,12 @@ def test_bad_requests_are_400_naming_the_field(live_server, body, field):
     r = httpx.post(f"{live_server.url}/api/generate", content=content)
     assert r.status_code == 400, r.text
     assert field in r.json()["error"]
+
+
+def test_an_unknown_model_is_404_as_in_ollama(live_server):
+    r = httpx.post(f"{live_server.url}/api/generate", json={"model": "nope", "prompt": "x"})
+    assert r.status_code == 404, r.text
+    assert "model 'nope' not found" in r.json()["error"]
 
 
 def test_chat_with_bad_messages_is_400(live_server):

@@ -90,5 +90,8 @@ def test_errors_have_openai_shape(client, live_server):
     assert info.value.body["param"] == "temperature"
     r = httpx.post(f"{live_server.url}/v1/chat/completions", content="{not json")
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
-    with pytest.raises(openai.BadRequestError):
+    # An unknown model is a 404 with OpenAI's code, as OpenAI answers it.
+    with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(model="other", messages=MESSAGES)
+    assert missing.value.body["code"] == "model_not_found"
+    assert missing.value.body["param"] == "model"

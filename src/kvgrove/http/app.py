@@ -18,8 +18,13 @@ from kvgrove.http.guard import Gate, Guard
 log = logging.getLogger(__name__)
 
 
-def _error(message: str, status: int, param: str | None = None) -> tuple[dict[str, Any], int]:
-    return error_body(message, openai=is_openai(request.path), status=status, param=param), status
+def _error(
+    message: str, status: int, param: str | None = None, code: str | None = None
+) -> tuple[dict[str, Any], int]:
+    body = error_body(
+        message, openai=is_openai(request.path), status=status, param=param, code=code
+    )
+    return body, status
 
 
 def create_app(runtime: Runtime, gate: Gate | None = None) -> QuartTrio:
@@ -37,7 +42,7 @@ def create_app(runtime: Runtime, gate: Gate | None = None) -> QuartTrio:
 
     @app.errorhandler(BadRequest)
     async def bad_request(e: BadRequest) -> Any:
-        return _error(e.message, e.status, e.param)
+        return _error(e.message, e.status, e.param, e.code)
 
     @app.errorhandler(NotReady)
     async def not_ready(e: NotReady) -> Any:

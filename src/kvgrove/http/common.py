@@ -19,11 +19,14 @@ from kvgrove.http.guard import KEY_ID_SCOPE
 
 
 class BadRequest(Exception):
-    def __init__(self, message: str, *, param: str | None = None, status: int = 400) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, status: int = 400, code: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.status = status
+        self.code = code
 
 
 class NotReady(Exception):
@@ -226,7 +229,13 @@ def check_model(runtime: Runtime, body: dict) -> str:
     spec = bundled.lookup(name.removesuffix(":latest"))
     if name in model_names(runtime) or (spec is not None and spec.name == info.name):
         return name
-    raise BadRequest(f"model {name!r} not found (this server serves {info.name!r})", param="model")
+    # 404, as Ollama and OpenAI answer (clients such as Open WebUI offer a pull on it).
+    raise BadRequest(
+        f"model {name!r} not found (this server serves {info.name!r})",
+        param="model",
+        status=404,
+        code="model_not_found",
+    )
 
 
 def context_tokens(runtime: Runtime, num_ctx: int | None) -> int:

@@ -35,7 +35,7 @@ def _errors(api: str, *codes: int) -> dict[str, Any]:
     text = {
         400: "Invalid request; the message names the field",
         401: "Missing or wrong API key (only when keys are configured)",
-        404: "Not a source kvgrove can fetch (the message says what to run instead)",
+        404: "No such model here; for /api/pull, not a source kvgrove can fetch (the message says)",
         413: "Request body over max_body_bytes",
         429: "Over the concurrency and queue limits; see Retry-After",
         500: "Internal error (always with a JSON error body)",
@@ -49,7 +49,7 @@ def _errors(api: str, *codes: int) -> dict[str, Any]:
     return out
 
 
-_GEN_ERRORS = (400, 401, 413, 429, 500, 503)
+_GEN_ERRORS = (400, 401, 404, 413, 429, 500, 503)
 
 _OPTIONS = {
     "type": "object",
@@ -238,7 +238,7 @@ PATHS: dict[str, Any] = {
     "/api/show": {
         "post": _op(
             "Ollama show",
-            {"200": _ok("Model details"), **_errors("ollama", 400, 401, 413, 503)},
+            {"200": _ok("Model details"), **_errors("ollama", 400, 401, 404, 413, 503)},
             "ShowRequest",
         )
     },
