@@ -15,7 +15,10 @@ decodes), then, one after another (never two at once):
 
 - MLX alone: the model's batched greedy decode loop (loaded by mlx-lm, quantized layers as
   they are; `BatchKVCache`, async_eval pipelining, tokens read every step), batch = each
-  level; and kvgrove's single-stream core (`kvgrove.models.generate.generate`, loaded as
+  level, decode only ("MLX loop") and over a whole wave ("MLX loop whole wave": the c
+  prompts, as long as the servers' wave prompts, prefilled as one batch, then the decode; the
+  servers' waves pay their prefills too, so this is the like-for-like yardstick, the decode-only
+  one the stricter); and kvgrove's single-stream core (`kvgrove.models.generate.generate`, loaded as
   kvgrove's server loads it). Each measured after a run that compiles the shapes.
 - kvgrove's server (`--max-running-sequences 64`), then mlx-lm's (`--decode-concurrency 64`):
   on a fresh start, ten single requests one after another (TTFT of the first vs the tenth: the
@@ -175,11 +178,21 @@ def mlx_alone(folder: Path, levels: list[int], gen_tokens: int, prompt_tokens: i
 
     model, _ = load_model(folder)  # MLX's own: quantized layers stay as they are
 
-    def loop(b: int) -> float:
+    from kvgrove.tokenize import load_tokenizer
+
+    # The servers' wave prompts' length, for the whole-wave yardstick.
+    wave_prompt = len(load_tokenizer(folder).encode("Note 1-steady-0. " + FILLER))
+
+    def loop(b: int, plen: int = prompt_tokens) -> tuple[float, float]:
+        """(decode tok/s, whole-wave tok/s: the b prompts of plen tokens prefilled as one batch,
+        then gen_tokens each, over the wall time of both: what a server's wave does at best)."""
         cache = [BatchKVCache([0] * b) for _ in model.layers]
-        prompt = mx.random.randint(0, VOCAB - 1, (b, prompt_tokens))
+        prompt = mx.random.randint(0, VOCAB - 1, (b, plen))
+        mx.eval(prompt)
+        t0 = time.perf_counter()
         y = mx.argmax(model(prompt, cache=cache)[:, -1, :], axis=-1)
         mx.eval(y)
+        prefill = time.perf_counter() - t0
         for _ in range(3):
             y = mx.argmax(model(y[:, None], cache=cache)[:, -1, :], axis=-1)
             mx.eval(y)
@@ -192,14 +205,24 @@ def mlx_alone(folder: Path, levels: list[int], gen_tokens: int, prompt_tokens: i
             y.tolist()
             y = nxt
         y.tolist()
-        return gen_tokens * b / (time.perf_counter() - t)
+        decode = time.perf_counter() - t
+        # The 3 steps between are not counted: the wave's tokens over prefill + decode.
+        return gen_tokens * b / decode, gen_tokens * b / (prefill + decode)
 
-    out: dict = {"loop": {}}
+    out: dict = {"loop": {}, "loop_wave": {}}
     for b in levels:
         loop(b)  # compiles this shape
-        out["loop"][b] = loop(b)
+        out["loop"][b] = loop(b)[0]
         print(f"  MLX loop batch {b}: {out['loop'][b]:.0f} tok/s", flush=True)
         print("RESULT " + json.dumps({"loop": {b: out["loop"][b]}}), flush=True)
+        loop(b, wave_prompt)
+        out["loop_wave"][b] = loop(b, wave_prompt)[1]
+        print(
+            f"  MLX loop whole wave {b} x {wave_prompt}-token prompts: "
+            f"{out['loop_wave'][b]:.0f} tok/s",
+            flush=True,
+        )
+        print("RESULT " + json.dumps({"loop_wave": {b: out["loop_wave"][b]}}), flush=True)
         mx.clear_cache()
     del model
     mx.clear_cache()
@@ -359,20 +382,21 @@ def dense_copy_line(log: Path) -> str:
 def report(
     mode: str, alone: dict, kv: dict, ml: dict, levels: list[int], first: dict | None = None
 ) -> str:
-    loop = alone.get("loop", {})
+    loop, loop_wave = alone.get("loop", {}), alone.get("loop_wave", {})
     lines = [f"\n### {mode}\n"]
     lines.append(
-        "| concurrency | MLX loop | kvgrove first wave | kvgrove steady | mlx-lm first wave "
-        "| mlx-lm steady | kvgrove / MLX loop | kvgrove / mlx-lm | TTFT p50 kvgrove first / "
-        "steady | TTFT p50 mlx-lm first / steady |"
+        "| concurrency | MLX loop | MLX loop whole wave | kvgrove first wave | kvgrove steady "
+        "| mlx-lm first wave | mlx-lm steady | kvgrove / MLX loop | kvgrove / MLX whole wave "
+        "| kvgrove / mlx-lm | TTFT p50 kvgrove first / steady | TTFT p50 mlx-lm first / steady |"
     )
-    lines.append("|" + "---|" * 10)
+    lines.append("|" + "---|" * 12)
     for c in levels:
         kf, ks = kv.get((c, "first"), {}), kv.get((c, "steady"), {})
         mf, ms = ml.get((c, "first"), {}), ml.get((c, "steady"), {})
         lines.append(
-            f"| {c} | {fmt(loop.get(c))} | {fmt(kf.get('tps'))} | {fmt(ks.get('tps'))} "
-            f"| {fmt(mf.get('tps'))} | {fmt(ms.get('tps'))} | {ratio(ks.get('tps'), loop.get(c))} "
+            f"| {c} | {fmt(loop.get(c))} | {fmt(loop_wave.get(c))} | {fmt(kf.get('tps'))} "
+            f"| {fmt(ks.get('tps'))} | {fmt(mf.get('tps'))} | {fmt(ms.get('tps'))} "
+            f"| {ratio(ks.get('tps'), loop.get(c))} | {ratio(ks.get('tps'), loop_wave.get(c))} "
             f"| {ratio(ks.get('tps'), ms.get('tps'))} "
             f"| {fmt(kf.get('ttft'), 2)} / {fmt(ks.get('ttft'), 2)} "
             f"| {fmt(mf.get('ttft'), 2)} / {fmt(ms.get('ttft'), 2)} |"
@@ -426,11 +450,12 @@ def run_alone(argv: list[str], env: dict, args, mode: str) -> dict:
             )
         except subprocess.TimeoutExpired:
             print(f"  MLX alone: stopped after {args.alone_seconds:.0f} s", flush=True)
-    alone: dict = {"loop": {}}
+    alone: dict = {"loop": {}, "loop_wave": {}}
     for line in out_path.read_text().splitlines():
         if line.startswith("RESULT "):
             raw = json.loads(line[7:])
-            alone["loop"].update({int(k): v for k, v in raw.get("loop", {}).items()})
+            for key in ("loop", "loop_wave"):
+                alone[key].update({int(k): v for k, v in raw.get(key, {}).items()})
             for key in ("core", "core_request"):
                 if key in raw:
                     alone[key] = raw[key]
