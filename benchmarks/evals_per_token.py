@@ -17,31 +17,9 @@ import argparse
 import time
 
 import mlx.core as mx
-import mlx.nn as nn
-from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
-from gpu_server import SHAPES, VOCAB
-
-
-def build(shape: str):
-    cfg = dict(
-        model_type="llama",
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        vocab_size=VOCAB,
-        max_position_embeddings=32768,
-        **SHAPES[shape],
-    )
-    model = llama.Model(llama.ModelArgs.from_dict(cfg))
-    model.set_dtype(mx.bfloat16)
-    model.update(
-        nn.utils.tree_map(
-            lambda p: (mx.random.normal(p.shape) * 0.02).astype(p.dtype), model.parameters()
-        )
-    )
-    mx.eval(model.parameters())
-    return model
+from gpu_server import SHAPES, VOCAB, random_model
 
 
 def run(model, way: str, b: int, steps: int) -> float:
@@ -85,7 +63,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--steps", type=int, default=64)
     args = ap.parse_args()
-    model = build(args.shape)
+    model, _ = random_model(args.shape)
     ways = ("one graph", "split", "run ahead")
     print("| batch | " + " | ".join(ways) + " | run ahead / one graph |")
     print("|---|---|---|---|---|")

@@ -47,6 +47,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -121,16 +122,12 @@ def write_tokenizer(folder: Path, vocab: int) -> None:
     )
 
 
-def write_model(folder: Path, shape: str, bits: int | None) -> None:
-    """Random weights of `shape` (bf16, optionally quantized to `bits`, group 64)."""
+def random_model(shape: str) -> tuple[Any, dict]:
+    """A llama of `shape` with random bf16 weights (unit norms), in memory, and its config."""
     import mlx.core as mx
     import mlx.nn as nn
-    from mlx.utils import tree_flatten
     from mlx_lm.models import llama
 
-    if (folder / "config.json").exists():
-        return
-    folder.mkdir(parents=True, exist_ok=True)
     cfg = dict(
         model_type="llama",
         architectures=["LlamaForCausalLM"],
@@ -154,6 +151,19 @@ def write_model(folder: Path, shape: str, bits: int | None) -> None:
         layer.input_layernorm.weight = mx.ones_like(layer.input_layernorm.weight)
         layer.post_attention_layernorm.weight = mx.ones_like(layer.post_attention_layernorm.weight)
     model.model.norm.weight = mx.ones_like(model.model.norm.weight)
+    return model, cfg
+
+
+def write_model(folder: Path, shape: str, bits: int | None) -> None:
+    """Random weights of `shape` (bf16, optionally quantized to `bits`, group 64)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    if (folder / "config.json").exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    model, cfg = random_model(shape)
     if bits:
         nn.quantize(model, group_size=64, bits=bits)
         cfg["quantization"] = {"group_size": 64, "bits": bits}

@@ -139,15 +139,21 @@ async def test_namespaces_never_share_cached_prefixes(tiny, tmp_path):
         nursery.cancel_scope.cancel()
 
 
+async def run_to_disk(settings, prompt, n):
+    """One uncached request on fresh actors, then a stop, which writes the cache to disk."""
+    async with trio.open_nursery() as nursery:
+        _, _, _, scheduler = await start(nursery, settings)
+        tokens, done = await run(scheduler, 1, prompt, n)
+        assert done.cached_tokens == 0
+        nursery.cancel_scope.cancel()  # the executor writes the cache to disk on its way out
+    return tokens
+
+
 async def test_cache_survives_a_restart_on_the_same_directory(tiny, tmp_path):
     folder = tiny("qwen3_next")
     prompt = tuple((3 * i) % 240 + 10 for i in range(70))
     settings = Settings(model=folder, prefill_chunk_tokens=32, kv_cache_dir=str(tmp_path))
-    async with trio.open_nursery() as nursery:
-        _, _, _, scheduler = await start(nursery, settings)
-        first, done = await run(scheduler, 1, prompt, 5)
-        assert done.cached_tokens == 0
-        nursery.cancel_scope.cancel()  # the executor writes the cache to disk on its way out
+    first = await run_to_disk(settings, prompt, 5)
     assert list(tmp_path.rglob("*.safetensors"))
     async with trio.open_nursery() as nursery:
         accountant, executor, pager, scheduler = await start(nursery, settings)
@@ -167,10 +173,7 @@ async def test_recovered_bytes_that_turn_out_corrupt_leave_the_ledger(tiny, tmp_
     folder = tiny("llama")
     prompt = tuple((3 * i) % 240 + 10 for i in range(40))
     settings = Settings(model=folder, prefill_chunk_tokens=32, kv_cache_dir=str(tmp_path))
-    async with trio.open_nursery() as nursery:
-        _, _, _, scheduler = await start(nursery, settings)
-        first, _ = await run(scheduler, 1, prompt, 4)
-        nursery.cancel_scope.cancel()  # the executor writes the cache to disk on its way out
+    first = await run_to_disk(settings, prompt, 4)
     files = list(tmp_path.rglob("*.safetensors"))
     assert files
     for f in files:  # one flipped byte in the tensor data: the checksum fails at read
