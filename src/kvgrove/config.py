@@ -191,6 +191,10 @@ class Settings:
     # a stall of seconds on the first request of each prompt length. Off by default (MLX's own
     # kernels then, no per-shape compile); --cudnn-attention turns it back on.
     cudnn_attention: bool = False
+    # On CUDA, a batch whose rows differ in length decodes its attention with kvgrove's kernel
+    # (kvgrove.models.attention): MLX's fused attention takes no array mask there, and its
+    # masked fallback cost a 64-row decode of an 8B model on the H200 about half its speed.
+    ragged_attention: bool = True
     # On a GPU, quantized layers also keep a dequantized copy when it fits in half the device's
     # memory, used for inputs of at least this many rows: on an H200 the dense copy is faster
     # than MLX's quantized matmul at every batch size, one row included (kvgrove.models.quant),
@@ -304,6 +308,12 @@ _SWITCHES = {
         "warm_up",
         False,
         "say ready without warming up the engine [env KVGROVE_WARM_UP=0]",
+    ),
+    "--no-ragged-attention": (
+        "ragged_attention",
+        False,
+        "on CUDA, a ragged batch's decode attention takes MLX's masked fallback, not kvgrove's "
+        "kernel [env KVGROVE_RAGGED_ATTENTION=0]",
     ),
     "--cudnn-attention": (
         "cudnn_attention",

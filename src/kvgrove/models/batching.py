@@ -31,6 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import cache as mlx_cache
 
+from kvgrove.models import attention
 from kvgrove.models.caches import RecurrentCache, SpanKVCache, cache_tokens
 from kvgrove.models.generate import forward, head_follows_body
 
@@ -68,6 +69,20 @@ class SlotKVCache(mlx_cache.BatchKVCache):
         self.pads = pads
         self.left_padding = mx.array(pads, mx.int32)
         self.offset = mx.array([self._idx - p for p in pads], mx.int32)
+
+    def make_mask(
+        self, N: int, return_array: bool = False, window_size: int | None = None, **kwargs: Any
+    ) -> Any:
+        """mlx-lm's left-padded causal mask; for a one-token query with no padding at all,
+        none (every position is attended), as mlx-lm's plain caches answer: MLX's fused decode
+        attention takes no array mask on CUDA. The one-token mask is noted for
+        `attention.ragged_decode` (see kvgrove.models.attention)."""
+        if N == 1 and window_size is None and not return_array and not any(self.pads):
+            return None
+        mask = super().make_mask(N, return_array=return_array, window_size=window_size, **kwargs)
+        if N == 1 and window_size is None:
+            attention.note_decode_mask(mask, self.pads)
+        return mask
 
     @property
     def capacity(self) -> int:

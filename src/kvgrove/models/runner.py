@@ -28,6 +28,7 @@ import mlx.core as mx
 from kvgrove.config import Settings
 from kvgrove.grammar import Constraint
 from kvgrove.memory.snapshots import WHOLE, NotSnapshotCapable, layout
+from kvgrove.models import attention
 from kvgrove.models.batching import RunningBatch, prefill_together, unbatchable_reason
 from kvgrove.models.caches import SpanKVCache, cache_nbytes, cache_tokens, make_cache
 from kvgrove.models.generate import forward, prefill_chunks
@@ -174,8 +175,19 @@ def standing_copy(cache: Sequence[Any]) -> list[Any]:
 class StepRunner:
     """Runs steps for one model. `keeping`: collect `Keep`s for the prefix cache."""
 
-    def __init__(self, *, chunk_tokens: int, batch_prefill: bool, overlap: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        chunk_tokens: int,
+        batch_prefill: bool,
+        overlap: bool = True,
+        ragged_attention: bool = True,
+    ) -> None:
         self.chunk_tokens = chunk_tokens
+        # On CUDA, the batch's one-token attention over rows of different lengths runs
+        # kvgrove's kernel (installed into the model's module at `use_model`).
+        self.ragged_attention = ragged_attention
+        self.ragged_kernel = False
         self.batch_prefill = batch_prefill
         self.overlap = overlap  # launch the next batched decode before this one's tokens go up
         self._ahead: Ahead | None = None
@@ -216,6 +228,8 @@ class StepRunner:
         if reason is not None:
             self.batched = False
             log.warning("batching off, sequences decode one at a time: %s", reason)
+        elif self.ragged_attention:
+            self.ragged_kernel = attention.install(model)
 
     @property
     def live_sequences(self) -> int:
