@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -293,6 +294,21 @@ async def wave(port: int, model: str, c: int, gen_tokens: int, tag: str) -> dict
     return out
 
 
+def mlx_busy(port: int) -> tuple[float, int]:
+    """kvgrove's /metrics: (the MLX thread's busy seconds, executor steps) so far."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    busy, steps = 0.0, 0
+    for line in text.splitlines():
+        if line.startswith("kvgrove_mlx_thread_busy_seconds"):
+            busy = float(line.rsplit(" ", 1)[1])
+        elif line.startswith('kvgrove_executor_steps{kind="all"}'):
+            steps = int(float(line.rsplit(" ", 1)[1]))
+    return busy, steps
+
+
 async def serve_bench(kind: str, folder: Path, args, log: Path) -> dict:
     import trio
 
@@ -301,7 +317,11 @@ async def serve_bench(kind: str, folder: Path, args, log: Path) -> dict:
 
     port = free_port()
     if kind == "kvgrove":
-        flags = ["--max-running-sequences", "64", "--kv-cache-dir", str(args.work / "kv")]
+        # A fresh prefix cache each start: one a run before left on disk would be recovered
+        # and its prompts (the same as this run's) restored from disk, another benchmark.
+        kv = args.work / "kv"
+        shutil.rmtree(kv, ignore_errors=True)
+        flags = ["--max-running-sequences", "64", "--kv-cache-dir", str(kv)]
         flags += args.kvgrove_flag
         proc = start_kvgrove(port, str(folder), flags, log=log)
     else:
@@ -333,13 +353,20 @@ async def serve_bench(kind: str, folder: Path, args, log: Path) -> dict:
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
                     )
+                before = mlx_busy(port) if kind == "kvgrove" else None
                 with trio.fail_after(limit(args, args.phase_seconds)):
                     r = await wave(port, str(folder), c, args.gen_tokens, tag=f"{c}-{which}")
                 if spy is not None:
                     spy.wait(30)
                 out[(c, which)] = r
+                busy = ""
+                if before is not None:
+                    after = mlx_busy(port)
+                    share, steps = (after[0] - before[0]) / r["wall"], after[1] - before[1]
+                    busy = f", MLX thread busy {share:.0%} of the wave, {steps} steps"
                 print(
-                    f"  {kind} c={c} {which}: {r['tps']:.0f} tok/s, TTFT p50 {r['ttft']:.2f} s",
+                    f"  {kind} c={c} {which}: {r['tps']:.0f} tok/s, TTFT p50 {r['ttft']:.2f} s"
+                    + busy,
                     flush=True,
                 )
     except Exception:

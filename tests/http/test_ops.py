@@ -50,8 +50,15 @@ def test_health_memory_and_metrics(live_server):
         "kvgrove_inter_token_seconds_count",
         'kvgrove_memory_bytes{tier="host"}',
         'kvgrove_executor_steps{kind="overlapped"}',
+        "kvgrove_mlx_thread_busy_seconds",
     ):
         assert name in text, name
+    (busy,) = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("kvgrove_mlx_thread_busy_seconds")
+    ]
+    assert busy > 0  # it ran the request's steps at least
 
 
 async def test_health_is_503_while_loading_then_ok(tiny_llama):

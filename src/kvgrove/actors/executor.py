@@ -64,6 +64,7 @@ class Executor:
             chunk_tokens=settings.prefill_chunk_tokens,
             batch_prefill=settings.batch_prefill,
             overlap=overlap_on(settings),
+            ragged_attention=settings.ragged_attention,
         )
         self.settings = settings
         self.inbox, self._inbox = trio.open_memory_channel[object](settings.executor_inbox_items)
@@ -246,4 +247,5 @@ class Executor:
             batched=r.batched,
             overlapped_steps=r.overlapped_steps,
             wasted_row_steps=r.wasted_row_steps,
+            mlx_busy_seconds=self._thread.busy_seconds,
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -30,6 +31,10 @@ class MLXThread:
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._at_stop: list[Callable[[], None]] = []
         self.ident: int | None = None
+        # Seconds the thread spent running work (steps, prefix-cache copies), all of it: with
+        # the wall time, whether the thread (the device, or the host launching its work) or
+        # the rest of the server sets the pace (/metrics).
+        self.busy_seconds = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -47,10 +52,12 @@ class MLXThread:
         box: dict[str, Any] = {}
 
         def work() -> None:
+            start = time.perf_counter()
             try:
                 box["value"] = fn(*args)
             except BaseException as e:
                 box["error"] = e
+            self.busy_seconds += time.perf_counter() - start
             token.run_sync_soon(finished.set)
 
         self._queue.put(work)

@@ -70,6 +70,11 @@ async def metrics() -> Any:
                 },
                 "kind",
             )
+            gauges["kvgrove_mlx_thread_busy_seconds"] = (
+                "Seconds the MLX thread spent running work (steps, prefix-cache copies) since "
+                "start: against the wall time, whether it sets the server's pace.",
+                {"all": round(stats.mlx_busy_seconds, 6)},
+            )
         cache = await rt.prefix_cache()
         if cache.get("enabled"):
             gauges["kvgrove_prefix_cache_hit_ratio"] = (
