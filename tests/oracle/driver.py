@@ -418,8 +418,10 @@ class Run:
             return
         path = files[d.pick % len(files)]
         data = path.read_bytes()
+        n = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else len(data)
+        if d.how not in ("truncate", "delete", "flip_data") and 8 + n > len(data):
+            return  # an earlier damage cut this file's header short: it stays damaged
         self.out.damage[d.how] += 1
-        n = struct.unpack("<Q", data[:8])[0]
         if d.how == "truncate":
             path.write_bytes(data[: max(1, len(data) // 2)])
         elif d.how == "flip_data":
@@ -430,7 +432,11 @@ class Run:
         elif d.how == "delete":
             path.unlink()
         else:
-            header = json.loads(data[8 : 8 + n])
+            try:
+                header = json.loads(data[8 : 8 + n])
+            except ValueError:  # an earlier damage left this header unreadable: it stays so
+                self.out.damage[d.how] -= 1
+                return
             meta = header.get("__metadata__", {})
             if d.how == "tamper_crc":
                 meta["crc32"] = str((int(meta.get("crc32", "0")) + 1) % 2**32)
