@@ -425,3 +425,13 @@ def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="logits must be"):
         sample_batch(mx.zeros((2, 10)), [sampler()])
     assert math.isfinite(sample_one(mx.zeros((1, 10)), sampler(seed=0)).token)
+
+
+def test_rewound_draws_repeat_and_a_stateless_sampler_needs_no_history():
+    sampler = SequenceSampler(SamplingParams(temperature=0.8, seed=11), [1, 2])
+    first = [sampler.next_uniform() for _ in range(3)]
+    sampler.rewind(2)
+    assert sampler.draws == 1
+    assert [sampler.next_uniform() for _ in range(2)] == first[1:]
+    assert sampler.stateless
+    assert not SequenceSampler(SamplingParams(repeat_penalty=1.1), [1]).stateless

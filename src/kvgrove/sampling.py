@@ -159,6 +159,7 @@ class SequenceSampler:
         # The seed actually used, so a random one can be reported and replayed.
         self.seed: int = params.seed if params.seed >= 0 else secrets.randbits(63)
         self._rng = np.random.Generator(np.random.PCG64(self.seed))
+        self.draws = 0  # uniforms drawn so far (`rewind` takes some back)
         self._history: list[int] = [int(t) for t in prompt_tokens]
         if not params.penalizes:
             self._window: int | None = 0
@@ -203,7 +204,21 @@ class SequenceSampler:
 
     def next_uniform(self) -> float:
         """The next uniform draw in [0, 1) of this sequence's own stream."""
+        self.draws += 1
         return min(float(self._rng.random()), _MAX_UNIFORM)
+
+    def rewind(self, draws: int) -> None:
+        """Take back the last `draws` draws: the next ones repeat them (a sample built ahead
+        and not used must not shift the stream)."""
+        if draws:
+            self._rng.bit_generator.advance(-draws)  # PCG64: one step per double
+            self.draws -= draws
+
+    @property
+    def stateless(self) -> bool:
+        """Whether a token's sampling needs nothing the previous token changes on the host
+        (no penalty window, no grammar): it can be built before that token is known."""
+        return self.constraint is None and not self.params.penalizes
 
 
 @attrs.frozen

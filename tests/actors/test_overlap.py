@@ -56,12 +56,16 @@ async def request(scheduler, rid, tokens, max_tokens, params, *, cancel_after, s
     return out
 
 
-def workload(preempting: bool = False):
-    """(delay in waves, request id, prompt, max tokens, params, cancel after)."""
+def workload(preempting: bool = False, stateless: bool = False):
+    """(delay in waves, request id, prompt, max tokens, params, cancel after). `stateless`:
+    no row needs the host between its tokens (no grammar, no penalty), so the batch's sampling
+    runs ahead in the forward's graph, seeded draws included."""
     if preempting:  # as test_batching_actors' pressure test: the caches outgrow the budget
         return [(0, i, prompt(i, 200), 80, GREEDY, None) for i in range(1, 5)]
     seeded = SamplingParams(temperature=0.9, top_k=20, seed=7)
     digits = SamplingParams(temperature=0, grammar=regex_grammar(r"[0-9]{3,30}"))
+    if stateless:
+        digits = SamplingParams(temperature=1.2, top_p=0.8, seed=3, logprobs=True, top_logprobs=2)
     return [
         (0, 1, prompt(1), 24, GREEDY, None),
         (0, 2, prompt(2, 30), 5, GREEDY, None),  # finishes early: a row leaves
@@ -74,7 +78,7 @@ def workload(preempting: bool = False):
     ]
 
 
-async def run_workload(settings, kv_budget_bytes=None):
+async def run_workload(settings, kv_budget_bytes=None, stateless=False):
     results = {}
     done = collections.defaultdict(trio.Event)
     async with trio.open_nursery() as nursery:
@@ -84,7 +88,8 @@ async def run_workload(settings, kv_budget_bytes=None):
             async with trio.open_nursery() as clients:
                 for wave in range(3):
                     started = []
-                    for delay, rid, tokens, n, params, cancel in workload(bool(kv_budget_bytes)):
+                    plan = workload(bool(kv_budget_bytes), stateless)
+                    for delay, rid, tokens, n, params, cancel in plan:
                         if delay != wave:
                             continue
                         started.append(trio.Event())
@@ -124,17 +129,24 @@ async def run_workload(settings, kv_budget_bytes=None):
 # it, it resumes from what the cache kept. (Preemption must come from that growth: admission
 # alone is no test of it, as the scheduler admits only what its learned bytes per token fit.)
 @pytest.mark.parametrize(
-    ("kv_budget_bytes", "prefix_cache"), [(None, True), (300_000, False), (300_000, True)]
+    ("kv_budget_bytes", "prefix_cache", "stateless"),
+    [(None, True, False), (None, True, True), (300_000, False, False), (300_000, True, False)],
 )
-async def test_the_overlap_changes_no_token(llama, kv_budget_bytes, prefix_cache):
+async def test_the_overlap_changes_no_token(llama, kv_budget_bytes, prefix_cache, stateless):
     base = Settings(model=llama, disk_budget_bytes=0, prefix_cache=prefix_cache)
     off, _, off_stats, off_preempted = await run_workload(
-        attrs.evolve(base, decode_overlap="off"), kv_budget_bytes=kv_budget_bytes
+        attrs.evolve(base, decode_overlap="off"), kv_budget_bytes, stateless
     )
     on, memory, stats, preempted = await run_workload(
-        attrs.evolve(base, decode_overlap="on"), kv_budget_bytes=kv_budget_bytes
+        attrs.evolve(base, decode_overlap="on"), kv_budget_bytes, stateless
     )
     assert off_stats.overlapped_steps == 0
+    # Every batch of the preempting and stateless workloads samples statelessly: the sampling
+    # ran ahead in the forward's graph (seeded rows too, their draws given back when a plan
+    # did not take them); the mixed one's too while its grammar row was not in the batch.
+    assert stats.fused_steps > 0
+    if stateless:
+        assert stats.wasted_row_steps > 0  # some rows' samples built ahead were given back
     assert (off_preempted > 0) == (preempted > 0) == (kv_budget_bytes is not None)
     assert stats.overlapped_steps > 0  # it did run ahead
     # Rows that end may leave a step computed ahead behind, or none: the scheduler runs ahead

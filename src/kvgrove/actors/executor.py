@@ -247,5 +247,6 @@ class Executor:
             batched=r.batched,
             overlapped_steps=r.overlapped_steps,
             wasted_row_steps=r.wasted_row_steps,
+            fused_steps=r.fused_steps,
             mlx_busy_seconds=self._thread.busy_seconds,
         )

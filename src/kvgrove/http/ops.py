@@ -62,11 +62,12 @@ async def metrics() -> Any:
             stats = executor.statistics()
             gauges["kvgrove_executor_steps"] = (
                 "Executor steps; batched decodes run ahead (the overlap); rows run ahead and "
-                "not taken.",
+                "not taken; decodes run ahead and sampled in the same graph.",
                 {
                     "all": stats.steps,
                     "overlapped": stats.overlapped_steps,
                     "wasted_rows": stats.wasted_row_steps,
+                    "fused": stats.fused_steps,
                 },
                 "kind",
             )

@@ -100,6 +100,21 @@ class Ahead:
     error: Exception | None = None
     fed: dict[int, int] = attrs.Factory(dict)  # request id -> the token it was fed
     keep: list[int] = attrs.Factory(list)  # rows (indices into `ids`) the next step decodes
+    # The rows' sampling built into the same graph when every row's sampler is stateless
+    # (one evaluation per token, not two), and each row's draws before it was built: a sample
+    # not used as it is (rows left, or the plan changed) gives its draws back.
+    pending: PendingSample | None = None
+    draws: list[int] = attrs.Factory(list)
+
+    def give_back_draws(self, live: dict[int, Any]) -> None:
+        """The sample built ahead is not used: each row's random stream as it was before."""
+        if self.pending is None:
+            return
+        for rid, mark in zip(self.ids, self.draws, strict=True):
+            row = live.get(rid)
+            if row is not None:
+                row.sampler.rewind(row.sampler.draws - mark)
+        self.pending = None
 
 
 @attrs.frozen
@@ -215,6 +230,7 @@ class StepRunner:
         self.max_batch_rows = 0
         self.overlapped_steps = 0  # batched decodes that ran ahead of the scheduler's plan
         self.wasted_row_steps = 0  # rows computed ahead that the plan did not take
+        self.fused_steps = 0  # of those, sampled in the same graph as the forward
 
     def use_model(self, model: Any, tokenizer: Any) -> None:
         self.model, self.tokenizer = model, tokenizer
@@ -504,6 +520,7 @@ class StepRunner:
             return
         # The plan is not the one run ahead (new rows join, a token differs): undo it.
         self._ahead = None
+        ahead.give_back_draws(self._live)
         self.wasted_row_steps += len(ahead.ids)
         if ahead.error is not None:  # the batch's state is suspect: it goes
             for rid in self._batch.ids:
@@ -533,11 +550,21 @@ class StepRunner:
                 parts.append(mx.array([results[rid].token for rid in joined], dtype=mx.uint32))
             tokens = parts[0] if len(parts) == 1 else mx.concatenate(parts)
             logits = self._batch.forward(self.model, tokens)
-            mx.async_eval(logits)
+            samplers = [self._live[rid].sampler for rid in ids]
+            pending, draws = None, []
+            if all(s.stateless for s in samplers):
+                draws = [s.draws for s in samplers]
+                pending = build_sample(logits, samplers)
+                mx.async_eval(logits, *pending.arrays())
+            else:
+                mx.async_eval(logits)
         except Exception as e:  # the rows that decode next fail with it, as if it ran then
+            for rid, mark in zip(ids, draws, strict=False):
+                sampler = self._live[rid].sampler
+                sampler.rewind(sampler.draws - mark)
             self._ahead = Ahead(ids, None, start, error=e)
             return
-        self._ahead = Ahead(ids, logits, start)
+        self._ahead = Ahead(ids, logits, start, pending=pending, draws=draws)
 
     def _prepare_ahead(self, results: dict) -> None:
         """Once this step's tokens are known: what each row was fed, and the grammar masks of
@@ -574,9 +601,14 @@ class StepRunner:
                 row_of = {rid: i for i, rid in enumerate(ahead.ids)}
                 rows = [row_of[rid] for rid in ids]
                 assert sorted(rows) == ahead.keep, (ids, ahead.ids, ahead.keep)
+                self.overlapped_steps += 1
+                if ahead.pending is not None and rows == list(range(len(ahead.ids))):
+                    # Sampled in the same graph, already on its way.
+                    self.fused_steps += 1
+                    return DecodeLaunch(decode, ids, ahead.pending, start)
+                ahead.give_back_draws(self._live)
                 if rows != list(range(len(ahead.ids))):
                     logits = logits[mx.array(rows)]
-                self.overlapped_steps += 1
             else:
                 self._attach(
                     [it.request_id for it in decode if not self._live[it.request_id].in_batch]

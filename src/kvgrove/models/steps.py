@@ -72,4 +72,5 @@ class ExecutorStats:
     batched: bool = True  # False: the model's caches cannot batch; rows decode one by one
     overlapped_steps: int = 0  # batched decodes launched before the scheduler planned them
     wasted_row_steps: int = 0  # rows decoded ahead that the plan did not take
+    fused_steps: int = 0  # overlapped decodes sampled in the forward's own graph
     mlx_busy_seconds: float = 0.0  # the MLX thread's time running work (steps, copies)
