@@ -144,9 +144,8 @@ async def test_the_overlap_changes_no_token(llama, kv_budget_bytes, prefix_cache
     # Every batch of the preempting and stateless workloads samples statelessly: the sampling
     # ran ahead in the forward's graph (seeded rows too, their draws given back when a plan
     # did not take them); the mixed one's too while its grammar row was not in the batch.
+    # (tests/models/test_runner_ahead.py takes the give-back paths for certain.)
     assert stats.fused_steps > 0
-    if stateless:
-        assert stats.wasted_row_steps > 0  # some rows' samples built ahead were given back
     assert (off_preempted > 0) == (preempted > 0) == (kv_budget_bytes is not None)
     assert stats.overlapped_steps > 0  # it did run ahead
     # Rows that end may leave a step computed ahead behind, or none: the scheduler runs ahead
