@@ -80,7 +80,7 @@ class SlotKVCache(mlx_cache.BatchKVCache):
         if N == 1 and window_size is None and not return_array and not any(self.pads):
             return None
         mask = super().make_mask(N, return_array=return_array, window_size=window_size, **kwargs)
-        if N == 1 and window_size is None:
+        if N == 1 and window_size is None and not return_array:
             attention.note_decode_mask(mask, self.pads)
         return mask
 
