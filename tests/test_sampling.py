@@ -430,7 +430,7 @@ def test_shape_mismatch_is_an_error():
 def test_rewound_draws_repeat_and_a_stateless_sampler_needs_no_history():
     sampler = SequenceSampler(SamplingParams(temperature=0.8, seed=11), [1, 2])
     first = [sampler.next_uniform() for _ in range(3)]
-    sampler.rewind(2)
+    sampler.rewind_to(1)
     assert sampler.draws == 1
     assert [sampler.next_uniform() for _ in range(2)] == first[1:]
     assert sampler.stateless

@@ -207,12 +207,12 @@ class SequenceSampler:
         self.draws += 1
         return min(float(self._rng.random()), _MAX_UNIFORM)
 
-    def rewind(self, draws: int) -> None:
-        """Take back the last `draws` draws: the next ones repeat them (a sample built ahead
-        and not used must not shift the stream)."""
-        if draws:
-            self._rng.bit_generator.advance(-draws)  # PCG64: one step per double
-            self.draws -= draws
+    def rewind_to(self, draws: int) -> None:
+        """The stream back as it stood after its first `draws` draws: the next ones repeat
+        those taken back (a sample built ahead and not used must not shift the stream)."""
+        if draws < self.draws:
+            self._rng.bit_generator.advance(draws - self.draws)  # PCG64: one step per double
+            self.draws = draws
 
     @property
     def stateless(self) -> bool:

@@ -77,10 +77,11 @@ class SlotKVCache(mlx_cache.BatchKVCache):
         none (every position is attended), as mlx-lm's plain caches answer: MLX's fused decode
         attention takes no array mask on CUDA. The one-token mask is noted for
         `attention.ragged_decode` (see kvgrove.models.attention)."""
-        if N == 1 and window_size is None and not return_array and not any(self.pads):
+        decode = N == 1 and window_size is None and not return_array
+        if decode and not any(self.pads):
             return None
         mask = super().make_mask(N, return_array=return_array, window_size=window_size, **kwargs)
-        if N == 1 and window_size is None and not return_array:
+        if decode:
             attention.note_decode_mask(mask, self.pads)
         return mask
 

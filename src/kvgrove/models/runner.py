@@ -113,7 +113,7 @@ class Ahead:
         for rid, mark in zip(self.ids, self.draws, strict=True):
             row = live.get(rid)
             if row is not None:
-                row.sampler.rewind(row.sampler.draws - mark)
+                row.sampler.rewind_to(mark)
         self.pending = None
 
 
@@ -202,7 +202,6 @@ class StepRunner:
         # On CUDA, the batch's one-token attention over rows of different lengths runs
         # kvgrove's kernel (installed into the model's module at `use_model`).
         self.ragged_attention = ragged_attention
-        self.ragged_kernel = False
         self.batch_prefill = batch_prefill
         self.overlap = overlap  # launch the next batched decode before this one's tokens go up
         self._ahead: Ahead | None = None
@@ -245,7 +244,7 @@ class StepRunner:
             self.batched = False
             log.warning("batching off, sequences decode one at a time: %s", reason)
         elif self.ragged_attention:
-            self.ragged_kernel = attention.install(model)
+            attention.install(model)
 
     @property
     def live_sequences(self) -> int:
@@ -544,14 +543,15 @@ class StepRunner:
         ):
             return
         start = time.monotonic()
+        samplers = [self._live[rid].sampler for rid in ids]
+        draws: list[int] = []
         try:
             parts = [launch.pending.tokens] if launch is not None else []
             if joined:
                 parts.append(mx.array([results[rid].token for rid in joined], dtype=mx.uint32))
             tokens = parts[0] if len(parts) == 1 else mx.concatenate(parts)
             logits = self._batch.forward(self.model, tokens)
-            samplers = [self._live[rid].sampler for rid in ids]
-            pending, draws = None, []
+            pending = None
             if all(s.stateless for s in samplers):
                 draws = [s.draws for s in samplers]
                 pending = build_sample(logits, samplers)
@@ -559,9 +559,8 @@ class StepRunner:
             else:
                 mx.async_eval(logits)
         except Exception as e:  # the rows that decode next fail with it, as if it ran then
-            for rid, mark in zip(ids, draws, strict=False):
-                sampler = self._live[rid].sampler
-                sampler.rewind(sampler.draws - mark)
+            for sampler, mark in zip(samplers, draws, strict=False):  # none if not drawn
+                sampler.rewind_to(mark)
             self._ahead = Ahead(ids, None, start, error=e)
             return
         self._ahead = Ahead(ids, logits, start, pending=pending, draws=draws)
