@@ -323,6 +323,8 @@ async def serve_bench(kind: str, folder: Path, args, log: Path) -> dict:
         shutil.rmtree(kv, ignore_errors=True)
         flags = ["--max-running-sequences", "64", "--kv-cache-dir", str(kv)]
         flags += args.kvgrove_flag
+        if args.timeline:
+            flags += ["--timeline-file", str(log.with_suffix(".timeline.jsonl"))]
         proc = start_kvgrove(port, str(folder), flags, log=log)
     else:
         proc = start_mlx_lm(port, folder, ["--decode-concurrency", "64"], log=log)
@@ -374,6 +376,11 @@ async def serve_bench(kind: str, folder: Path, args, log: Path) -> dict:
         print(f"  {kind}: failed (log: {log})", flush=True)
     finally:
         stop(proc)
+    timeline = log.with_suffix(".timeline.jsonl")
+    if kind == "kvgrove" and args.timeline and timeline.exists():
+        from timeline import report as timeline_report
+
+        print(timeline_report(timeline), flush=True)
     return out
 
 
@@ -512,6 +519,11 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated: mlx,kvgrove,mlx-lm")
     ap.add_argument("--kvgrove-flag", action="append", default=[], help="extra kvgrove flag")
     ap.add_argument("--py-spy", help="py-spy binary: profile each server's last steady wave")
+    ap.add_argument(
+        "--timeline",
+        action="store_true",
+        help="kvgrove records its timeline (--timeline-file); each wave's summary is printed",
+    )
     ap.add_argument("--alone-seconds", type=float, default=150, help="MLX alone's deadline")
     ap.add_argument(
         "--deadline-seconds",

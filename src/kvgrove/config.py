@@ -165,6 +165,10 @@ class Settings:
     # without waiting for the scheduler, while the scheduler sees no change coming: the device
     # does not wait for the tokens to reach the clients. Off = wait for each step's plan.
     decode_follow: bool = True
+    # Python's GIL switch interval (sys.setswitchinterval) while serving; 0 = Python's own
+    # (5 ms). The MLX thread gives up the GIL at every evaluation and waits for it again while
+    # the trio thread streams tokens: up to one interval each time.
+    switch_interval_seconds: float = attrs.field(default=0.0, validator=_non_negative)
     device_cache_bytes: int = attrs.field(default=0, validator=_non_negative)
     kv_cache_dir: str | None = None  # None = <kvgrove cache dir>/kv
     # Other models on demand, besides `model` (which stays loaded): a request naming one loads
@@ -200,6 +204,9 @@ class Settings:
     # than MLX's quantized matmul at every batch size, one row included (kvgrove.models.quant),
     # so by default every input takes it. 0 = never.
     quantized_dense_rows: int = attrs.field(default=1, validator=_non_negative)
+    # Record a timeline of the server's work (kvgrove.timeline) and write it here (JSON lines)
+    # when the server stops. None = off.
+    timeline_file: str | None = None
 
     def device_split(self, weights_bytes: int) -> DeviceSplit:
         """How the one device budget is shared: the weights, then what they leave split between
@@ -250,7 +257,8 @@ def _parse(field: attrs.Attribute, raw: str) -> Any:
             return float(raw)
     except ValueError:
         raise ValueError(f"KVGROVE_{field.name.upper()}: not a number: {raw!r}") from None
-    return raw or None if field.name in ("model", "kv_cache_dir", "hostfile") else raw
+    optional = ("model", "kv_cache_dir", "hostfile", "timeline_file")
+    return raw or None if field.name in optional else raw
 
 
 def _flag(name: str) -> str:
@@ -294,6 +302,10 @@ _HELP = {
     "tp_timeout_seconds": "a tensor-parallel step taking longer means a rank is hung: stop",
     "quantized_dense_rows": "GPU: quantized layers keep a dense copy for inputs of this many "
     "rows or more, where it fits (0 = never)",
+    "switch_interval_seconds": "Python's GIL switch interval while serving (0 = Python's "
+    "default, 5 ms)",
+    "timeline_file": "record a timeline of the server's work, written here (JSON lines) at "
+    "stop: benchmarks/timeline.py reads it",
 }
 
 

@@ -27,7 +27,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from kvgrove import faults
+from kvgrove import faults, timeline
 from kvgrove.actors.api import Runtime
 from kvgrove.actors.engine import start_engine
 from kvgrove.actors.executor import Executor
@@ -110,6 +110,8 @@ def configure_mlx(settings: Settings) -> None:
     pass); a variable the user set wins."""
     if not settings.cudnn_attention:
         os.environ.setdefault("MLX_CUDA_USE_CUDNN_SDPA", "0")
+    if settings.switch_interval_seconds:
+        sys.setswitchinterval(settings.switch_interval_seconds)
     # Sharding knows QuantizedLinear, not the dense copies: tensor parallel keeps none.
     quant.set_dense_rows(settings.quantized_dense_rows if settings.tensor_parallel == 1 else 0)
 
@@ -265,7 +267,14 @@ def main(settings: Settings) -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     faults.arm_from_environment()  # only the fault-injection tests set KVGROVE_FAULTS
-    trio.run(partial(serve, settings))
+    if settings.timeline_file is not None:
+        timeline.start()
+    try:
+        trio.run(partial(serve, settings))
+    finally:
+        if settings.timeline_file is not None:
+            n = timeline.stop(settings.timeline_file)
+            log.info("timeline: %d events written to %s", n, settings.timeline_file)
     # Everything is shut down and the prefix cache is on disk. Skip the interpreter's teardown:
     # destroying MLX's stream worker threads during finalization intermittently aborted the
     # process ("terminate called without an active exception", exit 134) after a clean stop.

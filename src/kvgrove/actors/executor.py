@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 import trio
 
+from kvgrove import timeline
 from kvgrove.actors.messages import (
     Charge,
     Charges,
@@ -138,10 +139,13 @@ class Executor:
         match msg:
             case Step():
                 self._last = None  # a step that fails on its way leaves nothing to continue
+                start = time.perf_counter()
                 # A followed step runs ahead (its continuation is certain); its `ahead` is the
                 # continuation's.
                 result = await self._step(attrs.evolve(msg, ahead=True) if msg.follow else msg)
                 msg.reply.send_nowait(result)
+                if (rec := timeline.recorder) is not None:
+                    rec.add("exec", start, end=time.perf_counter(), items=len(msg.items))
                 self._last = (msg, result)
                 if msg.follow:  # its continuation runs now, not after the scheduler's word
                     await self._handle(Follow(msg.ahead))
@@ -174,7 +178,10 @@ class Executor:
                 stored = await self._store(None)
                 kept.update(stored.kept)
                 requests = await self._thread.call(self.runner.restore_requests, step.items)
+                start = time.perf_counter()
                 restored = await self._ask_pager(lambda r: RestorePrefixes(tuple(requests), r))
+                if (rec := timeline.recorder) is not None:
+                    rec.add("restore", start, end=time.perf_counter(), requests=len(requests))
                 result = await self._thread.call(self.runner.run_items, step, restored.caches)
         else:
             result = await self._thread.call(self._run_step, step)
@@ -209,7 +216,10 @@ class Executor:
 
     async def _store(self, live_bytes: int | None) -> Any:
         keeps = tuple(self.runner.take_keeps())  # the thread is idle: the step returned
+        start = time.perf_counter()
         stored = await self._ask_pager(lambda r: StorePrefixes(keeps, live_bytes, r))
+        if (rec := timeline.recorder) is not None:
+            rec.add("store", start, end=time.perf_counter(), keeps=len(keeps))
         if live_bytes is not None:
             self._stored_live, self._stored_at = live_bytes, time.monotonic()
         return stored

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import mlx.core as mx
 import trio
 
+from kvgrove import timeline
 from kvgrove.models.generate import generation_stream
 
 T = TypeVar("T")
@@ -50,6 +51,8 @@ class MLXThread:
         token = trio.lowlevel.current_trio_token()
         finished = trio.Event()
         box: dict[str, Any] = {}
+        rec = timeline.recorder
+        queued = time.perf_counter()
 
         def work() -> None:
             start = time.perf_counter()
@@ -57,7 +60,11 @@ class MLXThread:
                 box["value"] = fn(*args)
             except BaseException as e:
                 box["error"] = e
-            self.busy_seconds += time.perf_counter() - start
+            end = time.perf_counter()
+            self.busy_seconds += end - start
+            if rec is not None:
+                label = getattr(fn, "__qualname__", type(fn).__name__)
+                rec.add("mlx", start, end=end, queued=queued, label=label)
             token.run_sync_soon(finished.set)
 
         self._queue.put(work)

@@ -16,6 +16,7 @@ import time
 
 import trio
 
+from kvgrove import timeline
 from kvgrove.actors.channels import ask, sender
 from kvgrove.actors.messages import (
     Cancel,
@@ -119,6 +120,9 @@ class Scheduler:
                     continue
                 follow, ahead = self.in_flight.sent(items, release=release, preempt=preempt)
                 step = Step(items, release, self._results_send, preempt, follow, ahead)
+                if (rec := timeline.recorder) is not None:
+                    starts = sum(1 for it in items if it.start is not None)
+                    rec.add("plan", items=len(items), starts=starts, release=len(release))
                 await self._executor.send(step)
                 await self._take_result()
 
@@ -145,6 +149,8 @@ class Scheduler:
     def _handle(self, msg: object) -> None:
         match msg:
             case Submit():
+                if (rec := timeline.recorder) is not None:
+                    rec.add("submit", rid=msg.request_id)
                 self.locks.submit(msg)
             case Matched(request_id=rid, cached_tokens=cached):
                 self.locks.matched(rid, cached)

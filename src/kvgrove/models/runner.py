@@ -25,6 +25,7 @@ from typing import Any
 import attrs
 import mlx.core as mx
 
+from kvgrove import timeline
 from kvgrove.config import Settings
 from kvgrove.grammar import Constraint
 from kvgrove.memory.snapshots import WHOLE, NotSnapshotCapable, layout
@@ -284,6 +285,14 @@ class StepRunner:
         """Rows leave the batch when released, preempted, or not decoding now (parked); the
         released and preempted give up their caches. A failed result if that failed."""
         self.steps += 1
+        t0 = time.perf_counter()
+        try:
+            return self._begin(step)
+        finally:
+            if (rec := timeline.recorder) is not None:
+                rec.add("begin", t0, end=time.perf_counter(), release=len(step.release))
+
+    def _begin(self, step: Any) -> StepResult | None:
         for cache in self._kept_views:
             cache.clear()
         self._kept_views = []
@@ -342,25 +351,47 @@ class StepRunner:
     ) -> StepResult:
         """Run the items: the batched decode, prefills while it computes; `restored` gives
         (request_id, live cache or None, tokens it holds) for the restores asked for."""
+        clock = time.perf_counter
+        t0 = clock()
         self._restored = {rid: (cache, n) for rid, cache, n in restored}
         decode = [it for it in step.items if self._is_decode(it)] if self.batched else []
         decode_ids = {it.request_id for it in decode}
         others = [it for it in step.items if it.request_id not in decode_ids]
         results: dict[int, ItemResult] = {}
         ahead, self._ahead, self._ahead_rows = self._ahead, None, set()
+        fused = self.fused_steps
         batch = self._launch_decode(decode, results, ahead)
+        t_decode = clock()
         # The prefill graphs are built while the batch computes.
         together = self._launch_prefill_together(others)
+        t_together = clock()
         for item in others:
             if together is None or item not in together.items:
                 results[item.request_id] = self._run_item(item)
+        t_alone = clock()
         if together is not None:
             self._finish_prefill_together(together, results)
+        t_prefilled = clock()
         if step.ahead:
             self._launch_ahead(batch, results)
+        t_ahead = clock()
         if batch is not None:
             self._finish_decode(batch, results)
+        t_decoded = clock()
         self._prepare_ahead(results)
+        if (rec := timeline.recorder) is not None:
+            rec.add(
+                "step",
+                t0,
+                end=clock(),
+                decode=len(decode),
+                others=len(others),
+                together=0 if together is None else len(together.items),
+                ran_ahead=ahead is not None,
+                fused=self.fused_steps > fused,
+                launched_ahead=self._ahead is not None,
+                phases=[t_decode, t_together, t_alone, t_prefilled, t_ahead, t_decoded],
+            )
         self._restored = {}
         for it in step.items:  # a first item reports the prompt tokens actually restored
             live, result = self._live.get(it.request_id), results[it.request_id]
