@@ -9,6 +9,7 @@ cope. Nothing is replaced or spied on: the component under test is the real one.
 Point names in use (keep this list current):
 
 - ``snapshot.take``     copying a live cache's span into a snapshot (device allocation)
+- ``snapshot.evaluate`` evaluating a store's snapshots (taken lazily, evaluated together)
 - ``tiers.promote``     bringing a node's snapshot back to the device (host/disk -> device)
 - ``tiers.stitch``      stitching a matched path into a live cache
 - ``tiers.demote``      copying a device snapshot to host memory

@@ -13,6 +13,7 @@ import textwrap
 import pytest
 
 from kvgrove import faults
+from kvgrove.memory import snapshots
 from kvgrove.memory.ledger import Budgets
 from kvgrove.memory.prefix_cache import CacheDirBusy, PrefixCache
 from kvgrove.memory.snapshots import layout
@@ -388,4 +389,43 @@ def test_an_unusable_cache_folder_at_start_serves_without_the_disk_tier(model, t
         assert_within_budgets(cache)
     assert cache.tier_bytes()["disk"] == 0
     assert answer_with_cache(model, cache, 1, prompt(3)) == reference(model, prompt(3))
+    assert cache.check_integrity().clean
+
+
+# -- a store's snapshots evaluated together ---------------------------------------------------
+
+
+def test_snapshots_taken_together_hold_what_the_caches_held_when_taken(model, tmp_path):
+    """A store of many sequences evaluates their snapshots at once (`snapshots.deferred`, then
+    `settle`): a live cache that moves on (written in place) before that changes nothing."""
+    cache = make(model, tmp_path)
+    lives = [prefilled(model, prompt(i)) for i in range(3)]
+    with snapshots.deferred() as taken:
+        for i, live in enumerate(lives):
+            cache.store("", prompt(i), live)
+    assert len(taken) == 3
+    for live in lives:  # the live caches go on before the snapshots are evaluated
+        generate(model, [5, 6, 7], GREEDY, max_tokens=2, cache=live, cached_tokens=0)
+    assert cache.settle(taken) == 0
+    for i in range(3):
+        assert answer_with_cache(model, cache, 10 + i, prompt(i)) == reference(model, prompt(i))
+    assert cache.check_integrity().clean
+
+
+def test_a_store_whose_snapshots_fail_to_evaluate_drops_only_what_fails(model, tmp_path):
+    """Evaluating the store's snapshots together fails (an allocation), then one node's alone:
+    that node is dropped and recomputed when asked for; the others are served from the cache."""
+    cache = make(model, tmp_path)
+    with snapshots.deferred() as taken:
+        for i in range(3):
+            cache.store("", prompt(i), prefilled(model, prompt(i)))
+    with faults.injected("snapshot.evaluate", times=2):
+        assert cache.settle(taken) == 1
+    assert cache.statistics()["nodes"] == 2
+    assert cache.check_integrity().clean
+    hits = [cache.match(20 + i, "", prompt(i)) for i in range(3)]
+    assert sorted(hits) == [0, len(prompt(0)) - 1, len(prompt(0)) - 1]
+    for i in range(3):
+        cache.release(20 + i)
+        assert answer_with_cache(model, cache, 30 + i, prompt(i)) == reference(model, prompt(i))
     assert cache.check_integrity().clean

@@ -35,6 +35,7 @@ ACTIONS = (
 )
 FAULT_POINTS = (
     "snapshot.take",
+    "snapshot.evaluate",
     "tiers.demote",
     "tiers.promote",
     "tiers.stitch",

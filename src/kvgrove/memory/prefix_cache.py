@@ -28,6 +28,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
+
+from kvgrove import faults
 from kvgrove.memory.ledger import TIERS, Budgets
 from kvgrove.memory.snapshots import WHOLE
 from kvgrove.memory.tiers import DiskHealth, Hit, IntegrityReport, LruIndex, Move, Tiers
@@ -230,6 +233,42 @@ class PrefixCache:
             self._collect(tiers)
         self.rebalance()
         return new
+
+    def settle(self, taken: Sequence[Sequence[Any]]) -> int:
+        """Evaluate, at once, the snapshots stores took inside `snapshots.deferred()`. If that
+        fails (an allocation), every device node's snapshot is evaluated on its own and those
+        that still fail are dropped (recomputed when next needed); a locked one stays, and a
+        restore of it fails and recomputes. Returns the nodes dropped."""
+        if not taken:
+            return 0
+        try:
+            faults.check("snapshot.evaluate")
+            mx.eval(list(taken))
+            return 0
+        except Exception:
+            log.warning("evaluating a store's snapshots failed; one node at a time", exc_info=True)
+        dropped = 0
+        for tiers in list(self._tiers.values()):
+            while (bad := self._unevaluable(tiers)) is not None:
+                tiers.demote(bad, "dropped")
+                dropped += 1
+            self._collect(tiers)
+        return dropped
+
+    @staticmethod
+    def _unevaluable(tiers: Tiers) -> Any:
+        """The first unlocked device node whose snapshot fails to evaluate, or None."""
+        for node in tiers.trie.nodes():
+            p = node.payload
+            if p is None or p.tier != "device" or node.lock_count:
+                continue
+            try:
+                faults.check("snapshot.evaluate")
+                mx.eval(list(p.arrays.values()))
+            except Exception:
+                log.warning("dropping %r: its snapshot does not evaluate", node, exc_info=True)
+                return node
+        return None
 
     def release(self, request_id: int) -> None:
         """Unlock the request's matched prefix (idempotent)."""

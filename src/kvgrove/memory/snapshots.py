@@ -15,9 +15,10 @@ state of the last node. All of this runs on the MLX thread; nothing here blocks 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import attrs
@@ -124,6 +125,25 @@ def _device_payload(
     return Payload(tokens, kinds, arrays, dtypes, shapes, whole, "device")
 
 
+# While `deferred()` is open (on the MLX thread): each snapshot `take` made, as its arrays, still
+# lazy, for the caller to evaluate together.
+_deferred: list[list[mx.array]] | None = None
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[list[list[mx.array]]]:
+    """Snapshots taken inside stay lazy; their arrays are listed in what this yields, for the
+    caller to evaluate before the live caches they were cut from are written again (one wait
+    on the device for a whole store, not one per sequence: on a GPU each wait also gives up
+    the GIL, to be waited for again)."""
+    global _deferred
+    outer, _deferred = _deferred, []
+    try:
+        yield _deferred
+    finally:
+        _deferred = outer
+
+
 def take(
     cache: Sequence[Any], start: int, end: int, kinds: tuple[str, ...] | None = None
 ) -> Payload:
@@ -143,7 +163,10 @@ def take(
         elif kind == WHOLE and whole:
             for j, a in enumerate(c.snapshot(start, end)):
                 arrays[f"{i}.{j}"] = a
-    mx.eval(list(arrays.values()))  # one wait for all layers (their snapshots come lazy)
+    if _deferred is not None:
+        _deferred.append(list(arrays.values()))
+    else:
+        mx.eval(list(arrays.values()))  # one wait for all layers (their snapshots come lazy)
     return _device_payload(end - start, kinds, arrays, whole)
 
 

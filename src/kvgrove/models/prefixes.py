@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 
 from kvgrove.config import Settings
+from kvgrove.memory import snapshots
 from kvgrove.memory.ledger import Budgets
 from kvgrove.memory.prefix_cache import PrefixCache
 from kvgrove.memory.snapshots import NotSnapshotCapable, layout
@@ -87,10 +88,14 @@ class PagerCore:
         """Store `keeps`, then (unless `live_bytes` is None) fit the device tier. Returns
         ((request_id, tokens now cached) per preempted sequence, (tier, bytes) per tier)."""
         kept = []
-        for keep in keeps:
-            n = self.store_one(keep)
-            if keep.preempted:
-                kept.append((keep.request_id, n))
+        # The snapshots of every keep are evaluated together: one wait on the device, where one
+        # per sequence cost a 64-row wave on the H200 ~2 ms per sequence stored.
+        with snapshots.deferred() as taken:
+            for keep in keeps:
+                n = self.store_one(keep)
+                if keep.preempted:
+                    kept.append((keep.request_id, n))
+        self.cache.settle(taken)
         if live_bytes is not None:
             self.fit(live_bytes)
         return tuple(kept), tuple(self.cache.tier_bytes().items())
