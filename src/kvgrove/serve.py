@@ -23,6 +23,7 @@ from functools import partial
 from typing import Any
 
 import attrs
+import mlx.core as mx
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
@@ -105,13 +106,20 @@ def warn_if_exposed(settings: Settings) -> bool:
     return True
 
 
+# The GIL switch interval with a GPU (`Settings.switch_interval_seconds`).
+GPU_SWITCH_INTERVAL_SECONDS = 0.001
+
+
 def configure_mlx(settings: Settings) -> None:
     """MLX settings read from the environment when first needed (so before the first forward
     pass); a variable the user set wins."""
     if not settings.cudnn_attention:
         os.environ.setdefault("MLX_CUDA_USE_CUDNN_SDPA", "0")
-    if settings.switch_interval_seconds:
-        sys.setswitchinterval(settings.switch_interval_seconds)
+    interval = settings.switch_interval_seconds
+    if not interval and mx.default_device().type == mx.DeviceType.gpu:
+        interval = GPU_SWITCH_INTERVAL_SECONDS
+    if interval:
+        sys.setswitchinterval(interval)
     # Sharding knows QuantizedLinear, not the dense copies: tensor parallel keeps none.
     quant.set_dense_rows(settings.quantized_dense_rows if settings.tensor_parallel == 1 else 0)
 
