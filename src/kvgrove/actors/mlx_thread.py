@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import mlx.core as mx
 import trio
@@ -48,31 +48,32 @@ class MLXThread:
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(*args) on the thread and return its result; shielded (work is never torn)."""
+        return await self.submit(fn, *args).result()
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Queued[T]:
+        """Queue fn(*args) on the thread now (from trio); await `.result()` for what it gives.
+        Work queued behind a running call starts the moment that call ends, with no trip
+        through trio (nor a wait for the GIL) between them."""
         token = trio.lowlevel.current_trio_token()
-        finished = trio.Event()
-        box: dict[str, Any] = {}
+        queued = Queued[T]()
         rec = timeline.recorder
-        queued = time.perf_counter()
+        at = time.perf_counter()
 
         def work() -> None:
             start = time.perf_counter()
             try:
-                box["value"] = fn(*args)
+                queued.box["value"] = fn(*args)
             except BaseException as e:
-                box["error"] = e
+                queued.box["error"] = e
             end = time.perf_counter()
             self.busy_seconds += end - start
             if rec is not None:
                 label = getattr(fn, "__qualname__", type(fn).__name__)
-                rec.add("mlx", start, end=end, queued=queued, label=label)
-            token.run_sync_soon(finished.set)
+                rec.add("mlx", start, end=end, queued=at, label=label)
+            token.run_sync_soon(queued.finished.set)
 
         self._queue.put(work)
-        with trio.CancelScope(shield=True):
-            await finished.wait()
-        if "error" in box:
-            raise box["error"]
-        return box["value"]
+        return queued
 
     def at_stop(self, fn: Callable[[], None]) -> None:
         """Run fn on the thread when it closes (before it stops), after earlier ones."""
@@ -90,6 +91,22 @@ class MLXThread:
     def stop(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=10)
+
+
+class Queued(Generic[T]):
+    """Work queued on the MLX thread (`MLXThread.submit`)."""
+
+    def __init__(self) -> None:
+        self.finished = trio.Event()
+        self.box: dict[str, Any] = {}
+
+    async def result(self) -> T:
+        """Its result once it ran (or its exception); shielded: work is never torn."""
+        with trio.CancelScope(shield=True):
+            await self.finished.wait()
+        if "error" in self.box:
+            raise self.box["error"]
+        return self.box["value"]
 
 
 class MLXHandle:

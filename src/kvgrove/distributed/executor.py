@@ -253,7 +253,10 @@ def _rank_runner(settings: Settings, group: Any, watchdog: Watchdog) -> RankRunn
 class TensorParallelExecutor(Executor):
     """Rank 0's executor: loads its shard, broadcasts every step before running it (the
     pager's restores and stores included, as on one rank), and gives up on the other ranks
-    when a step fails on their side or outlasts `tp_timeout_seconds`."""
+    when a step fails on their side or outlasts `tp_timeout_seconds`. No continuation is
+    queued ahead of its turn: each is broadcast first."""
+
+    queue_follows = False
 
     def __init__(
         self,

@@ -62,12 +62,14 @@ async def metrics() -> Any:
             stats = executor.statistics()
             gauges["kvgrove_executor_steps"] = (
                 "Executor steps; batched decodes run ahead (the overlap); rows run ahead and "
-                "not taken; decodes run ahead and sampled in the same graph.",
+                "not taken; decodes run ahead and sampled in the same graph; continuations "
+                "queued on the MLX thread behind their step.",
                 {
                     "all": stats.steps,
                     "overlapped": stats.overlapped_steps,
                     "wasted_rows": stats.wasted_row_steps,
                     "fused": stats.fused_steps,
+                    "queued": stats.queued_steps,
                 },
                 "kind",
             )

@@ -73,4 +73,5 @@ class ExecutorStats:
     overlapped_steps: int = 0  # batched decodes launched before the scheduler planned them
     wasted_row_steps: int = 0  # rows decoded ahead that the plan did not take
     fused_steps: int = 0  # overlapped decodes sampled in the forward's own graph
+    queued_steps: int = 0  # continuations queued on the MLX thread behind their step
     mlx_busy_seconds: float = 0.0  # the MLX thread's time running work (steps, copies)
