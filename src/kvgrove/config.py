@@ -165,6 +165,9 @@ class Settings:
     # without waiting for the scheduler, while the scheduler sees no change coming: the device
     # does not wait for the tokens to reach the clients. Off = wait for each step's plan.
     decode_follow: bool = True
+    # A continuation is queued on the MLX thread while the step before it runs, so it starts the
+    # moment that one ends (`kvgrove.actors.executor`); off = it goes when trio hands it over.
+    queued_continuations: bool = True
     # Python's GIL switch interval (sys.setswitchinterval) while serving; 0 = auto: 1 ms with a
     # GPU, else Python's own (5 ms). The MLX thread gives up the GIL at every evaluation and
     # waits for it again while the trio thread streams tokens, up to one interval each time: on
@@ -328,6 +331,12 @@ _SWITCHES = {
         False,
         "on CUDA, a ragged batch's decode attention takes MLX's masked fallback, not kvgrove's "
         "kernel [env KVGROVE_RAGGED_ATTENTION=0]",
+    ),
+    "--no-queued-continuations": (
+        "queued_continuations",
+        False,
+        "a continuation goes to the MLX thread when trio hands it over, not queued behind the "
+        "step before it [env KVGROVE_QUEUED_CONTINUATIONS=0]",
     ),
     "--cudnn-attention": (
         "cudnn_attention",

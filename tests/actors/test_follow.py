@@ -125,6 +125,10 @@ async def test_follow_changes_no_token_and_no_ending(tiny, prefix_cache):
     stop_token = plain[4][0][5]
     off, off_follows = await run(attrs.evolve(base, decode_follow=False), workload(stop_token))
     on, on_follows = await run(attrs.evolve(base, decode_follow=True), workload(stop_token))
+    handed, handed_follows = await run(
+        attrs.evolve(base, decode_follow=True, queued_continuations=False), workload(stop_token)
+    )
+    assert handed == on and handed_follows[0] > 0 and handed_follows[1] == 0
     assert off_follows == (0, 0)
     # The executor did decode without waiting for the scheduler, and queued continuations on
     # the MLX thread behind the step before them (a followed step's first one, at least).

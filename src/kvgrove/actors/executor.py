@@ -76,6 +76,7 @@ class Executor:
             ragged_attention=settings.ragged_attention,
         )
         self.settings = settings
+        self.queue_follows = self.queue_follows and settings.queued_continuations
         self.inbox, self._inbox = trio.open_memory_channel[object](settings.executor_inbox_items)
         self._accountant = accountant
         self._loader = loader
