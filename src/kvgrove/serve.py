@@ -276,13 +276,22 @@ def main(settings: Settings) -> None:
     )
     faults.arm_from_environment()  # only the fault-injection tests set KVGROVE_FAULTS
     if settings.timeline_file is not None:
+        try:  # a path it cannot write fails now, not after serving
+            with open(settings.timeline_file, "a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            message = f"--timeline-file: cannot write {settings.timeline_file}: {exc}"
+            raise SystemExit(message) from None
         timeline.start()
     try:
         trio.run(partial(serve, settings))
     finally:
         if settings.timeline_file is not None:
-            n = timeline.stop(settings.timeline_file)
-            log.info("timeline: %d events written to %s", n, settings.timeline_file)
+            try:
+                n = timeline.stop(settings.timeline_file)
+                log.info("timeline: %d events written to %s", n, settings.timeline_file)
+            except OSError:
+                log.exception("writing the timeline to %s failed", settings.timeline_file)
     # Everything is shut down and the prefix cache is on disk. Skip the interpreter's teardown:
     # destroying MLX's stream worker threads during finalization intermittently aborted the
     # process ("terminate called without an active exception", exit 134) after a clean stop.

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 
 from kvgrove import timeline
 from kvgrove.config import Settings
@@ -54,3 +55,13 @@ def test_a_wave_is_recorded_and_summarized(tmp_path):
     text = report(path, min_requests=ROWS)
     assert text.startswith(f"wave of {ROWS}:"), text
     assert "MLX thread busy" in text and "pager rounds" in text
+
+
+def test_a_timeline_file_that_cannot_be_written_fails_at_start_not_after_serving(tmp_path):
+    from kvgrove import serve
+
+    bad = tmp_path / "no such folder" / "t.jsonl"
+    settings = Settings(port=0, timeline_file=str(bad))
+    with pytest.raises(SystemExit, match="cannot write"):
+        serve.main(settings)
+    assert timeline.recorder is None and not bad.exists()
