@@ -179,11 +179,14 @@ class Executor:
                     step, result = self._last
                     # The same continuation `_run_continuation` builds on the MLX thread.
                     follow = Step(continued(result), (), step.reply, ahead=ahead)
-                    self._last = None
-                    start = time.perf_counter()
                     if queued is None and self.queue_follows:  # it came after its step ended
                         queued = self._thread.submit(self._run_step, follow)
-                    result = await (self._step(follow, queued) if queued else self._step(follow))
+                    if queued is None:  # as any step (tensor parallel answers a lost rank)
+                        await self._handle(follow)
+                        return
+                    self._last = None
+                    start = time.perf_counter()
+                    result = await self._step(follow, queued)
                     follow.reply.send_nowait(result)
                     self._last = (follow, result)
                     if (rec := timeline.recorder) is not None:
