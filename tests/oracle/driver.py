@@ -441,7 +441,14 @@ class Run:
             if d.how == "tamper_crc":
                 meta["crc32"] = str((int(meta.get("crc32", "0")) + 1) % 2**32)
             else:  # tamper_tokens: the file now claims another prompt's tokens
-                tokens = json.loads(meta["tokens"])
+                try:
+                    tokens = json.loads(meta["tokens"])
+                except (KeyError, TypeError, ValueError):  # a flipped byte broke the field
+                    self.out.damage[d.how] -= 1
+                    return
+                if not isinstance(tokens, list) or not tokens or not isinstance(tokens[-1], int):
+                    self.out.damage[d.how] -= 1
+                    return
                 tokens[-1] = 3 + (tokens[-1] - 2) % 317
                 meta["tokens"] = json.dumps(tokens)
                 if meta.get("start") == "0":
