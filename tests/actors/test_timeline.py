@@ -18,6 +18,7 @@ from tiny_models import write_decodable_llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from timeline import load, report
+from timeline import waves as split
 
 ROWS = 8
 
@@ -52,8 +53,14 @@ def test_a_wave_is_recorded_and_summarized(tmp_path):
     assert {"submit", "plan", "exec", "step", "mlx", "store"} <= kinds
     submits = [e for e in load(path) if e["kind"] == "submit"]
     assert len(submits) == ROWS
-    text = report(path, min_requests=ROWS)
-    assert text.startswith(f"wave of {ROWS}:"), text
+    # The requests arrive from threads: a fast one may end before the last arrives, and the
+    # batch emptying between them splits the burst into more waves. Together they hold all.
+    waves = [w for w in split(load(path), 1) if any(e["kind"] == "submit" for e in w)]
+    assert sum(e["kind"] == "submit" for w in waves for e in w) == ROWS
+    text = report(path, min_requests=1)
+    heads = [line for line in text.splitlines() if line.startswith("wave of ")]
+    assert len(heads) == len(waves) >= 1, text
+    assert sum(int(h.split()[2].rstrip(":")) for h in heads) == ROWS, text
     assert "MLX thread busy" in text and "pager rounds" in text
 
 
