@@ -53,14 +53,9 @@ _CLOSED = object()  # held in place of a message: the inbox ended while a step r
 class Executor:
     """Loads the model, then runs `Step`s from its inbox on the MLX thread.
 
-    `queue_follows`: a continuation is queued on the MLX thread while the step before it runs
-    (off for tensor parallel, which broadcasts each step before it runs).
-
     `step_log` keeps (request_id, start, end) in time.monotonic() seconds for recent items, so
     tests can prove no work ran for a request after it was cancelled.
     """
-
-    queue_follows = True
 
     def __init__(
         self,
@@ -76,7 +71,6 @@ class Executor:
             ragged_attention=settings.ragged_attention,
         )
         self.settings = settings
-        self.queue_follows = self.queue_follows and settings.queued_continuations
         self.inbox, self._inbox = trio.open_memory_channel[object](settings.executor_inbox_items)
         self._accountant = accountant
         self._loader = loader
@@ -158,19 +152,13 @@ class Executor:
     async def _handle(self, msg: object) -> None:
         match msg:
             case Step():
-                self._last = None  # a step that fails on its way leaves nothing to continue
-                start = time.perf_counter()
                 # A followed step runs ahead (its continuation is certain); its `ahead` is the
                 # continuation's.
-                if msg.follow and self.queue_follows:
-                    step = attrs.evolve(msg, ahead=True)
-                    result = await self._step(step, follow_ahead=msg.ahead)
+                step = attrs.evolve(msg, ahead=True) if msg.follow else msg
+                if msg.follow and self.settings.queued_continuations:
+                    await self._answer(step, follow_ahead=msg.ahead)
                 else:
-                    result = await self._step(attrs.evolve(msg, ahead=True) if msg.follow else msg)
-                msg.reply.send_nowait(result)
-                if (rec := timeline.recorder) is not None:
-                    rec.add("exec", start, end=time.perf_counter(), items=len(msg.items))
-                self._last = (msg, result)
+                    await self._answer(step)
                 if msg.follow:  # its continuation runs now, not after the scheduler's word
                     await self._handle(Follow(msg.ahead))
             case Follow(ahead=ahead):
@@ -179,18 +167,12 @@ class Executor:
                     step, result = self._last
                     # The same continuation `_run_continuation` builds on the MLX thread.
                     follow = Step(continued(result), (), step.reply, ahead=ahead)
-                    if queued is None and self.queue_follows:  # it came after its step ended
+                    if queued is None and self.settings.queued_continuations:  # came after its step
                         queued = self._thread.submit(self._run_step, follow)
                     if queued is None:  # as any step (tensor parallel answers a lost rank)
                         await self._handle(follow)
-                        return
-                    self._last = None
-                    start = time.perf_counter()
-                    result = await self._step(follow, queued)
-                    follow.reply.send_nowait(result)
-                    self._last = (follow, result)
-                    if (rec := timeline.recorder) is not None:
-                        rec.add("exec", start, end=time.perf_counter(), items=len(follow.items))
+                    else:
+                        await self._answer(follow, queued=queued)
                 elif queued is not None:
                     await queued.result()  # it found the step failed: it ran nothing
             case UsePager(channel=channel, charged=charged):
@@ -203,6 +185,16 @@ class Executor:
                 reply.send_nowait(self.statistics())
             case _:
                 raise AssertionError(f"executor: unexpected message {msg!r}")
+
+    async def _answer(self, step: Step, **how: Any) -> None:
+        """Run `step` (`how`: see `_step`) and send its result; a `Follow` continues it."""
+        self._last = None  # a step that fails on its way leaves nothing to continue
+        start = time.perf_counter()
+        result = await self._step(step, **how)
+        step.reply.send_nowait(result)
+        if (rec := timeline.recorder) is not None:
+            rec.add("exec", start, end=time.perf_counter(), items=len(step.items))
+        self._last = (step, result)
 
     def _run_step(self, step: Step) -> StepResult:
         """On the MLX thread: the whole step (the seam tensor parallel wraps)."""
@@ -221,7 +213,7 @@ class Executor:
         return self._run_step(Step(continued(last), (), None, ahead=ahead))
 
     async def _watch(self) -> None:
-        """While a followed step or a continuation runs: take the next message; a `Follow`
+        """While a continuation runs: take the next message; a `Follow`
         queues its continuation on the MLX thread at once, behind the running step, so it starts
         the moment that one ends (on the H200 the MLX thread otherwise waited 1.5-3.4 ms for
         the GIL before each step, while the trio thread streamed the last step's tokens)."""

@@ -80,8 +80,8 @@ class DivergedError(RankError):
 
 def tensor_parallel_settings(settings: Settings) -> Settings:
     """What every rank runs with: no other models on demand (they would load on rank 0
-    alone)."""
-    return attrs.evolve(settings, max_loaded_models=0)
+    alone), and no continuation queued ahead of its turn (each step is broadcast first)."""
+    return attrs.evolve(settings, max_loaded_models=0, queued_continuations=False)
 
 
 def fix_seeds(step: Step) -> Step:
@@ -253,10 +253,7 @@ def _rank_runner(settings: Settings, group: Any, watchdog: Watchdog) -> RankRunn
 class TensorParallelExecutor(Executor):
     """Rank 0's executor: loads its shard, broadcasts every step before running it (the
     pager's restores and stores included, as on one rank), and gives up on the other ranks
-    when a step fails on their side or outlasts `tp_timeout_seconds`. No continuation is
-    queued ahead of its turn: each is broadcast first."""
-
-    queue_follows = False
+    when a step fails on their side or outlasts `tp_timeout_seconds`."""
 
     def __init__(
         self,
