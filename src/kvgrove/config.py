@@ -174,6 +174,11 @@ class Settings:
     # the H200 (8B bf16, 64 rows) a decode step waited 3.4 ms for it, and 1 ms took a 64-row
     # wave from 2,510 to 3,115 tok/s and one stream from 166 to 194; 0.2 ms lost (2,264, 133).
     switch_interval_seconds: float = attrs.field(default=0.0, validator=_non_negative)
+    # With no row decoding, the scheduler waits up to this long for the prefix lookups of the
+    # prompts already submitted before it plans a step, so a burst that arrives at once starts
+    # in one prefill step rather than its first prompt alone, then the rest behind it (the
+    # lookups run on the MLX thread, behind any step). 0 = plan at once.
+    admission_wait_seconds: float = attrs.field(default=0.02, validator=_non_negative)
     device_cache_bytes: int = attrs.field(default=0, validator=_non_negative)
     kv_cache_dir: str | None = None  # None = <kvgrove cache dir>/kv
     # Other models on demand, besides `model` (which stays loaded): a request naming one loads
@@ -309,6 +314,8 @@ _HELP = {
     "rows or more, where it fits (0 = never)",
     "switch_interval_seconds": "Python's GIL switch interval while serving (0 = 1 ms with a "
     "GPU, else Python's 5 ms)",
+    "admission_wait_seconds": "with nothing decoding, wait up to this long for the prefix "
+    "lookups of prompts already submitted before planning (0 = plan at once)",
     "timeline_file": "record a timeline of the server's work, written here (JSON lines) at "
     "stop: benchmarks/timeline.py reads it",
 }

@@ -19,11 +19,13 @@ from kvgrove.actors.engine import start_engine
 from kvgrove.actors.messages import (
     CacheQuery,
     Cancel,
+    Done,
     ExecutorQuery,
     Match,
     MemoryQuery,
     Release,
     Submit,
+    Token,
 )
 from kvgrove.config import Settings
 from kvgrove.models.generate import generate
@@ -364,4 +366,65 @@ async def test_a_burst_over_a_cached_prefix_is_matched_and_answered_like_alone(t
         assert [out for out, _ in results] == expected
         assert all(done.cached_tokens >= len(system) for _, done in results)
         await check_clean(accountant, pager, executor)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("wait", [0.5, 0.0])
+async def test_a_burst_at_an_idle_server_starts_in_one_prefill_step(tiny, tmp_path, wait):
+    """One prompt is submitted; while the pager looks it up, seven more arrive. With
+    `admission_wait_seconds`, the scheduler waits for all eight lookups before it plans: one
+    left-padded pass of 8 prompts, not the first alone and the rest behind it. Off (0), the
+    first went alone in 9 runs of 10 here (timing decides, so only its tokens are checked).
+    Either way each request gets the tokens it gets alone."""
+    folder = tiny("llama")
+    prompts = [tuple((5 * i + 17 * k) % 240 + 10 for i in range(20 + k)) for k in range(8)]
+    model = load(folder).model
+    expected = [[s.token for s in generate(model, p, GREEDY, max_tokens=3)] for p in prompts]
+    shapes = []
+
+    def loader(name):
+        loaded = load(name)
+        inner = loaded.model
+
+        class Counting:
+            def __getattr__(self, attr):
+                return getattr(inner, attr)
+
+            def __call__(self, inputs, cache=None):
+                shapes.append(tuple(inputs.shape))
+                return inner(inputs, cache=cache)
+
+        loaded.model = Counting()
+        return loaded
+
+    settings = Settings(
+        model=folder, kv_cache_dir=str(tmp_path), warm_up=False, admission_wait_seconds=wait
+    )
+    async with trio.open_nursery() as nursery:
+        engine = await start_engine(nursery, settings, loader=loader)
+        scheduler = engine.scheduler
+        shapes.clear()
+        replies = []
+        for k, prompt in enumerate(prompts):
+            send, recv = trio.open_memory_channel(64)
+            replies.append(recv)
+            submit = Submit(100 + k, prompt, GREEDY, 3, 400, frozenset(), send)
+            scheduler.inbox.send_nowait(submit)
+            if k == 0:  # the first is being looked up: the rest arrive now, all at once
+                with trio.fail_after(30):
+                    while 100 not in scheduler.locks.matching:
+                        await trio.lowlevel.checkpoint()
+        outputs = []
+        with trio.fail_after(60):
+            for recv in replies:
+                msgs = [m async for m in recv]
+                assert isinstance(msgs[-1], Done), msgs[-1]
+                outputs.append([m.token for m in msgs if isinstance(m, Token)])
+        assert outputs == expected
+        prefills = [b for b, t in shapes if t > 1]
+        if wait:
+            assert prefills == [8], shapes
+        else:
+            assert sum(prefills) == 8, shapes
+        await check_clean(engine.accountant, engine.pager, engine.executor)
         nursery.cancel_scope.cancel()

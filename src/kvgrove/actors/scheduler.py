@@ -109,6 +109,7 @@ class Scheduler:
                     await self._take_result()
                     continue
                 self._handle_stalls()
+                await self._gather_matches()
                 items = self.core.plan_step()
                 self.locks.send_rematches()
                 release = self.core.take_release()
@@ -140,6 +141,19 @@ class Scheduler:
             except trio.WouldBlock:
                 return
             self._handle(msg)
+
+    async def _gather_matches(self) -> None:
+        """With no row decoding, wait (`admission_wait_seconds` at most) for the pager's answers
+        to the prompts already submitted: a burst then starts in one prefill step. Measured on
+        the H200 (8B bf16), a burst of 64 at an idle server planned its first prompt alone, the
+        other lookups queued behind that step, and the wave took 4 prefill steps."""
+        wait = self._settings.admission_wait_seconds
+        if not wait or not self.locks.matching or self.core.decoding:
+            return
+        with trio.move_on_after(wait):
+            while self.locks.matching:
+                self._handle(await self._inbox.receive())
+                self._drain_inbox()
 
     async def _wait_for_message(self) -> None:
         parked = bool(self._releases) or any(s.parked for s in self.core.sequences())

@@ -87,6 +87,11 @@ class SchedulerCore(SeqQueue):
         return not any(s.runnable for s in self._running.values())
 
     @property
+    def decoding(self) -> bool:
+        """Whether any runnable sequence decodes at the next step."""
+        return any(s.runnable and s.decoding for s in self._running.values())
+
+    @property
     def live_bytes(self) -> int:
         return sum(s.cache_bytes for s in self._running.values() if s.has_cache)
 
