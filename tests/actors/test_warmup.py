@@ -4,12 +4,14 @@ no trace a client can see (metrics, cached prompts), and `kvgrove serve` can ski
 from __future__ import annotations
 
 import argparse
+import json
 from functools import partial
 
 import httpx
 import pytest
 import trio
 
+from kvgrove import timeline
 from kvgrove.config import Settings, add_serve_arguments, settings_from_args
 from kvgrove.serve import serve
 from tiny_models import write_tiny_model
@@ -59,12 +61,35 @@ async def _first_answer(tiny_llama: str, tmp_path, warm_up: bool) -> tuple[dict,
     return answer, {"completed": scheduler.completed}, metrics
 
 
+def _partial_releases(events: list[dict]) -> int:
+    """Steps that released rows while others stayed in the batch (a `begin` that released,
+    then its step decoded rows)."""
+    events = sorted(events, key=lambda e: e["at"])
+    count, released = 0, False
+    for e in events:
+        if e["kind"] == "begin":
+            released = e["release"] > 0
+        elif e["kind"] == "step":
+            count += released and e["decode"] > 0
+            released = False
+    return count
+
+
 async def test_warm_up_runs_before_ready_and_changes_nothing_a_client_sees(tiny_llama, tmp_path):
-    warm, warm_stats, metrics = await _first_answer(tiny_llama, tmp_path, warm_up=True)
+    timeline.start()
+    try:
+        warm, warm_stats, metrics = await _first_answer(tiny_llama, tmp_path, warm_up=True)
+    finally:
+        path = tmp_path / "warm.jsonl"
+        timeline.stop(str(path))
+    events = [json.loads(line) for line in path.read_text().splitlines()]
     cold, cold_stats, _ = await _first_answer(tiny_llama, tmp_path, warm_up=False)
     # The warm-up's generations (one alone, then a wave of four) ran through the scheduler
     # before ready; the cold server had run none.
     assert warm_stats["completed"] == 5 and cold_stats["completed"] == 0
+    # Rows left the batch while others stayed (their own kernels): only the warm-up's wave has
+    # several rows (the one client request decodes alone).
+    assert _partial_releases(events) >= 1, events
     assert warm["response"] == cold["response"]  # greedy output unchanged
     # Its prompts are cached under a namespace no request can name: nothing is reused.
     assert warm["prompt_cache_count"] == cold["prompt_cache_count"] == 0
