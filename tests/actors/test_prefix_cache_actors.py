@@ -35,6 +35,23 @@ from waiting import wait_until
 ARCHS = ["llama", "qwen3_next", "glm4_moe_lite", "window", "gemma3", "default"]
 
 
+def shape_logging(shapes: list, name: str):
+    """A loader whose model appends each forward pass's input shape to `shapes`."""
+    loaded = load(name)
+    inner = loaded.model
+
+    class Logging:
+        def __getattr__(self, attr):
+            return getattr(inner, attr)
+
+        def __call__(self, inputs, cache=None):
+            shapes.append(tuple(inputs.shape))
+            return inner(inputs, cache=cache)
+
+    loaded.model = Logging()
+    return loaded
+
+
 async def start(nursery, settings):
     """The actors as served (start_engine)."""
     engine = await start_engine(nursery, settings)
@@ -272,25 +289,10 @@ async def test_prompts_after_cached_prefixes_prefill_together_with_solo_tokens(
     expected = [[s.token for s in generate(model, p, GREEDY, max_tokens=5)] for p in wave]
     shapes = []
 
-    def loader(name):
-        loaded = load(name)
-        inner = loaded.model
-
-        class Counting:
-            def __getattr__(self, attr):
-                return getattr(inner, attr)
-
-            def __call__(self, inputs, cache=None):
-                shapes.append(tuple(inputs.shape))
-                return inner(inputs, cache=cache)
-
-        loaded.model = Counting()
-        return loaded
-
     # min_prefix_tokens=0: the 12-token prefix is restored too (the default, 16, would cut it)
     settings = Settings(model=folder, kv_cache_dir=str(tmp_path), min_prefix_tokens=0)
     async with trio.open_nursery() as nursery:
-        engine = await start_engine(nursery, settings, loader=loader)
+        engine = await start_engine(nursery, settings, loader=partial(shape_logging, shapes))
         await run(engine.scheduler, 1, warm, 5)
         shapes.clear()
         calls = [partial(run, engine.scheduler, 10 + i, p, 5) for i, p in enumerate(wave)]
@@ -382,26 +384,11 @@ async def test_a_burst_at_an_idle_server_starts_in_one_prefill_step(tiny, tmp_pa
     expected = [[s.token for s in generate(model, p, GREEDY, max_tokens=3)] for p in prompts]
     shapes = []
 
-    def loader(name):
-        loaded = load(name)
-        inner = loaded.model
-
-        class Counting:
-            def __getattr__(self, attr):
-                return getattr(inner, attr)
-
-            def __call__(self, inputs, cache=None):
-                shapes.append(tuple(inputs.shape))
-                return inner(inputs, cache=cache)
-
-        loaded.model = Counting()
-        return loaded
-
     settings = Settings(
         model=folder, kv_cache_dir=str(tmp_path), warm_up=False, admission_wait_seconds=wait
     )
     async with trio.open_nursery() as nursery:
-        engine = await start_engine(nursery, settings, loader=loader)
+        engine = await start_engine(nursery, settings, loader=partial(shape_logging, shapes))
         scheduler = engine.scheduler
         shapes.clear()
         replies = []
