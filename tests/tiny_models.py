@@ -230,3 +230,17 @@ def prefilled(model, tokens, chunk_tokens: int = 64) -> list:
     for _ in prefill_chunks(model, cache, tokens, chunk_tokens=chunk_tokens):
         pass
     return cache
+
+
+class ShapeLogging:
+    """A model that appends each forward pass's input shape to `shapes`, then runs `model`."""
+
+    def __init__(self, model, shapes: list) -> None:
+        self._model, self._shapes = model, shapes
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, inputs, cache=None):
+        self._shapes.append(tuple(inputs.shape))
+        return self._model(inputs, cache=cache)

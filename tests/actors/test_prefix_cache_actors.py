@@ -30,6 +30,7 @@ from kvgrove.actors.messages import (
 from kvgrove.config import Settings
 from kvgrove.models.generate import generate
 from kvgrove.models.loading import load
+from tiny_models import ShapeLogging
 from waiting import wait_until
 
 ARCHS = ["llama", "qwen3_next", "glm4_moe_lite", "window", "gemma3", "default"]
@@ -38,17 +39,7 @@ ARCHS = ["llama", "qwen3_next", "glm4_moe_lite", "window", "gemma3", "default"]
 def shape_logging(shapes: list, name: str):
     """A loader whose model appends each forward pass's input shape to `shapes`."""
     loaded = load(name)
-    inner = loaded.model
-
-    class Logging:
-        def __getattr__(self, attr):
-            return getattr(inner, attr)
-
-        def __call__(self, inputs, cache=None):
-            shapes.append(tuple(inputs.shape))
-            return inner(inputs, cache=cache)
-
-    loaded.model = Logging()
+    loaded.model = ShapeLogging(loaded.model, shapes)
     return loaded
 
 

@@ -11,7 +11,7 @@ from kvgrove.models.caches import cache_tokens, make_cache
 from kvgrove.models.generate import forward, prefill_chunks
 from kvgrove.models.loading import load
 from kvgrove.models.runner import prefill_groups
-from tiny_models import write_tiny_model
+from tiny_models import ShapeLogging, write_tiny_model
 
 # (cached prefix, new tokens): a suffix of 1 token; a prefix longer than other rows' whole
 # prompts; a fresh prompt (no prefix) and a fresh 1-token one; the longest suffix (the block).
@@ -99,17 +99,11 @@ def test_restored_prefixes_with_one_token_each_skip_the_block(tmp_path):
     model = load(str(write_tiny_model(tmp_path / "llama", "llama"))).model
     shapes = []
 
-    class Counting:
-        def __getattr__(self, name):
-            return getattr(model, name)
-
-        def __call__(self, inputs, cache=None):
-            shapes.append(tuple(inputs.shape))
-            return model(inputs, cache=cache)
-
     prompts = [prompt(r, n) for r, n in enumerate((9, 31, 4))]
     caches = [restored(model, p[:-1]) for p in prompts]
-    logits, _ = prefill_together(Counting(), [p[-1:] for p in prompts], len(model.layers), caches)
+    logits, _ = prefill_together(
+        ShapeLogging(model, shapes), [p[-1:] for p in prompts], len(model.layers), caches
+    )
     assert shapes == [(3, 1)]
     for row, p in enumerate(prompts):
         want = alone(model, restored(model, p[:-1]), p[-1:])
