@@ -11,7 +11,8 @@ rows left); for each, with at least --min-requests requests, it prints one line 
   on the device, the launch, the run-ahead's launch, the host's gap between steps);
 - tail: from the last such step to the end of the wave's last step (releases, stores).
 
-And the MLX thread's busy seconds by function over the wave, with its idle share.
+And the MLX thread's busy seconds by function over the wave, with its idle share, and Python's
+garbage collections during the wave (they stop every thread).
 """
 
 from __future__ import annotations
@@ -119,6 +120,16 @@ def summarize(wave: list[dict]) -> list[str]:
         f"{len(restores)} restores {ms(sum(e['end'] - e['at'] for e in restores))} ms; steps "
         f"{len(steps)}, plans {sum(e['kind'] == 'plan' for e in wave)}"
     )
+    collections_ = [e for e in wave if e["kind"] == "gc"]
+    if collections_:
+        longest = max(collections_, key=lambda e: e["end"] - e["at"])
+        per_gen = collections.Counter(e["generation"] for e in collections_)
+        lines.append(
+            f"  garbage collections: {len(collections_)} "
+            f"({', '.join(f'gen {g}: {k}' for g, k in sorted(per_gen.items()))}), "
+            f"{ms(sum(e['end'] - e['at'] for e in collections_))} ms in all, longest "
+            f"{ms(longest['end'] - longest['at'])} ms (gen {longest['generation']})"
+        )
     return lines
 
 

@@ -2,7 +2,8 @@
 
 `kvgrove serve --timeline-file PATH` (KVGROVE_TIMELINE_FILE) turns it on: the MLX thread's
 calls, the runner's steps (when each phase was launched, how long it waited for the device),
-the executor's rounds with the pager and the scheduler's admissions are recorded in memory
+the executor's rounds with the pager, the scheduler's admissions and Python's garbage
+collections (any thread's: a collection stops them all) are recorded in memory
 (the newest `LIMIT` events) and written to PATH as JSON lines when the server stops.
 `benchmarks/timeline.py` reads it. Off, it costs one global read per event site.
 """
@@ -10,6 +11,7 @@ the executor's rounds with the pager and the scheduler's admissions are recorded
 from __future__ import annotations
 
 import collections
+import gc
 import json
 import time
 from typing import Any
@@ -38,9 +40,28 @@ class Timeline:
         return len(events)
 
 
+_gc_started: float | None = None
+
+
+def _on_gc(phase: str, info: dict[str, Any]) -> None:
+    global _gc_started
+    if phase == "start":
+        _gc_started = time.perf_counter()
+    elif (rec := recorder) is not None and _gc_started is not None:
+        rec.add(
+            "gc",
+            _gc_started,
+            end=time.perf_counter(),
+            generation=info["generation"],
+            collected=info["collected"],
+        )
+
+
 def start() -> Timeline:
     global recorder
     recorder = Timeline()
+    if _on_gc not in gc.callbacks:
+        gc.callbacks.append(_on_gc)
     return recorder
 
 
@@ -48,6 +69,8 @@ def stop(path: str | None) -> int:
     """Write what was recorded to `path` (if given) and turn recording off."""
     global recorder
     rec, recorder = recorder, None
+    if _on_gc in gc.callbacks:
+        gc.callbacks.remove(_on_gc)
     if rec is None or path is None:
         return 0
     return rec.write(path)
