@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import ipaddress
 import logging
 import os
@@ -206,11 +207,25 @@ async def serve(
                 )
             if not shutdown.is_set():
                 runtime.state = "ready"
+            freeze_startup_objects()
             ready.set()
             log.info("ready: %s", engine.loaded.info.name)
-            await http_done.wait()
+            try:
+                await http_done.wait()
+            finally:
+                gc.unfreeze()
             actors.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
+
+
+def freeze_startup_objects() -> None:
+    """Leave what loading and the warm-up made out of Python's garbage collections from now on
+    (`gc.freeze`; `serve` unfreezes it as it stops). An oldest-generation collection visits every
+    tracked object and stops every thread meanwhile, the MLX thread's steps included: the
+    startup's objects (modules, the tokenizer's tables, the model's modules) are most of what it
+    would visit, and none of them becomes garbage while serving."""
+    gc.collect()
+    gc.freeze()
 
 
 @attrs.define
