@@ -125,8 +125,8 @@ def _device_payload(
     return Payload(tokens, kinds, arrays, dtypes, shapes, whole, "device")
 
 
-# While `deferred()` is open (on the MLX thread): each snapshot `take` made, as its arrays, still
-# lazy, for the caller to evaluate together.
+# While `deferred()` is open (on the MLX thread): the arrays of each snapshot `take` made (and of
+# each device payload `split` or `join` made), still lazy, for the caller to evaluate together.
 _deferred: list[list[mx.array]] | None = None
 
 
@@ -135,7 +135,9 @@ def deferred() -> Iterator[list[list[mx.array]]]:
     """Snapshots taken inside stay lazy; their arrays are listed in what this yields, for the
     caller to evaluate before the live caches they were cut from are written again (one wait
     on the device for a whole store, not one per sequence: on a GPU each wait also gives up
-    the GIL, to be waited for again)."""
+    the GIL, to be waited for again). So do the device payloads cut or joined inside: a store
+    whose prompt shares the start of a cached one splits that node (a wave of prompts that
+    share a few tokens split one node per prompt, each a wait of its own before)."""
     global _deferred
     outer, _deferred = _deferred, []
     try:
@@ -163,11 +165,16 @@ def take(
         elif kind == WHOLE and whole:
             for j, a in enumerate(c.snapshot(start, end)):
                 arrays[f"{i}.{j}"] = a
-    if _deferred is not None:
-        _deferred.append(list(arrays.values()))
-    else:
-        mx.eval(list(arrays.values()))  # one wait for all layers (their snapshots come lazy)
+    _evaluate(list(arrays.values()))  # one wait for all layers (their snapshots come lazy)
     return _device_payload(end - start, kinds, arrays, whole)
+
+
+def _evaluate(arrays: list[mx.array]) -> None:
+    """Evaluate device arrays now, or with the rest of a `deferred()` block's."""
+    if _deferred is not None:
+        _deferred.append(arrays)
+    else:
+        mx.eval(arrays)
 
 
 def stitch(cache: Sequence[Any], pieces: Sequence[Payload], tokens: int) -> float:
@@ -227,8 +234,8 @@ def split(p: Payload, k: int) -> tuple[Payload, Payload]:
             left[key], right[key] = _cut(a, 0, k, p.tier), _cut(a, k, p.tokens, p.tier)
         else:
             right[key] = a
-    if p.tier == "device":
-        mx.eval(list(left.values()), list(right.values()))
+    if p.tier == "device":  # inside a store's deferred(), with its snapshots: one wait
+        _evaluate([*left.values(), *right.values()])
     return _like(p, k, left, False), _like(p, p.tokens - k, right, p.whole)
 
 
@@ -244,7 +251,7 @@ def join(a: Payload, b: Payload) -> Payload:
         elif key in b.arrays:
             arrays[key] = b.arrays[key]
     if a.tier == "device":
-        mx.eval(list(arrays.values()))
+        _evaluate(list(arrays.values()))
     return _like(a, a.tokens + b.tokens, arrays, b.whole, dtypes={**a.dtypes, **b.dtypes})
 
 
