@@ -7,6 +7,7 @@ host tier and the disk tier, for plain attention (llama), hybrid recurrent (qwen
 
 from __future__ import annotations
 
+import threading
 import time
 from functools import partial
 
@@ -359,6 +360,73 @@ async def test_a_burst_over_a_cached_prefix_is_matched_and_answered_like_alone(t
         assert [out for out, _ in results] == expected
         assert all(done.cached_tokens >= len(system) for _, done in results)
         await check_clean(accountant, pager, executor)
+        nursery.cancel_scope.cancel()
+
+
+class HeldPrefill(ShapeLogging):
+    """A shape-logging model whose first prefill pass (more than one position) waits for
+    `release` on the MLX thread, `held` set meanwhile: a step that runs as long as a test
+    needs."""
+
+    def __init__(self, model, shapes: list) -> None:
+        super().__init__(model, shapes)
+        self.held, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, inputs, cache=None):
+        if inputs.shape[1] > 1 and not self.held.is_set():
+            self.held.set()
+            assert self.release.wait(30), "the test never let the step go"
+        return super().__call__(inputs, cache=cache)
+
+
+async def test_prompts_that_arrive_during_a_step_are_looked_up_during_it(tiny, tmp_path):
+    """While one prompt's prefill step runs (held), seven more arrive: the scheduler takes
+    them and asks the pager for their prefixes during that step, not after it, so they start
+    in the step right after it (with the first prompt's first decode), all seven in one pass.
+    Each request gets the tokens it gets alone."""
+    folder = tiny("llama")
+    prompts = [tuple((5 * i + 17 * k) % 240 + 10 for i in range(20 + k)) for k in range(8)]
+    model = load(folder).model
+    expected = [[s.token for s in generate(model, p, GREEDY, max_tokens=4)] for p in prompts]
+    shapes: list = []
+    held: list[HeldPrefill] = []
+
+    def loader(name: str):
+        loaded = load(name)
+        loaded.model = HeldPrefill(loaded.model, shapes)
+        held.append(loaded.model)
+        return loaded
+
+    settings = Settings(model=folder, kv_cache_dir=str(tmp_path), warm_up=False)
+    async with trio.open_nursery() as nursery:
+        engine = await start_engine(nursery, settings, loader=loader)
+        scheduler, gate = engine.scheduler, held[0]
+        shapes.clear()
+        replies = []
+        for k, prompt in enumerate(prompts):
+            send, recv = trio.open_memory_channel(64)
+            replies.append(recv)
+            scheduler.inbox.send_nowait(Submit(100 + k, prompt, GREEDY, 4, 400, frozenset(), send))
+            if k == 0:  # the first prompt's prefill is under way (held): the rest arrive now
+                await wait_until(gate.held.is_set, what="the first prefill")
+        try:
+            await wait_until(
+                lambda: all(100 + k in scheduler.locks.matching for k in range(1, 8)),
+                what="the seven prompts taken (and their lookups asked for) during the step",
+            )
+        finally:
+            gate.release.set()
+        outputs = []
+        with trio.fail_after(60):
+            for recv in replies:
+                msgs = [m async for m in recv]
+                assert isinstance(msgs[-1], Done), msgs[-1]
+                outputs.append([m.token for m in msgs if isinstance(m, Token)])
+        assert outputs == expected
+        # The first prompt's prefill, then the next step: its decode and the seven together.
+        assert shapes[0] == (1, len(prompts[0])), shapes
+        assert shapes[1] == (1, 1) and shapes[2][0] == 7 and shapes[2][1] > 1, shapes
+        await check_clean(engine.accountant, engine.pager, engine.executor)
         nursery.cancel_scope.cancel()
 
 

@@ -24,6 +24,8 @@ so it survives a restart.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 from typing import Any
 
@@ -48,7 +50,24 @@ from kvgrove.models.prefixes import PagerCore, build_prefix_cache
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH = 256  # messages taken from the inbox at once
+MAX_BATCH = 256  # lookups taken by one call on the MLX thread
+
+
+def _take_run(queue: collections.deque) -> list[Match | Release]:
+    """The matches and releases at the head of `queue` (at most MAX_BATCH), taken off it."""
+    run = []
+    while queue and len(run) < MAX_BATCH and isinstance(queue[0], Match | Release):
+        run.append(queue.popleft())
+    return run
+
+
+def _take_lookups(
+    cache: PrefixCache, queue: collections.deque
+) -> tuple[list[Match | Release], list[int]]:
+    """On the MLX thread: the run at the head of the pager's queue as it stands now (the trio
+    thread only appends to it meanwhile), and each Match's cached tokens (0 for a Release)."""
+    run = _take_run(queue)
+    return run, _lookups(cache, run)
 
 
 def _lookups(cache: PrefixCache, run: list[Match | Release]) -> list[int]:
@@ -86,6 +105,9 @@ class Pager:
         self._executor = executor
         self._accountant = accountant
         self.core: PagerCore | None = None  # called on the MLX thread only
+        # Messages taken from the inbox, not yet answered: the trio side appends, the MLX
+        # thread takes the run of lookups at the head (`_take_lookups`).
+        self._queue: collections.deque[object] = collections.deque()
 
     @property
     def cache(self) -> PrefixCache | None:
@@ -117,47 +139,51 @@ class Pager:
                 self.cache.close()  # give up the cache folder's lock (the files stay)
 
     async def _serve(self) -> None:
-        """Messages come in batches: what is queued when one arrives is taken with it, and each
-        run of `Match`/`Release` in it is one call on the MLX thread. The thread serves the
-        executor's steps too, so a call per message let through a few a step: a wave of 64
-        requests on the H200 was admitted 3 per step (24 steps, 1.15 s, before the last one's
-        prefill)."""
+        """Messages are answered in their order. A run of `Match`/`Release` at the head of the
+        queue is one call on the MLX thread, which takes the run as it stands when the call
+        starts (`_take_lookups`), so lookups that arrive while the call waits behind a step go
+        with it. The thread serves the executor's steps too: a call per message let through a
+        few a step (a wave of 64 requests on the H200 was admitted 3 per step), and a call
+        that took only what had arrived when it was asked for left a burst's later prompts for
+        a call behind the step's store, so they missed the next step."""
         while True:
             try:
-                batch = [await self._inbox.receive()]
+                self._queue.append(await self._inbox.receive())
             except trio.EndOfChannel:
                 return
-            while len(batch) < MAX_BATCH:
-                try:
-                    batch.append(self._inbox.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-            run: list[Match | Release] = []
-            for msg in batch:
-                if isinstance(msg, Match | Release):
-                    run.append(msg)
+            while self._queue:
+                head = self._queue[0]
+                if isinstance(head, Match | Release):
+                    await self._lookups()
                     continue
-                await self._lookups(run)
-                run = []
-                match msg:
+                self._queue.popleft()
+                match head:
                     case CacheQuery(reply=reply, check=check):
                         reply.send_nowait(await self._summary(check))
                     case _:
-                        raise AssertionError(f"pager: unexpected message {msg!r}")
-            await self._lookups(run)
+                        raise AssertionError(f"pager: unexpected message {head!r}")
 
-    async def _lookups(self, run: list[Match | Release]) -> None:
-        """Matches and releases in their order, in one call on the MLX thread; then the
-        `Matched` answers (the executor charges the tiers after its next step: the one place
-        that does, so the ledger never gets an older figure after a newer one)."""
-        if not run:
-            return
-        cached = [0] * len(run)
-        if self.cache is not None:
-            cached = await self._mlx.call(_lookups, self.cache, run)
+    async def _lookups(self) -> None:
+        """The run of matches and releases at the head of the queue, in their order, in one
+        call on the MLX thread, the inbox queued meanwhile; then the `Matched` answers (the
+        executor charges the tiers after its next step: the one place that does, so the ledger
+        never gets an older figure after a newer one)."""
+        if self.cache is None:
+            run = _take_run(self._queue)
+            cached = [0] * len(run)
+        else:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._queue_arrivals)
+                run, cached = await self._mlx.call(_take_lookups, self.cache, self._queue)
+                nursery.cancel_scope.cancel()
         for msg, n in zip(run, cached, strict=True):
             if isinstance(msg, Match):
                 await msg.reply.send(Matched(msg.request_id, n))
+
+    async def _queue_arrivals(self) -> None:
+        with contextlib.suppress(trio.EndOfChannel):  # the loop above sees it next
+            while True:
+                self._queue.append(await self._inbox.receive())
 
     async def _serve_executor(self, steps: trio.MemoryReceiveChannel) -> None:
         async for msg in steps:

@@ -3,9 +3,11 @@
 It owns every sequence. Its loop: take all pending messages without blocking, deliver queued
 tokens to reply channels with `send_nowait` (a full channel parks only that sequence), plan one
 step (every decoding sequence in one batch, plus prefill chunks), hand it to the executor and
-wait for the result. Messages that arrive while a step runs (cancellations above all) take
-effect at the next step boundary. A plain decode step is followed by its continuation without
-waiting for this loop (`kvgrove.scheduling.follow`): its tokens are routed while the next runs.
+wait for the result. Submissions and the pager's answers that arrive while a step runs are
+handled at once (a prompt's prefix lookup starts then); other messages (cancellations above
+all) take effect at the next step boundary. A plain decode step is followed by its
+continuation without waiting for this loop (`kvgrove.scheduling.follow`): its tokens are
+routed while the next runs.
 """
 
 from __future__ import annotations
@@ -128,9 +130,38 @@ class Scheduler:
                 await self._take_result()
 
     async def _take_result(self) -> None:
-        result = await self._results.receive()
+        later: list[object] = []
+        try:
+            result = self._results.receive_nowait()
+        except trio.WouldBlock:
+            result = await self._result_taking_submissions(later)
         for seq in self.core.on_step(self.in_flight.took(result), result):
             self._deliver(seq)
+        for msg in later:
+            self._handle(msg)
+
+    async def _result_taking_submissions(self, later: list[object]) -> StepResult:
+        """The running step's result. Meanwhile submissions and the pager's answers are handled
+        as they come, so a prompt that arrives during a step has its prefix looked up then and
+        can start in the next step; every other message goes to `later`, for after the result
+        (a cancellation takes effect at the step boundary). On the H200 (8B bf16) the 30
+        prompts of a burst of 64 that arrived during the first prefill step waited 80 ms in the
+        inbox, were looked up only after it, and took a prefill step of their own."""
+        result: list[StepResult] = []
+        async with trio.open_nursery() as nursery:
+
+            async def take() -> None:
+                result.append(await self._results.receive())
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(take)
+            while True:
+                msg = await self._inbox.receive()
+                if isinstance(msg, Submit | Matched):
+                    self._handle(msg)
+                else:
+                    later.append(msg)
+        return result[0]
 
     # -- messages -------------------------------------------------------------------------
 
