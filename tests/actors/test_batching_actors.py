@@ -17,6 +17,7 @@ from kvgrove.config import Settings
 from kvgrove.models.generate import generate
 from kvgrove.models.loading import load
 from kvgrove.sampling import SamplingParams
+from tiny_models import ShapeLogging
 from waiting import wait_until
 
 GREEDY = SamplingParams(temperature=0)
@@ -267,4 +268,44 @@ async def test_new_prompts_prefill_together_with_solo_tokens(tiny):
         assert [tokens(r) for r in results] == expected
         # Several prompts went through one (B, T) pass, B > 1, T > 1.
         assert any(b > 1 and t > 1 for b, t in calls), calls
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_burst_after_a_batch_emptied_row_by_row_is_admitted_in_one_step(tiny):
+    """A new prompt's cache is estimated at its tokens times one token's KV (tiny llama: 512
+    bytes), not at a row's share of a batch's buffers, which counts their spare rows: after
+    sixteen rows leave a batch one at a time (the last alone in buffers for sixteen), sixteen
+    new prompts that fit the budget by their size start together, in one prefill pass. The
+    share had estimated each at ~60 times its size: they went in passes of 3, 2, 2, 1, 1, ..."""
+    folder = tiny("llama")
+    first, burst = prompts_of_lengths(*range(40, 56)), prompts_of_lengths(*range(60, 76))
+    expected = solo(folder, burst, 4)
+    shapes = []
+
+    def loader(name):
+        loaded = load(name)
+        loaded.model = ShapeLogging(loaded.model, shapes)
+        return loaded
+
+    settings = Settings(model=folder, warm_up=False)
+    async with trio.open_nursery() as nursery:
+        # 3 MB: the burst's batch (16 rows x 256 positions x 512 bytes, 2.1 MB) fits.
+        accountant, _, scheduler = await start_actors(
+            nursery, settings, loader=loader, kv_budget_bytes=3_000_000
+        )
+        calls = (partial(run_request, scheduler, 1 + i, p, 2 + i) for i, p in enumerate(first))
+        await gather(*calls)  # rows leave one at a time
+        await idle_memory(accountant)
+        shapes.clear()
+        replies = []
+        for i, prompt in enumerate(burst):  # all at once: the scheduler sees them together
+            send, recv = trio.open_memory_channel(64)
+            replies.append(recv)
+            scheduler.inbox.send_nowait(Submit(100 + i, prompt, GREEDY, 4, 400, frozenset(), send))
+        outputs = []
+        with trio.fail_after(60):
+            for recv in replies:
+                outputs.append(tokens([m async for m in recv]))
+        assert outputs == expected
+        assert [b for b, t in shapes if t > 1] == [16], shapes
         nursery.cancel_scope.cancel()

@@ -184,3 +184,18 @@ def cache_tokens(cache: Sequence[Any]) -> int:
 
 def cache_nbytes(cache: Sequence[Any]) -> int:
     return sum(int(getattr(c, "nbytes", 0)) for c in cache)
+
+
+def token_nbytes(cache: Sequence[Any]) -> int:
+    """Bytes one more cached token of one row takes in these layers (one sequence's, or a
+    batch's): the keys and values of one position, not the buffers' spare rows and positions.
+    Layers with no per-position buffers (recurrent state: fixed per row) add nothing; 0 when
+    nothing is allocated yet."""
+    total = 0
+    for c in cache:
+        keys, values = getattr(c, "keys", None), getattr(c, "values", None)
+        if getattr(keys, "ndim", 0) == 4 and getattr(values, "ndim", 0) == 4:
+            slots = keys.shape[0] * keys.shape[2]  # rows x positions
+            if slots:
+                total += (int(keys.nbytes) + int(values.nbytes)) // slots
+    return total

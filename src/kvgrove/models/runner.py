@@ -31,7 +31,13 @@ from kvgrove.grammar import Constraint
 from kvgrove.memory.snapshots import WHOLE, NotSnapshotCapable, layout
 from kvgrove.models import attention
 from kvgrove.models.batching import RunningBatch, prefill_together, unbatchable_reason
-from kvgrove.models.caches import SpanKVCache, cache_nbytes, cache_tokens, make_cache
+from kvgrove.models.caches import (
+    SpanKVCache,
+    cache_nbytes,
+    cache_tokens,
+    make_cache,
+    token_nbytes,
+)
 from kvgrove.models.generate import forward, prefill_chunks
 from kvgrove.models.steps import ItemResult, StepItem, StepResult
 from kvgrove.sampling import PendingSample, SequenceSampler, build_sample, sample_batch
@@ -234,6 +240,7 @@ class StepRunner:
 
     def use_model(self, model: Any, tokenizer: Any) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self._token_bytes = 0  # the model's `token_nbytes`, once a cache has buffers
         cache = make_cache(model)
         self._prefill_together = all(isinstance(c, SpanKVCache) for c in cache)
         try:
@@ -661,6 +668,7 @@ class StepRunner:
             return
         start, end, ids = launch.start, time.monotonic(), launch.ids
         share = self._batch.nbytes // max(1, len(ids))
+        token_bytes = self._token_bytes or self._learn_token_bytes(self._batch.cache)
         self.max_batch_rows = max(self.max_batch_rows, len(ids))
         # Per row only what is the row's own (no TokenChoice, one log entry tuple each).
         tokens, logprobs, tops = sampled.tokens, sampled.logprobs, sampled.top_logprobs
@@ -668,10 +676,16 @@ class StepRunner:
         for row, rid in enumerate(ids):
             token = tokens[row]
             live[rid].sampler.accept(token)
-            results[rid] = ItemResult(rid, token, logprobs[row], tops[row], seconds, share)
+            results[rid] = ItemResult(
+                rid, token, logprobs[row], tops[row], seconds, share, token_bytes=token_bytes
+            )
             log_step((rid, start, end))
         self.items += len(ids)
         self.tokens += len(ids)
+
+    def _learn_token_bytes(self, cache: Any) -> int:
+        self._token_bytes = token_nbytes(cache) if cache else 0
+        return self._token_bytes
 
     def _fail_decode(self, decode, error: Exception, start: float, results: dict) -> None:
         log.error("batched decode failed", exc_info=error)
@@ -754,11 +768,18 @@ class StepRunner:
         self._batch.join_batch(ids, tokens, cache)
         end = time.monotonic()
         share = sum(int(c.nbytes) for c in cache) // len(ids)
+        token_bytes = self._token_bytes or self._learn_token_bytes(cache)
         for row, it in enumerate(items):
             choice = sampled.row(row)
             self._live[it.request_id].sampler.accept(choice.token)
             results[it.request_id] = ItemResult(
-                it.request_id, choice.token, choice.logprob, choice.top_logprobs, end - start, share
+                it.request_id,
+                choice.token,
+                choice.logprob,
+                choice.top_logprobs,
+                end - start,
+                share,
+                token_bytes=token_bytes,
             )
             self.step_log.append((it.request_id, start, end))
         self.items += len(items)
@@ -815,14 +836,17 @@ class StepRunner:
                 if not item.sample or generated == 1:
                     self._keep(None, live, live.cache)
             nbytes = cache_nbytes(live.cache)
+            token_bytes = self._token_bytes or self._learn_token_bytes(live.cache)
             error = None
         except Exception as e:  # only this sequence fails
             log.exception("step item for request %d failed", rid)
             self._drop(rid)
             token = logprob = top = None
-            nbytes, error = 0, str_error(e)
+            nbytes, token_bytes, error = 0, 0, str_error(e)
         end = time.monotonic()
         self.items += 1
         self.tokens += len(item.tokens)
         self.step_log.append((rid, start, end))
-        return ItemResult(rid, token, logprob, top, end - start, nbytes, error)
+        return ItemResult(
+            rid, token, logprob, top, end - start, nbytes, error, token_bytes=token_bytes
+        )

@@ -48,6 +48,9 @@ class ItemResult:
     # On a sequence's first item: the prompt tokens restored from the prefix cache (fewer than
     # `Start.cached_tokens` promised when a restore fell back to recomputing).
     cached_tokens: int | None = None
+    # Bytes one more cached token of this row takes (`caches.token_nbytes`: no spare rows or
+    # positions, which `cache_bytes`, its share of a batch's buffers, counts); 0 = not known.
+    token_bytes: int = 0
 
 
 @attrs.frozen
