@@ -207,13 +207,29 @@ def test_a_sequence_waits_for_a_running_prefill_of_its_prefix_in_its_namespace_o
     assert seq2.runnable and seq2.fed == seq2.cached_tokens == 59
 
 
+def test_a_new_cache_is_estimated_by_its_row_in_the_batch_and_the_measured_token_size():
+    """A row of a left-padded batch holds as many positions as the longest row: a 10-token
+    prompt beside a 600-token sequence is estimated at 768 positions (3 buffer steps), with
+    the bytes a token takes as the executor measured them (`token_bytes`), not as a row's
+    share of the batch's buffers (here 100 times larger)."""
+    for room, started in ((768 * 40, [2]), (768 * 40 - 1, [])):
+        core = SchedulerCore(chunk_tokens=1000, max_running=8, kv_budget_bytes=None)
+        core.admit(submit(1, 600, max_tokens=None))
+        (item,) = core.plan_step()
+        core.on_result(item, ItemResult(1, 9, None, None, 0.01, 600 * 4000, token_bytes=40))
+        core.kv_budget_bytes = core.live_bytes + room  # beside its 2.4 MB share of the batch
+        core.admit(submit(2, 10, max_tokens=None))
+        assert [i.request_id for i in core.plan_step() if i.start is not None] == started
+
+
 def test_caches_started_in_one_step_count_together_against_the_live_budget():
-    core = SchedulerCore(chunk_tokens=1000, max_running=8, kv_budget_bytes=1000)
+    # A new cache is estimated in whole buffer steps: 256 positions x 40 bytes = 10,240.
+    core = SchedulerCore(chunk_tokens=1000, max_running=8, kv_budget_bytes=400 + 15_000)
     core.admit(submit(1, 10, max_tokens=None))
     run_step(core, nbytes_per_token=40)  # 1 holds 400 bytes; 40 bytes a token is now known
     for rid in (2, 3, 4):
         core.admit(submit(rid, 10, max_tokens=None))
     items = core.plan_step()
     started = [i.request_id for i in items if i.start is not None]
-    assert started == [2]  # 400 + 400 fits; a third 400 would not
+    assert started == [2]  # 400 + 10,240 fits; a second 10,240 would not
     assert core.take_preempt() == ()

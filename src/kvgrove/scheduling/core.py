@@ -53,6 +53,8 @@ class SchedulerStats:
 # Aging: each step waited counts as this many cached tokens, so a request with nothing cached
 # overtakes one with a 1,024-token cached prefix after 64 steps at most.
 DEFAULT_AGING_TOKENS_PER_STEP = 16
+# Attention caches (mlx-lm's, kvgrove's batch slots) grow their buffers by this many positions.
+CACHE_STEP_TOKENS = 256
 
 
 class SchedulerCore(SeqQueue):
@@ -107,13 +109,14 @@ class SchedulerCore(SeqQueue):
         prefilling.sort(key=lambda s: (not s.has_cache, -self.priority(s), s.order))
         budget = self.chunk_tokens
         planned = 0.0  # the estimated bytes of the caches this step starts
+        longest = max((len(s.history) for s in self._running.values() if s.has_cache), default=0)
         for seq in prefilling:
             if budget <= 0:
                 break
             if not seq.has_cache:
-                if not self._fits(seq, running=bool(items), planned=planned):
+                if not self._fits(seq, running=bool(items), planned=planned, longest=longest):
                     break
-                planned += self._bytes_per_token * len(seq.history)
+                planned += self._estimate(seq, longest)
             item = seq.next_item(budget)
             budget -= len(item.tokens)
             items.append(item)
@@ -168,7 +171,9 @@ class SchedulerCore(SeqQueue):
             return False
         return len(seq.prompt) + after < sub.context_tokens
 
-    def _fits(self, seq: SeqState, *, running: bool, planned: float = 0.0) -> bool:
+    def _fits(
+        self, seq: SeqState, *, running: bool, planned: float = 0.0, longest: int = 0
+    ) -> bool:
         """Whether seq's cache can be built now without outgrowing the budget, beside the live
         caches and the `planned` bytes of those this step starts."""
         if self.kv_budget_bytes is None:
@@ -176,8 +181,17 @@ class SchedulerCore(SeqQueue):
         holders = [s for s in self._running.values() if s.has_cache]
         if not holders and not running:
             return True  # alone it always runs: one sequence over budget is not refused
-        estimate = self._bytes_per_token * len(seq.history)
+        estimate = self._estimate(seq, longest)
         return self.live_bytes + planned + estimate <= self.kv_budget_bytes
+
+    def _estimate(self, seq: SeqState, longest: int) -> float:
+        """The bytes seq's cache will hold with its next token: its positions (as many as the
+        `longest` running sequence's in a left-padded batch) in buffers that grow in steps of
+        CACHE_STEP_TOKENS. A sequence preempted as its buffers grew so does not come straight
+        back into the room it just left."""
+        positions = max(len(seq.history) + 1, longest)
+        steps = -(-positions // CACHE_STEP_TOKENS)
+        return self._bytes_per_token * steps * CACHE_STEP_TOKENS
 
     def _preempt_over_budget(self) -> None:
         if self.kv_budget_bytes is None:
