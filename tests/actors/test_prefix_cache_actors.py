@@ -363,6 +363,17 @@ async def test_a_burst_over_a_cached_prefix_is_matched_and_answered_like_alone(t
         nursery.cancel_scope.cancel()
 
 
+async def tokens_of(replies: list) -> list[list[int]]:
+    """Each reply channel's tokens, read to its Done (within a minute in all)."""
+    outputs = []
+    with trio.fail_after(60):
+        for recv in replies:
+            msgs = [m async for m in recv]
+            assert isinstance(msgs[-1], Done), msgs[-1]
+            outputs.append([m.token for m in msgs if isinstance(m, Token)])
+    return outputs
+
+
 class HeldPrefill(ShapeLogging):
     """A shape-logging model whose first prefill pass (more than one position) waits for
     `release` on the MLX thread, `held` set meanwhile: a step that runs as long as a test
@@ -416,13 +427,7 @@ async def test_prompts_that_arrive_during_a_step_are_looked_up_during_it(tiny, t
             )
         finally:
             gate.release.set()
-        outputs = []
-        with trio.fail_after(60):
-            for recv in replies:
-                msgs = [m async for m in recv]
-                assert isinstance(msgs[-1], Done), msgs[-1]
-                outputs.append([m.token for m in msgs if isinstance(m, Token)])
-        assert outputs == expected
+        assert await tokens_of(replies) == expected
         # The first prompt's prefill, then the next step: its decode and the seven together.
         assert shapes[0] == (1, len(prompts[0])), shapes
         assert shapes[1] == (1, 1) and shapes[2][0] == 7 and shapes[2][1] > 1, shapes
@@ -460,13 +465,7 @@ async def test_a_burst_at_an_idle_server_starts_in_one_prefill_step(tiny, tmp_pa
                 with trio.fail_after(30):
                     while 100 not in scheduler.locks.matching:
                         await trio.lowlevel.checkpoint()
-        outputs = []
-        with trio.fail_after(60):
-            for recv in replies:
-                msgs = [m async for m in recv]
-                assert isinstance(msgs[-1], Done), msgs[-1]
-                outputs.append([m.token for m in msgs if isinstance(m, Token)])
-        assert outputs == expected
+        assert await tokens_of(replies) == expected
         prefills = [b for b, t in shapes if t > 1]
         if wait:
             assert prefills == [8], shapes
