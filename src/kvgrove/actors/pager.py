@@ -106,7 +106,8 @@ class Pager:
         self._accountant = accountant
         self.core: PagerCore | None = None  # called on the MLX thread only
         # Messages taken from the inbox, not yet answered: the trio side appends, the MLX
-        # thread takes the run of lookups at the head (`_take_lookups`).
+        # thread takes the run of lookups at the head (`_take_lookups`). A few per request at
+        # most (its Match, a rematch, a Release), and requests are bounded by admission.
         self._queue: collections.deque[object] = collections.deque()
 
     @property
