@@ -668,7 +668,7 @@ class StepRunner:
             return
         start, end, ids = launch.start, time.monotonic(), launch.ids
         share = self._batch.nbytes // max(1, len(ids))
-        token_bytes = self._token_bytes or self._learn_token_bytes(self._batch.cache)
+        token_bytes = self._row_token_bytes(self._batch.cache)
         self.max_batch_rows = max(self.max_batch_rows, len(ids))
         # Per row only what is the row's own (no TokenChoice, one log entry tuple each).
         tokens, logprobs, tops = sampled.tokens, sampled.logprobs, sampled.top_logprobs
@@ -683,8 +683,10 @@ class StepRunner:
         self.items += len(ids)
         self.tokens += len(ids)
 
-    def _learn_token_bytes(self, cache: Any) -> int:
-        self._token_bytes = token_nbytes(cache) if cache else 0
+    def _row_token_bytes(self, cache: Any) -> int:
+        """The model's `token_nbytes`, read off `cache` the first time it has buffers."""
+        if not self._token_bytes and cache:
+            self._token_bytes = token_nbytes(cache)
         return self._token_bytes
 
     def _fail_decode(self, decode, error: Exception, start: float, results: dict) -> None:
@@ -768,7 +770,7 @@ class StepRunner:
         self._batch.join_batch(ids, tokens, cache)
         end = time.monotonic()
         share = sum(int(c.nbytes) for c in cache) // len(ids)
-        token_bytes = self._token_bytes or self._learn_token_bytes(cache)
+        token_bytes = self._row_token_bytes(cache)
         for row, it in enumerate(items):
             choice = sampled.row(row)
             self._live[it.request_id].sampler.accept(choice.token)
@@ -836,7 +838,7 @@ class StepRunner:
                 if not item.sample or generated == 1:
                     self._keep(None, live, live.cache)
             nbytes = cache_nbytes(live.cache)
-            token_bytes = self._token_bytes or self._learn_token_bytes(live.cache)
+            token_bytes = self._row_token_bytes(live.cache)
             error = None
         except Exception as e:  # only this sequence fails
             log.exception("step item for request %d failed", rid)

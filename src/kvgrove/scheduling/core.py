@@ -109,7 +109,10 @@ class SchedulerCore(SeqQueue):
         prefilling.sort(key=lambda s: (not s.has_cache, -self.priority(s), s.order))
         budget = self.chunk_tokens
         planned = 0.0  # the estimated bytes of the caches this step starts
-        longest = max((len(s.history) for s in self._running.values() if s.has_cache), default=0)
+        longest = 0  # the longest running row, which only a budget needs
+        if self.kv_budget_bytes is not None:
+            held = [len(s.history) for s in self._running.values() if s.has_cache]
+            longest = max(held, default=0)
         for seq in prefilling:
             if budget <= 0:
                 break
