@@ -37,10 +37,10 @@ def waves(events: list[dict], min_requests: int) -> list[list[dict]]:
     current: list[dict] = []
     idle = True  # no decode rows since the last burst
     for e in events:
-        if e["kind"] == "submit" and idle and current:
+        if e["kind"] in ("submit", "request") and idle and current:
             out.append(current)
             current = []
-        if e["kind"] == "submit":
+        if e["kind"] in ("submit", "request"):
             idle = False
         if e["kind"] == "step" and e["decode"] == 0 and e["others"] == 0:
             idle = True
@@ -68,6 +68,15 @@ def summarize(wave: list[dict]) -> list[str]:
         f"wave of {n}: {ms(end - t0)} ms from first submit to the last step's end; submits "
         f"spread over {ms(submits[-1]['at'] - t0)} ms"
     )
+    if requests := [e for e in wave if e["kind"] == "request"]:
+        # The HTTP handlers' starts (before the body is read): the client's and the HTTP
+        # server's share of the spread, against the handlers' (parse, tokenize, submit).
+        lines.append(
+            f"  HTTP requests: {len(requests)} handlers started over "
+            f"{ms(requests[-1]['at'] - requests[0]['at'])} ms, the first "
+            f"{ms(t0 - requests[0]['at'])} ms before the first submit, the last "
+            f"{ms(submits[-1]['at'] - requests[-1]['at'])} ms before the last"
+        )
     full = [i for i, s in enumerate(steps) if s["decode"] >= n]
     first_full = full[0] if full else len(steps)
     admit = steps[:first_full]

@@ -17,6 +17,7 @@ import math
 import re
 from typing import Any
 
+from kvgrove import timeline
 from kvgrove.actors.api import Runtime
 from kvgrove.http.common import BadRequest, check_messages, read_json, require_ready, runtime
 
@@ -266,6 +267,8 @@ def check_fields(body: dict, table: Table, where: str = "") -> None:
 async def read_request(table: Table) -> tuple[Runtime, dict]:
     """A generation route's start: the runtime, and the JSON body once the model is ready and
     `table` knows every field of it."""
+    if (rec := timeline.recorder) is not None:
+        rec.add("request")
     rt = runtime()
     body = await read_json()
     require_ready(rt)
