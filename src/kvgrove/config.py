@@ -65,6 +65,12 @@ class DeviceSplit:
         return self.live_bytes + self.prefix_bytes
 
 
+# The auto values of `Settings.prefill_step_tokens` and `Settings.share_prefill_min_tokens` with
+# a GPU (see there).
+GPU_PREFILL_STEP_CHUNKS = 4
+GPU_SHARE_PREFILL_MIN_TOKENS = 64
+
+
 @attrs.frozen
 class Settings:
     """Everything `kvgrove serve` can be told. Defaults bind where Ollama does."""
@@ -75,6 +81,12 @@ class Settings:
     # Work per scheduler step: a long prompt is prefilled this many tokens at a time, so a
     # cancellation or another request's decode step waits at most one chunk.
     prefill_chunk_tokens: int = attrs.field(default=2048, validator=_positive)
+    # Prompt tokens one step prefills in all, over every prompt it starts (each one still in
+    # pieces of at most `prefill_chunk_tokens`, which bound one prompt's attention); 0 = auto:
+    # 4x prefill_chunk_tokens with a GPU, else prefill_chunk_tokens. On the H200 (8B bf16) a
+    # burst of 64 prompts of ~52 tokens took four prefill steps at 2,048 (39 prompts in one,
+    # then the rest) and two at 8,192 (`prefill_step_tokens_for`).
+    prefill_step_tokens: int = attrs.field(default=0, validator=_non_negative)
     # Context window for requests that give no num_ctx; always capped by the model's maximum.
     default_context_tokens: int = attrs.field(default=4096, validator=_positive)
     # Hard cap on any request's context (0 = the model's maximum).
@@ -149,6 +161,16 @@ class Settings:
     # (restore / recompute wave time 0.81-1.23x) and restoring wins beyond (0.61x at 32,
     # 0.42x at 64). 16 is also vLLM's block: it reuses whole 16-token blocks only.
     min_prefix_tokens: int = attrs.field(default=16, validator=_non_negative)
+    # A prompt's KV is stored as it prefills (for requests with its prefix that come meanwhile,
+    # which may wait for it) only if it computes at least this many tokens; a shorter prompt
+    # is stored when it finishes, and nobody waits for its prefill. -1 = auto: 64 with a GPU,
+    # else 0 (every prompt). Storing costs every sequence of the batch the same time whatever
+    # the prompt's length: on the H200 (8B bf16) 62 prompts stored after their prefill took
+    # 98 ms (two copies per layer each), ~1.6 ms a prompt, while the batched prefill computed
+    # a token in ~0.04 ms (3,224 tokens in 134 ms): a prompt under ~40 tokens costs less to
+    # compute again than to store, even for a request that reuses it. On a CPU a token costs
+    # milliseconds (`share_prefill_min_tokens_for`).
+    share_prefill_min_tokens: int = attrs.field(default=-1, validator=attrs.validators.ge(-1))
     # New prompts that arrive together prefill in one left-padded forward pass (plain-attention
     # models); off = one forward per prompt.
     batch_prefill: bool = True
@@ -218,6 +240,18 @@ class Settings:
     # when the server stops. None = off.
     timeline_file: str | None = None
 
+    def prefill_step_tokens_for(self, gpu: bool) -> int:
+        """`prefill_step_tokens`, auto resolved for a GPU (`gpu`) or a CPU."""
+        if self.prefill_step_tokens:
+            return self.prefill_step_tokens
+        return self.prefill_chunk_tokens * (GPU_PREFILL_STEP_CHUNKS if gpu else 1)
+
+    def share_prefill_min_tokens_for(self, gpu: bool) -> int:
+        """`share_prefill_min_tokens`, auto resolved for a GPU (`gpu`) or a CPU."""
+        if self.share_prefill_min_tokens >= 0:
+            return self.share_prefill_min_tokens
+        return GPU_SHARE_PREFILL_MIN_TOKENS if gpu else 0
+
     def device_split(self, weights_bytes: int) -> DeviceSplit:
         """How the one device budget is shared: the weights, then what they leave split between
         live caches and the prefix cache's device tier (`device_cache_bytes`, capped at what is
@@ -279,7 +313,11 @@ _HELP = {
     "host": "address to bind (default 127.0.0.1)",
     "port": "port to bind (default 11434; 0 = any free port)",
     "model": "model name, GGUF file or model folder (default: the bundled model)",
-    "prefill_chunk_tokens": "prompt tokens per prefill step",
+    "prefill_chunk_tokens": "prompt tokens of one prompt per prefill step",
+    "prefill_step_tokens": "prompt tokens per prefill step over all prompts (0 = 4x "
+    "--prefill-chunk-tokens with a GPU, else --prefill-chunk-tokens)",
+    "share_prefill_min_tokens": "store a prompt as it prefills only if it computes this many "
+    "tokens, else when it finishes (-1 = 64 with a GPU, else 0)",
     "default_context_tokens": "context window when a request gives no num_ctx",
     "max_context_tokens": "cap on any request's context (0 = the model's maximum)",
     "max_running_sequences": "sequences decoded concurrently; more requests wait",

@@ -125,3 +125,32 @@ def test_a_release_still_queued_goes_before_the_rematch():
     locks.send_rematches()  # the inbox takes one message: the Release goes first
     assert drain(pager) == [Release(2)] and locks.releases == []
     assert 2 not in locks.rematching and core.get(2).runnable  # starts from 0, no new lock
+
+
+def test_a_prompt_too_short_to_be_stored_as_it_prefills_leads_nobody():
+    # The runner stores a prompt as it prefills only if it computes `share_min_tokens` tokens
+    # (`Settings.share_prefill_min_tokens`): nobody waits for the prefill of a shorter one.
+    for share_min, waits in ((70, True), (71, False)):
+        core = SchedulerCore(
+            chunk_tokens=8, max_running=4, share_prefills=True, share_min_tokens=share_min
+        )
+        core.admit(submit(1, prompt_sharing(40, 1)))  # 70 tokens to compute
+        core.admit(submit(2, prompt_sharing(40, 2)))
+        assert (core.get(2).waits_for == 1) is waits, share_min
+    # What it computes counts, not its length: 10 of its 70 tokens were cached.
+    core = SchedulerCore(chunk_tokens=8, max_running=4, share_prefills=True, share_min_tokens=61)
+    core.admit(submit(1, prompt_sharing(40, 1)), cached_tokens=10)
+    core.admit(submit(2, prompt_sharing(40, 2)))
+    assert core.get(2).waits_for is None
+
+
+def test_a_step_prefills_up_to_step_tokens_and_one_prompt_at_most_a_chunk():
+    core = SchedulerCore(chunk_tokens=8, max_running=8, step_tokens=20)
+    for rid in range(1, 5):
+        core.admit(submit(rid, prompt_sharing(0, rid)))  # 30 tokens each
+    assert [(it.request_id, len(it.tokens)) for it in core.plan_step()] == [(1, 8), (2, 8), (3, 4)]
+    # Without step_tokens a step prefills one chunk in all, as before the setting.
+    core = SchedulerCore(chunk_tokens=8, max_running=8)
+    for rid in range(1, 5):
+        core.admit(submit(rid, prompt_sharing(0, rid)))
+    assert [(it.request_id, len(it.tokens)) for it in core.plan_step()] == [(1, 8)]

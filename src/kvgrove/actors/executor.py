@@ -36,7 +36,7 @@ from kvgrove.actors.messages import (
 )
 from kvgrove.actors.mlx_thread import MLXHandle, MLXThread, Queued
 from kvgrove.config import Settings
-from kvgrove.models.loading import load
+from kvgrove.models.loading import load, on_gpu
 from kvgrove.models.runner import StepRunner, overlap_on, str_error, wants_restore
 from kvgrove.models.steps import ExecutorStats
 
@@ -70,6 +70,7 @@ class Executor:
             overlap=overlap_on(settings),
             ragged_attention=settings.ragged_attention,
         )
+        self.runner.share_min_tokens = settings.share_prefill_min_tokens_for(on_gpu())
         self.settings = settings
         self.inbox, self._inbox = trio.open_memory_channel[object](settings.executor_inbox_items)
         self._accountant = accountant

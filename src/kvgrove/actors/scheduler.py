@@ -36,6 +36,7 @@ from kvgrove.actors.messages import (
     Submit,
 )
 from kvgrove.config import Settings
+from kvgrove.models.loading import on_gpu
 from kvgrove.models.steps import ExecutorStats
 from kvgrove.scheduling.core import SchedulerCore
 from kvgrove.scheduling.follow import InFlight
@@ -68,12 +69,15 @@ class Scheduler:
     ) -> None:
         self._settings = settings
         self.inbox, self._inbox = trio.open_memory_channel[object](settings.scheduler_inbox_items)
+        gpu = on_gpu()
         self.core = SchedulerCore(
             chunk_tokens=settings.prefill_chunk_tokens,
             max_running=settings.max_running_sequences,
             kv_budget_bytes=kv_budget_bytes,
             share_prefills=pager is not None and settings.prefix_cache,
             min_prefix_tokens=settings.min_prefix_tokens,
+            step_tokens=settings.prefill_step_tokens_for(gpu),
+            share_min_tokens=settings.share_prefill_min_tokens_for(gpu),
         )
         self._executor = executor
         match = release = None

@@ -60,6 +60,11 @@ class Live:
     def has_cache(self) -> bool:
         return self.in_batch or self.cache is not None
 
+    @property
+    def new_prompt_tokens(self) -> int:
+        """The prompt tokens it computes (not restored): what sharing its prefill would store."""
+        return self.prompt_tokens - (self.restored_tokens or 0)
+
 
 @attrs.frozen
 class Keep:
@@ -216,6 +221,9 @@ class StepRunner:
         self.model: Any = None
         self.tokenizer: Any = None
         self.keeping = False
+        # A prompt is stored as it prefills (shared with requests that come meanwhile) only if
+        # it computes at least this many tokens; a shorter one is stored when it finishes.
+        self.share_min_tokens = 0
         self.batched = True  # False: the model's caches cannot batch; rows decode one by one
         self.whole_layers = False  # some layer restores only where a snapshot stands
         self._prefill_together = False  # whole prompts prefill in one left-padded pass
@@ -786,14 +794,15 @@ class StepRunner:
             self.step_log.append((it.request_id, start, end))
         self.items += len(items)
         self.tokens += sum(len(it.tokens) for it in items)
-        if self.keeping:  # the prompts' KV is shared at once
+        shared = [r for r in ids if self._live[r].new_prompt_tokens >= self.share_min_tokens]
+        if self.keeping and shared:  # the prompts' KV is shared at once
             try:
                 # Views: the pager copies the spans it stores before the next step.
-                rows = self._batch.row_caches(ids, views=True)
+                rows = self._batch.row_caches(shared, views=True)
             except Exception:
                 log.exception("viewing prefilled rows for the prefix cache failed")
                 return
-            for rid, cache in zip(ids, rows, strict=True):
+            for rid, cache in zip(shared, rows, strict=True):
                 self._keep(None, self._live[rid], cache)
                 self._kept_views.append(cache)
 
@@ -816,7 +825,8 @@ class StepRunner:
                 for _ in prefill_chunks(self.model, live.cache, feed, chunk_tokens=len(feed)):
                     pass
                 prompt_end = len(live.sampler.history) == live.prompt_tokens
-                if item.sample and prompt_end and self.keeping and self.whole_layers:
+                shared = live.new_prompt_tokens >= self.share_min_tokens
+                if item.sample and prompt_end and self.keeping and self.whole_layers and shared:
                     # Whole-state layers restore only where a snapshot stands: one just before
                     # the last prompt token is what a request with this same prompt can use
                     # (it must feed that token itself). The last token moves the cache on
@@ -833,9 +843,12 @@ class StepRunner:
                 # Share the prompt's KV at once: after every prefill chunk and at the prompt's
                 # end (where recurrent / windowed layers can be snapshotted: the cache stands
                 # there now), so a request with the same prefix need not wait for this one to
-                # finish, nor compute it again. The pager stores it before the next step.
+                # finish, nor compute it again. The pager stores it before the next step. At the
+                # end only a prompt that computed `share_min_tokens` (a shorter one costs less
+                # to compute again than to store now; it is stored when it finishes).
                 generated = len(live.sampler.history) - live.prompt_tokens
-                if not item.sample or generated == 1:
+                at_end = generated == 1 and live.new_prompt_tokens >= self.share_min_tokens
+                if not item.sample or at_end:
                     self._keep(None, live, live.cache)
             nbytes = cache_nbytes(live.cache)
             token_bytes = self._row_token_bytes(live.cache)

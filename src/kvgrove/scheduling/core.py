@@ -1,10 +1,10 @@
 """The scheduler's sync core: admission, the step plan, stop and length checks. No trio here.
 
 Each step (`plan_step`) decodes every running sequence that has its prompt in the executor's
-cache, all in one batched forward pass, and spends at most `chunk_tokens` prompt tokens on
-prefill: the next chunk of sequences whose prefill is under way first, then new ones. So a long
-new prompt delays the running streams by at most one chunk per step, and a cancelled sequence is
-dropped at the next step boundary.
+cache, all in one batched forward pass, and spends at most `step_tokens` prompt tokens on
+prefill, at most `chunk_tokens` of them on one prompt: the next chunk of sequences whose prefill
+is under way first, then new ones. So a long new prompt delays the running streams by at most
+one chunk per step, and a cancelled sequence is dropped at the next step boundary.
 
 Admission: at most `max_running` sequences run (the batch); the rest wait. Among the waiting,
 the one with the longest cached prefix goes first, aged by `aging_tokens_per_step` per step
@@ -69,15 +69,19 @@ class SchedulerCore(SeqQueue):
         aging_tokens_per_step: int = DEFAULT_AGING_TOKENS_PER_STEP,
         share_prefills: bool = False,
         min_prefix_tokens: int = 0,
+        step_tokens: int | None = None,
+        share_min_tokens: int = 0,
     ) -> None:
-        assert chunk_tokens > 0
+        assert chunk_tokens > 0 and (step_tokens is None or step_tokens > 0)
         super().__init__(
             max_running=max_running,
             aging_tokens_per_step=aging_tokens_per_step,
             share_prefills=share_prefills,
             min_prefix_tokens=min_prefix_tokens,
+            share_min_tokens=share_min_tokens,
         )
         self.chunk_tokens = chunk_tokens
+        self.step_tokens = chunk_tokens if step_tokens is None else step_tokens
         self.kv_budget_bytes = kv_budget_bytes  # None = unbounded
         self._bytes_per_token = 0.0  # the largest seen: estimates a new sequence's cache
         self.max_decode_rows = 0
@@ -98,7 +102,8 @@ class SchedulerCore(SeqQueue):
         return sum(s.cache_bytes for s in self._running.values() if s.has_cache)
 
     def plan_step(self) -> tuple[StepItem, ...]:
-        """This step's items: every decoding sequence, then prefill chunks up to `chunk_tokens`."""
+        """This step's items: every decoding sequence, then prefill chunks up to `step_tokens`
+        (each at most `chunk_tokens`)."""
         self._check_waits()
         self._preempt_over_budget()
         runnable = [s for s in self._running.values() if s.runnable]
@@ -107,7 +112,7 @@ class SchedulerCore(SeqQueue):
         # Prefills under way first (in admission order), then new ones by priority.
         prefilling = [s for s in runnable if not s.decoding]
         prefilling.sort(key=lambda s: (not s.has_cache, -self.priority(s), s.order))
-        budget = self.chunk_tokens
+        budget = self.step_tokens
         planned = 0.0  # the estimated bytes of the caches this step starts
         longest = 0  # the longest running row, which only a budget needs
         if self.kv_budget_bytes is not None:
@@ -120,7 +125,7 @@ class SchedulerCore(SeqQueue):
                 if not self._fits(seq, running=bool(items), planned=planned, longest=longest):
                     break
                 planned += self._estimate(seq, longest)
-            item = seq.next_item(budget)
+            item = seq.next_item(min(budget, self.chunk_tokens))
             budget -= len(item.tokens)
             items.append(item)
         if items:

@@ -28,6 +28,7 @@ class SeqQueue:
         aging_tokens_per_step: int,
         share_prefills: bool,
         min_prefix_tokens: int = 0,
+        share_min_tokens: int = 0,
     ):
         assert max_running > 0 and aging_tokens_per_step >= 0 and min_prefix_tokens >= 0
         self.max_running = max_running
@@ -38,6 +39,9 @@ class SeqQueue:
         # A cached prefix shorter than this is not restored and a shared one not waited for:
         # the prompt is computed in full, beside other fresh prompts (`Settings`).
         self.min_prefix_tokens = min_prefix_tokens
+        # A prompt computing fewer tokens is not stored as it prefills (the runner's
+        # `share_min_tokens`): nobody waits for it.
+        self.share_min_tokens = share_min_tokens
         self._rematch: list[int] = []
         self.prefill_waits = 0
         self.short_prefixes = 0
@@ -108,7 +112,12 @@ class SeqQueue:
         cached, seq waits for it: the longest such shared prefix wins."""
         if not self.share_prefills or seq.started or seq.waited or seq.finished:
             return
-        found = find_leader(seq, self._running.values(), min_gain=self.min_prefix_tokens)
+        found = find_leader(
+            seq,
+            self._running.values(),
+            min_gain=self.min_prefix_tokens,
+            min_leader_tokens=self.share_min_tokens,
+        )
         if found is not None:
             seq.waits_for, seq.wait_until, seq.waited = found[0].request_id, found[1], True
             self.prefill_waits += 1

@@ -21,18 +21,21 @@ def common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
 
 
 def find_leader(
-    seq: SeqState, running: Iterable[SeqState], *, min_gain: int = 0
+    seq: SeqState, running: Iterable[SeqState], *, min_gain: int = 0, min_leader_tokens: int = 0
 ) -> tuple[SeqState, int] | None:
     """The running sequence prefilling (or about to) the longest prefix of seq's prompt beyond
     what seq has cached, and how long that shared prefix is; None if there is none, or if it
     would gain seq fewer than `min_gain` tokens (a wait and a second match cost more than
-    computing a few tokens beside other fresh prompts)."""
+    computing a few tokens beside other fresh prompts). A sequence whose prompt computes fewer
+    than `min_leader_tokens` tokens leads nobody: its prefill is not stored as it goes."""
     usable = len(seq.prompt) - 1  # at least one prompt token is always fed
     best, best_common = None, seq.cached_tokens
     for other in running:
         if other is seq or other.finished or other.waiting_for_prefill:
             continue
         if other.submit.namespace != seq.submit.namespace:
+            continue
+        if len(other.prompt) - other.cached_tokens < min_leader_tokens:
             continue
         common = min(common_prefix(seq.prompt, other.prompt), usable)
         if common > best_common and other.fed < common:
