@@ -156,13 +156,16 @@ async def _respond(
                         if wants_logprobs:
                             msg["logprobs"] = token_entries(rt.loaded.tokenizer, ev.tokens)
                         msg["done"] = False
-                    else:
+                    else:  # the end goes out in one write
                         rest = splitter.finish()
+                        head = ""
                         if rest:
                             msg = {"model": model, "created_at": now_iso(), **piece(rest)}
-                            yield (json.dumps({**msg, "done": False}) + "\n").encode()
+                            head = json.dumps({**msg, "done": False}) + "\n"
                         msg = {"model": model, "created_at": now_iso(), **piece(type(rest)())}
                         msg.update(final_fields(ev))
+                        yield (head + json.dumps(msg) + "\n").encode()
+                        return
                     yield (json.dumps(msg) + "\n").encode()
             except GenerationError as e:
                 yield (json.dumps(error_body(str(e), openai=False)) + "\n").encode()

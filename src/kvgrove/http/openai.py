@@ -88,6 +88,9 @@ def usage(done: Finished) -> dict[str, Any]:
     }
 
 
+DONE = b"data: [DONE]\n\n"
+
+
 def _sse(obj: Any) -> bytes:
     return f"data: {json.dumps(obj)}\n\n".encode()
 
@@ -193,16 +196,21 @@ async def _respond(
                         yield frame(choice(ev.text, None, delta=True, tokens=ev.tokens))
                         sent += len(ev.text)
                     else:
+                        # The end goes out in one write (on the H200 each write cost the trio
+                        # thread ~0.2 ms, 64 streams ending together ~4 writes each).
+                        frames = []
                         if splitter is not None:
                             for d in streamed.deltas(splitter.finish()):
-                                yield frame(choice(None, None, delta=True, message=d))
+                                frames.append(frame(choice(None, None, delta=True, message=d)))
                         last = choice(None if chat else "", finish_reason(ev.reason), delta=True)
-                        yield frame(last)
+                        frames.append(frame(last))
                         if include_usage:
-                            yield _sse(envelope([], usage=usage(ev)))
+                            frames.append(_sse(envelope([], usage=usage(ev))))
+                        yield b"".join([*frames, DONE])
+                        return
             except GenerationError as e:
                 yield _sse(error_body(str(e), openai=True, status=500))
-        yield b"data: [DONE]\n\n"
+        yield DONE
 
     response = Response(events_out(), mimetype="text/event-stream", headers=headers)
     response.timeout = None
