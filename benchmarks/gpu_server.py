@@ -24,7 +24,7 @@ decodes), then, one after another (never two at once):
   on a fresh start, ten single requests one after another (TTFT of the first vs the tenth: the
   compile stall), then at each concurrency c two waves of c streaming /v1/completions requests
   with distinct prompts (first wave vs steady wave: aggregate generated tokens/s, TTFT p50;
-  `--steady-waves K`: the median of K steady waves).
+  `--steady-waves K`: the median of K steady waves, the slower middle one of an even K).
 
 Quantized modes first time MLX's first use of its batched quantized kernel (`qmm_sm80`, which
 MLX 0.32.4 compiles with NVRTC at first use, about a minute or more per tile, then caches on
@@ -367,9 +367,11 @@ async def serve_bench(kind: str, folder: Path, args, log: Path) -> dict:
                     spy.wait(30)
                 if which == "first":
                     out[(c, which)] = r
-                else:  # the median steady wave by tok/s (waves vary by ±20% on the H200)
+                else:  # the median steady wave by tok/s (waves vary by ±20% on the H200);
+                    # of an even count the lower middle one: [len // 2] took the faster of two
                     steady.append(r)
-                    out[(c, which)] = sorted(steady, key=lambda w: w["tps"])[len(steady) // 2]
+                    ranked = sorted(steady, key=lambda w: w["tps"])
+                    out[(c, which)] = ranked[(len(ranked) - 1) // 2]
                 busy = ""
                 if before is not None:
                     after = mlx_busy(port)
@@ -539,7 +541,8 @@ def main() -> None:
         "--steady-waves",
         type=int,
         default=1,
-        help="steady waves per level after the first; the table shows the median",
+        help="steady waves per level after the first; the table shows the median (of an even "
+        "count the slower middle one)",
     )
     ap.add_argument(
         "--timeline",
