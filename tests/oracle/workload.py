@@ -247,4 +247,8 @@ def generate(
     # Drawn last, so the rest of a seed's scenario is what it was before the setting: half the
     # scenarios restore any cached prefix, half leave those under 16 tokens to be recomputed.
     settings["min_prefix_tokens"] = rng.choice([0, 16])
+    # Then (as the GPU's auto values do) prompts computing fewer tokens are stored only when
+    # they finish, not as they prefill, and a step prefills up to 4 chunks over its prompts.
+    settings["share_prefill_min_tokens"] = rng.choice([0, 0, 32, 64])
+    settings["prefill_step_tokens"] = rng.choice([0, 4 * chunk])
     return Scenario(seed, kind, settings, kv_budget, pieces, armed, tuple(steps))
