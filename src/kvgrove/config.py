@@ -29,6 +29,11 @@ def _non_negative(instance: Any, attribute: attrs.Attribute, value: Any) -> None
         raise ValueError(f"{attribute.name} must be >= 0, got {value}")
 
 
+def _auto_or_non_negative(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value < -1:
+        raise ValueError(f"{attribute.name} must be >= 0, or -1 for auto, got {value}")
+
+
 def _physical_memory_bytes() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -170,7 +175,7 @@ class Settings:
     # a token in ~0.04 ms (3,224 tokens in 134 ms): a prompt under ~40 tokens costs less to
     # compute again than to store, even for a request that reuses it. On a CPU a token costs
     # milliseconds (`share_prefill_min_tokens_for`).
-    share_prefill_min_tokens: int = attrs.field(default=-1, validator=attrs.validators.ge(-1))
+    share_prefill_min_tokens: int = attrs.field(default=-1, validator=_auto_or_non_negative)
     # New prompts that arrive together prefill in one left-padded forward pass (plain-attention
     # models); off = one forward per prompt.
     batch_prefill: bool = True
