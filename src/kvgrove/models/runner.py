@@ -458,6 +458,10 @@ class StepRunner:
         self._live[rid] = live
         return live
 
+    def _shares_prefill(self, live: Live) -> bool:
+        """Whether its prompt is stored at the prompt's end as well as when it finishes."""
+        return live.new_prompt_tokens >= self.share_min_tokens
+
     def _keep_of(self, rid: int | None, live: Live, cache: list[Any] | None, **kw: Any) -> Keep:
         n = cache_tokens(cache) if cache is not None else 0
         held = cache if n > 0 else None
@@ -794,8 +798,8 @@ class StepRunner:
             self.step_log.append((it.request_id, start, end))
         self.items += len(items)
         self.tokens += sum(len(it.tokens) for it in items)
-        shared = [r for r in ids if self._live[r].new_prompt_tokens >= self.share_min_tokens]
-        if self.keeping and shared:  # the prompts' KV is shared at once
+        shared = [r for r in ids if self._shares_prefill(self._live[r])] if self.keeping else []
+        if shared:  # the prompts' KV is shared at once
             try:
                 # Views: the pager copies the spans it stores before the next step.
                 rows = self._batch.row_caches(shared, views=True)
@@ -825,8 +829,13 @@ class StepRunner:
                 for _ in prefill_chunks(self.model, live.cache, feed, chunk_tokens=len(feed)):
                     pass
                 prompt_end = len(live.sampler.history) == live.prompt_tokens
-                shared = live.new_prompt_tokens >= self.share_min_tokens
-                if item.sample and prompt_end and self.keeping and self.whole_layers and shared:
+                if (
+                    item.sample
+                    and prompt_end
+                    and self.keeping
+                    and self.whole_layers
+                    and self._shares_prefill(live)
+                ):
                     # Whole-state layers restore only where a snapshot stands: one just before
                     # the last prompt token is what a request with this same prompt can use
                     # (it must feed that token itself). The last token moves the cache on
@@ -847,8 +856,7 @@ class StepRunner:
                 # end only a prompt that computed `share_min_tokens` (a shorter one costs less
                 # to compute again than to store now; it is stored when it finishes).
                 generated = len(live.sampler.history) - live.prompt_tokens
-                at_end = generated == 1 and live.new_prompt_tokens >= self.share_min_tokens
-                if not item.sample or at_end:
+                if not item.sample or (generated == 1 and self._shares_prefill(live)):
                     self._keep(None, live, live.cache)
             nbytes = cache_nbytes(live.cache)
             token_bytes = self._row_token_bytes(live.cache)
