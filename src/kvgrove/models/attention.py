@@ -1,23 +1,30 @@
-"""Decode attention for a ragged batch on CUDA, without the mask that slows MLX down.
+"""kvgrove's routes through attention, in place of mlx-lm's `scaled_dot_product_attention`.
 
-A running batch is left-padded (`SlotKVCache`): row b's keys stand at positions
-[pads[b], T) of the batch's buffers. mlx-lm hands the fused `mx.fast.scaled_dot_product_attention`
-an array mask saying so, and on CUDA an array mask sends it to its unfused fallback (a matmul,
-a softmax and a matmul per layer, scores in bf16): on the H200 a 64-row decode of an 8B model
-took about twice as long as the same batch with no padding and no mask.
+`install` puts a wrapper in the model's module (mlx-lm's models call that function by name).
+It takes two kinds of call off MLX's path, each exact in what it attends to; every other call
+goes to mlx-lm's function unchanged.
 
-Two ways around it, both exact in what they attend to:
+On CUDA, a ragged batch's one-token decode. A running batch is left-padded (`SlotKVCache`): row
+b's keys stand at positions [pads[b], T) of the batch's buffers. mlx-lm hands the fused
+`mx.fast.scaled_dot_product_attention` an array mask saying so, and on CUDA an array mask sends
+it to its unfused fallback (a matmul, a softmax and a matmul per layer, scores in bf16): on the
+H200 a 64-row decode of an 8B model took about twice as long as the same batch with no padding
+and no mask. Two ways around it:
 
 - a batch with no padding at all (every row as long as the longest) needs no mask for a
   one-token query: `SlotKVCache.make_mask` answers None, as mlx-lm's own caches do, and MLX
   runs its fused decode kernel;
-- otherwise, on CUDA, `install` puts a wrapper in the model's module in place of mlx-lm's
-  `scaled_dot_product_attention`: for a one-token query over a `SlotKVCache` whose mask is the
-  one the cache made (left padding only: no window, nothing the model added), it runs
-  `ragged_decode`, a kernel (`mx.fast.cuda_kernel`) that reads each row's span from its own
-  start, scores and softmax in float32; everything else goes to mlx-lm's function unchanged.
+- otherwise the wrapper runs `ragged_decode` for a one-token query over a `SlotKVCache` whose
+  mask is the one the cache made (left padding only: no window, nothing the model added), a
+  kernel (`mx.fast.cuda_kernel`) that reads each row's span from its own start, scores and
+  softmax in float32.
 
-Only where MLX runs on a CUDA device: a CPU's attention is its fallback either way.
+On a CPU, a float32 query of several tokens (a prefill) takes `host_softmax_attention`: MLX's
+own fallback (the CPU has no fused attention: scores, mask, softmax, values), except that the
+softmax runs in numpy. MLX's Linux CPU build computes exp one element at a time (its SIMD types
+are one lane wide there): over SmolLM2's 9 heads it cost 3.5 ms a layer for 25 queries over a
+1,725-token context, where numpy's vectorized exp took 0.1 ms, and it was most of the time a
+short prompt over a long cached context took to prefill.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import sys
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 # The mask the last SlotKVCache.make_mask made for a one-token query, and the row paddings it
 # encodes: the wrapper runs the kernel only for that very mask object.
@@ -216,23 +224,92 @@ def _uses_kernel(queries: Any, keys: Any, values: Any, cache: Any, mask: Any) ->
     )
 
 
+# Host softmax: at least this many scores (MLX's exp ~9 ns each on this CPU) to be worth the
+# wait on the evaluation of the scores, mid-forward.
+HOST_SOFTMAX_MIN_SCORES = 16_384
+_FLOAT32_MIN = float(np.finfo(np.float32).min)
+
+
+def host_softmax_attention(
+    queries: mx.array, keys: mx.array, values: mx.array, scale: float, mask: Any
+) -> mx.array:
+    """MLX's CPU fallback for attention, with the softmax in numpy, in place in the evaluated
+    scores. Queries (B, Hq, N, D), keys and values (B, Hkv, T, D); mask None, "causal" (as MLX
+    takes it: query i stands at position T - N + i) or an array that broadcasts to
+    (B, Hq, N, T), boolean or added. The query heads that share a key head are stacked along
+    the rows, so the scores are one matmul per key head."""
+    b, hq, n, d = queries.shape
+    hkv, t = keys.shape[1], keys.shape[2]
+    g = hq // hkv
+    q = (queries * mx.array(scale, queries.dtype)).reshape(b, hkv, g * n, d)
+    scores = q @ keys.swapaxes(-1, -2)
+    if mask is not None and not isinstance(mask, str):
+        m = mx.broadcast_to(mask, (b, hq, n, t)).reshape(b, hkv, g * n, t)
+        if m.dtype == mx.bool_:
+            scores = mx.where(m, scores, mx.array(_FLOAT32_MIN, scores.dtype))
+        else:
+            scores = scores + m.astype(scores.dtype)
+    mx.eval(scores)
+    host = np.asarray(scores)
+    in_place = host.flags.writeable and host.flags.c_contiguous
+    if not in_place:
+        host = np.array(host)  # not the scores' own buffer: the result goes back as a copy
+    if isinstance(mask, str):  # query i stands at position T - N + i: nothing after it
+        above = np.triu(np.ones((n, n), dtype=bool), k=1)
+        host.reshape(b, hkv, g, n, t)[..., t - n :][..., above] = _FLOAT32_MIN
+    with np.errstate(all="ignore"):  # rows masked whole come out as MLX's would
+        np.subtract(host, host.max(axis=-1, keepdims=True), out=host)
+        np.exp(host, out=host)
+        np.divide(host, host.sum(axis=-1, keepdims=True), out=host)
+    probs = scores if in_place else mx.array(host)
+    return (probs @ values).reshape(b, hq, n, d)
+
+
+def _takes_host_softmax(queries: Any, keys: Any, values: Any) -> bool:
+    b, hq, n, _ = queries.shape
+    return (
+        n > 1
+        # a quantized KV cache hands (packed, scales, biases) tuples: mlx-lm's own path
+        and isinstance(keys, mx.array)
+        and isinstance(values, mx.array)
+        and queries.dtype == keys.dtype == values.dtype == mx.float32
+        and keys.ndim == 4
+        and hq % keys.shape[1] == 0
+        and b * hq * n * keys.shape[2] >= HOST_SOFTMAX_MIN_SCORES
+    )
+
+
+# The routes the installed wrappers take (`install` sets them; the wrappers are process-wide).
+_routes = {"ragged": False, "host_softmax": False}
+
+
 def _wrap(original: Any) -> Any:
     def scaled_dot_product_attention(
         queries, keys, values, cache=None, scale=1.0, mask=None, sinks=None
     ):
-        if sinks is None and _uses_kernel(queries, keys, values, cache, mask):
-            return ragged_decode(queries, keys, values, cache.left_padding, scale)
+        if sinks is None:
+            if _routes["ragged"] and _uses_kernel(queries, keys, values, cache, mask):
+                return ragged_decode(queries, keys, values, cache.left_padding, scale)
+            if _routes["host_softmax"] and _takes_host_softmax(queries, keys, values):
+                return host_softmax_attention(queries, keys, values, scale, mask)
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
     scaled_dot_product_attention.kvgrove_original = original
     return scaled_dot_product_attention
 
 
-def install(model: Any) -> bool:
-    """Route the model's attention through `ragged_decode` where it applies (see the module
-    docstring). True if installed (or already): the model's module calls mlx-lm's
-    `scaled_dot_product_attention` by name, and MLX runs on CUDA."""
-    if not available():
+def install(model: Any, *, ragged: bool = True, host_softmax: bool = True) -> bool:
+    """Route the model's attention as the module docstring says: on CUDA ragged decodes to
+    `ragged_decode` (`ragged`), on a CPU prefills to `host_softmax_attention`
+    (`host_softmax`). True if a route is on and installed (or already was): the model's
+    module calls mlx-lm's `scaled_dot_product_attention` by name."""
+    if available():
+        _routes["ragged"], _routes["host_softmax"] = ragged, False
+    elif mx.default_device().type == mx.DeviceType.cpu:
+        _routes["ragged"], _routes["host_softmax"] = False, host_softmax
+    else:
+        return False
+    if not any(_routes.values()):
         return False
     installed = False
     names = {type(m).__module__ for m in model.modules()}
