@@ -236,9 +236,10 @@ class Settings:
     # (kvgrove.models.attention): MLX's fused attention takes no array mask there, and its
     # masked fallback cost a 64-row decode of an 8B model on the H200 about half its speed.
     ragged_attention: bool = True
-    # On a CPU, a prefill's attention softmax runs in numpy (kvgrove.models.attention): MLX's
-    # Linux CPU exp is scalar, and it was most of a short prompt's prefill over a long context.
-    host_softmax: bool = True
+    # On a CPU, a prefill's attention softmax and SwiGLU run in numpy (kvgrove.models.host_exp):
+    # MLX's Linux CPU exp is scalar, and it was most of a short prompt's prefill over a long
+    # context.
+    host_exp: bool = True
     # On a GPU, quantized layers also keep a dequantized copy when it fits in half the device's
     # memory, used for inputs of at least this many rows: on an H200 the dense copy is faster
     # than MLX's quantized matmul at every batch size, one row included (kvgrove.models.quant),
@@ -385,11 +386,11 @@ _SWITCHES = {
         "on CUDA, a ragged batch's decode attention takes MLX's masked fallback, not kvgrove's "
         "kernel [env KVGROVE_RAGGED_ATTENTION=0]",
     ),
-    "--no-host-softmax": (
-        "host_softmax",
+    "--no-host-exp": (
+        "host_exp",
         False,
-        "on a CPU, prefill attention's softmax stays MLX's, not numpy's "
-        "[env KVGROVE_HOST_SOFTMAX=0]",
+        "on a CPU, a prefill's attention softmax and SwiGLU stay MLX's, not numpy's "
+        "[env KVGROVE_HOST_EXP=0]",
     ),
     "--no-queued-continuations": (
         "queued_continuations",

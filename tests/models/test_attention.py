@@ -1,16 +1,16 @@
 """kvgrove's attention routes: a batch's decode gets no mask when no row is padded, kvgrove's
-kernel on CUDA; a CPU prefill's softmax runs in numpy.
+kernel on CUDA; on a CPU, `install` routes prefills to kvgrove.models.host_exp
+(test_host_exp.py).
 
 The kernel tests need MLX on a CUDA GPU (benchmarks/ragged_decode.py runs the same check and
-times it there); elsewhere they are skipped. The host-softmax tests need a CPU.
+times it there); elsewhere they are skipped.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
-import numpy as np
 import pytest
-from mlx_lm.models import base
+from mlx_lm.models import activations, base
 
 from kvgrove.models import attention
 from kvgrove.models.batching import RunningBatch, SlotKVCache, prefill_together
@@ -18,9 +18,7 @@ from kvgrove.models.loading import load
 from tiny_models import write_tiny_model
 
 cuda = pytest.mark.skipif(not attention.available(), reason="needs MLX on a CUDA GPU")
-cpu = pytest.mark.skipif(
-    mx.default_device().type != mx.DeviceType.cpu, reason="the host softmax is a CPU's"
-)
+cpu = pytest.mark.skipif(mx.default_device().type != mx.DeviceType.cpu, reason="a CPU's routes")
 
 
 def slot_cache(pads: list[int], length: int) -> SlotKVCache:
@@ -89,92 +87,17 @@ def test_install_on_a_cpu_routes_only_what_it_is_asked_to(tmp_path):
     from mlx_lm.models import llama
 
     try:
-        assert attention.install(loaded.model, host_softmax=False) is False
-        assert attention._routes == {"ragged": False, "host_softmax": False}
+        assert attention.install(loaded.model, host_exp=False) is False
+        assert attention._routes == {"ragged": False, "host_exp": False}
         assert attention.install(loaded.model) is True
-        assert attention._routes == {"ragged": False, "host_softmax": True}
-        wrapper = llama.scaled_dot_product_attention
+        assert attention._routes == {"ragged": False, "host_exp": True}
+        wrapper, glu = llama.scaled_dot_product_attention, llama.swiglu
         assert wrapper.kvgrove_original is base.scaled_dot_product_attention
+        assert glu.kvgrove_original is activations.swiglu
         assert attention.install(loaded.model) is True  # once: never a wrapper of a wrapper
-        assert llama.scaled_dot_product_attention is wrapper
+        assert llama.scaled_dot_product_attention is wrapper and llama.swiglu is glu
     finally:
         attention.install(loaded.model)  # the runner's default, which other tests run under
-
-
-def _mlx_attention(q, k, v, scale, mask):
-    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-
-
-def _masks(b: int, hq: int, n: int, t: int) -> dict[str, object]:
-    rng = np.random.default_rng(b * 100 + n + t)
-    keep = rng.random((b, 1, n, t)) > 0.3
-    keep[0, 0, 0, :] = False  # a row that attends nothing (a left-padded query of a batch)
-    return {
-        "none": None,
-        "causal": "causal",
-        "boolean": mx.array(keep),
-        "added": mx.array(np.where(keep[:, 0], 0.0, -1e9).astype(np.float32)[:, None]),
-        "per head": mx.array(rng.random((1, hq, n, t)) > 0.2),
-    }
-
-
-@cpu
-@pytest.mark.parametrize(("b", "hq", "hkv", "n", "t"), [(1, 9, 3, 25, 300), (2, 4, 4, 7, 40)])
-@pytest.mark.parametrize("kind", ["none", "causal", "boolean", "added", "per head"])
-def test_the_host_softmax_matches_mlx_attention(b, hq, hkv, n, t, kind):
-    mask = _masks(b, hq, n, t)[kind]
-    mx.random.seed(n + t)
-    q = mx.random.normal((b, hq, n, 16))
-    # Keys and values a slice of bigger buffers, as a cache hands them over.
-    k = mx.random.normal((b, hkv, t + 13, 16))[..., :t, :]
-    v = mx.random.normal((b, hkv, t + 13, 16))[..., :t, :]
-    want = _mlx_attention(q, k, v, 0.25, mask)
-    got = attention.host_softmax_attention(q, k, v, 0.25, mask)
-    assert got.shape == want.shape == (b, hq, n, 16)
-    assert np.isfinite(np.asarray(got)).all()
-    assert mx.allclose(got, want, atol=1e-5, rtol=1e-5).item(), mx.abs(got - want).max().item()
-
-
-@cpu
-def test_the_host_softmax_takes_only_big_float32_multi_token_queries():
-    def takes(q_shape, t, dtype=mx.float32, quantized=False):
-        q = mx.zeros(q_shape, dtype)
-        kv = mx.zeros((q_shape[0], 2, t, q_shape[3]), dtype)
-        if quantized:  # a quantized KV cache's (packed, scales, biases)
-            kv = mx.quantize(kv, group_size=32, bits=4)
-        return attention._takes_host_softmax(q, kv, kv)
-
-    big = attention.HOST_SOFTMAX_MIN_SCORES
-    assert takes((1, 4, 8, 16), big // 32)  # 1 x 4 x 8 x T scores: exactly the threshold
-    assert not takes((1, 4, 8, 16), big // 32 - 1)  # too few to be worth the wait
-    assert not takes((64, 4, 1, 16), big)  # a decode: one query token, stays lazy
-    assert not takes((1, 4, 8, 16), big, mx.bfloat16)
-    assert not takes((1, 4, 8, 32), big, quantized=True)
-    assert not takes((1, 3, 8, 16), big)  # heads that do not group over the keys' 2
-
-
-@cpu
-def test_a_long_prefill_gives_the_logits_of_mlx_attention(tmp_path):
-    """The same tiny model, a prompt prefilled over a restored context, with the route and
-    without: the same logits (to float32 rounding), so the same greedy token."""
-    from kvgrove.models.caches import make_cache
-    from kvgrove.models.generate import forward
-
-    loaded = load(str(write_tiny_model(tmp_path / "m", "llama")))
-    model = loaded.model
-    context = [3 + i % 250 for i in range(600)]
-    prompt = [5 + i % 200 for i in range(40)]
-    out = {}
-    try:
-        for on in (False, True):
-            attention.install(model, host_softmax=on)
-            cache = make_cache(model)
-            mx.eval(forward(model, cache, mx.array([context], dtype=mx.uint32)))
-            out[on] = forward(model, cache, mx.array([prompt], dtype=mx.uint32))
-    finally:
-        attention.install(model)
-    assert mx.allclose(out[True], out[False], atol=1e-4).item()
-    assert mx.argmax(out[True]).item() == mx.argmax(out[False]).item()
 
 
 @cuda

@@ -69,7 +69,7 @@ class Executor:
             batch_prefill=settings.batch_prefill,
             overlap=overlap_on(settings),
             ragged_attention=settings.ragged_attention,
-            host_softmax=settings.host_softmax,
+            host_exp=settings.host_exp,
         )
         self.runner.share_min_tokens = settings.share_prefill_min_tokens_for(on_gpu())
         self.settings = settings

@@ -19,12 +19,10 @@ and no mask. Two ways around it:
   kernel (`mx.fast.cuda_kernel`) that reads each row's span from its own start, scores and
   softmax in float32.
 
-On a CPU, a float32 query of several tokens (a prefill) takes `host_softmax_attention`: MLX's
-own fallback (the CPU has no fused attention: scores, mask, softmax, values), except that the
-softmax runs in numpy. MLX's Linux CPU build computes exp one element at a time (its SIMD types
-are one lane wide there): over SmolLM2's 9 heads it cost 3.5 ms a layer for 25 queries over a
-1,725-token context, where numpy's vectorized exp took 0.1 ms, and it was most of the time a
-short prompt over a long cached context took to prefill.
+On a CPU, a float32 query of several tokens (a prefill) takes `host_exp.attention`: MLX's
+own fallback with the softmax in numpy, since MLX's Linux CPU exp is scalar (see
+kvgrove.models.host_exp, which also takes the same prefills' SwiGLU: `install` routes the
+module's `swiglu` there too).
 """
 
 from __future__ import annotations
@@ -33,7 +31,8 @@ import sys
 from typing import Any
 
 import mlx.core as mx
-import numpy as np
+
+from kvgrove.models import host_exp
 
 # The mask the last SlotKVCache.make_mask made for a one-token query, and the row paddings it
 # encodes: the wrapper runs the kernel only for that very mask object.
@@ -224,63 +223,8 @@ def _uses_kernel(queries: Any, keys: Any, values: Any, cache: Any, mask: Any) ->
     )
 
 
-# Host softmax: at least this many scores (MLX's exp ~9 ns each on this CPU) to be worth the
-# wait on the evaluation of the scores, mid-forward.
-HOST_SOFTMAX_MIN_SCORES = 16_384
-_FLOAT32_MIN = float(np.finfo(np.float32).min)
-
-
-def host_softmax_attention(
-    queries: mx.array, keys: mx.array, values: mx.array, scale: float, mask: Any
-) -> mx.array:
-    """MLX's CPU fallback for attention, with the softmax in numpy, in place in the evaluated
-    scores. Queries (B, Hq, N, D), keys and values (B, Hkv, T, D); mask None, "causal" (as MLX
-    takes it: query i stands at position T - N + i) or an array that broadcasts to
-    (B, Hq, N, T), boolean or added. The query heads that share a key head are stacked along
-    the rows, so the scores are one matmul per key head."""
-    b, hq, n, d = queries.shape
-    hkv, t = keys.shape[1], keys.shape[2]
-    g = hq // hkv
-    q = (queries * mx.array(scale, queries.dtype)).reshape(b, hkv, g * n, d)
-    scores = q @ keys.swapaxes(-1, -2)
-    if mask is not None and not isinstance(mask, str):
-        m = mx.broadcast_to(mask, (b, hq, n, t)).reshape(b, hkv, g * n, t)
-        if m.dtype == mx.bool_:
-            scores = mx.where(m, scores, mx.array(_FLOAT32_MIN, scores.dtype))
-        else:
-            scores = scores + m.astype(scores.dtype)
-    mx.eval(scores)
-    host = np.asarray(scores)
-    in_place = host.flags.writeable and host.flags.c_contiguous
-    if not in_place:
-        host = np.array(host)  # not the scores' own buffer: the result goes back as a copy
-    if isinstance(mask, str):  # query i stands at position T - N + i: nothing after it
-        above = np.triu(np.ones((n, n), dtype=bool), k=1)
-        host.reshape(b, hkv, g, n, t)[..., t - n :][..., above] = _FLOAT32_MIN
-    with np.errstate(all="ignore"):  # rows masked whole come out as MLX's would
-        np.subtract(host, host.max(axis=-1, keepdims=True), out=host)
-        np.exp(host, out=host)
-        np.divide(host, host.sum(axis=-1, keepdims=True), out=host)
-    probs = scores if in_place else mx.array(host)
-    return (probs @ values).reshape(b, hq, n, d)
-
-
-def _takes_host_softmax(queries: Any, keys: Any, values: Any) -> bool:
-    b, hq, n, _ = queries.shape
-    return (
-        n > 1
-        # a quantized KV cache hands (packed, scales, biases) tuples: mlx-lm's own path
-        and isinstance(keys, mx.array)
-        and isinstance(values, mx.array)
-        and queries.dtype == keys.dtype == values.dtype == mx.float32
-        and keys.ndim == 4
-        and hq % keys.shape[1] == 0
-        and b * hq * n * keys.shape[2] >= HOST_SOFTMAX_MIN_SCORES
-    )
-
-
 # The routes the installed wrappers take (`install` sets them; the wrappers are process-wide).
-_routes = {"ragged": False, "host_softmax": False}
+_routes = {"ragged": False, "host_exp": False}
 
 
 def _wrap(original: Any) -> Any:
@@ -290,23 +234,37 @@ def _wrap(original: Any) -> Any:
         if sinks is None:
             if _routes["ragged"] and _uses_kernel(queries, keys, values, cache, mask):
                 return ragged_decode(queries, keys, values, cache.left_padding, scale)
-            if _routes["host_softmax"] and _takes_host_softmax(queries, keys, values):
-                return host_softmax_attention(queries, keys, values, scale, mask)
+            if _routes["host_exp"] and host_exp.takes_attention(queries, keys, values):
+                return host_exp.attention(queries, keys, values, scale, mask)
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
     scaled_dot_product_attention.kvgrove_original = original
     return scaled_dot_product_attention
 
 
-def install(model: Any, *, ragged: bool = True, host_softmax: bool = True) -> bool:
+def _wrap_swiglu(original: Any) -> Any:
+    def swiglu(gate, x):
+        if _routes["host_exp"] and host_exp.takes_swiglu(gate, x):
+            return host_exp.swiglu(gate, x)
+        return original(gate, x)
+
+    swiglu.kvgrove_original = original
+    return swiglu
+
+
+_WRAPPERS = {"scaled_dot_product_attention": _wrap, "swiglu": _wrap_swiglu}
+
+
+def install(model: Any, *, ragged: bool = True, host_exp: bool = True) -> bool:
     """Route the model's attention as the module docstring says: on CUDA ragged decodes to
-    `ragged_decode` (`ragged`), on a CPU prefills to `host_softmax_attention`
-    (`host_softmax`). True if a route is on and installed (or already was): the model's
-    module calls mlx-lm's `scaled_dot_product_attention` by name."""
+    `ragged_decode` (`ragged`), on a CPU prefills' attention and SwiGLU to
+    kvgrove.models.host_exp (`host_exp`). True if a route is on and installed (or already
+    was): the model's modules call mlx-lm's `scaled_dot_product_attention` and `swiglu` by
+    name."""
     if available():
-        _routes["ragged"], _routes["host_softmax"] = ragged, False
+        _routes["ragged"], _routes["host_exp"] = ragged, False
     elif mx.default_device().type == mx.DeviceType.cpu:
-        _routes["ragged"], _routes["host_softmax"] = False, host_softmax
+        _routes["ragged"], _routes["host_exp"] = False, host_exp
     else:
         return False
     if not any(_routes.values()):
@@ -315,10 +273,11 @@ def install(model: Any, *, ragged: bool = True, host_softmax: bool = True) -> bo
     names = {type(m).__module__ for m in model.modules()}
     for name in sorted(n for n in names if n.startswith("mlx_lm.models.")):
         module = sys.modules.get(name)
-        fn = getattr(module, "scaled_dot_product_attention", None)
-        if fn is None:
-            continue
-        if not hasattr(fn, "kvgrove_original"):
-            module.scaled_dot_product_attention = _wrap(fn)
-        installed = True
+        for attr, wrap in _WRAPPERS.items():
+            fn = getattr(module, attr, None)
+            if fn is None:
+                continue
+            if not hasattr(fn, "kvgrove_original"):
+                setattr(module, attr, wrap(fn))
+            installed = True
     return installed

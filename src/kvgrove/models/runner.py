@@ -209,14 +209,14 @@ class StepRunner:
         batch_prefill: bool,
         overlap: bool = True,
         ragged_attention: bool = True,
-        host_softmax: bool = True,
+        host_exp: bool = True,
     ) -> None:
         self.chunk_tokens = chunk_tokens
         # On CUDA, the batch's one-token attention over rows of different lengths runs
         # kvgrove's kernel (installed into the model's module at `use_model`).
         self.ragged_attention = ragged_attention
-        # On a CPU, prefill attention's softmax runs in numpy (kvgrove.models.attention).
-        self.host_softmax = host_softmax
+        # On a CPU, a prefill's attention softmax and SwiGLU run in numpy (models.host_exp).
+        self.host_exp = host_exp
         self.batch_prefill = batch_prefill
         self.overlap = overlap  # launch the next batched decode before this one's tokens go up
         self._ahead: Ahead | None = None
@@ -262,7 +262,7 @@ class StepRunner:
         if reason is not None:
             self.batched = False
             log.warning("batching off, sequences decode one at a time: %s", reason)
-        attention.install(model, ragged=self.ragged_attention, host_softmax=self.host_softmax)
+        attention.install(model, ragged=self.ragged_attention, host_exp=self.host_exp)
 
     @property
     def live_sequences(self) -> int:
