@@ -50,6 +50,23 @@ def test_the_attention_matches_mlx_attention(b, hq, hkv, n, t, kind):
     assert mx.allclose(got, want, atol=1e-5, rtol=1e-5).item(), mx.abs(got - want).max().item()
 
 
+@pytest.mark.parametrize("kind", ["none", "causal", "boolean", "added", "per head"])
+@pytest.mark.parametrize("t", [70, 300])  # a cold prefill (as many keys as queries), and over more
+def test_attention_in_blocks_of_rows_matches_mlx_attention(monkeypatch, kind, t):
+    """Blocks of 16 rows (the least), the last one shorter: 70 queries in five blocks."""
+    b, hq, hkv, n = 2, 6, 2, 70
+    monkeypatch.setattr(host_exp, "SCORES_PER_BLOCK", 1)
+    mask = _masks(b, hq, n, t)[kind]
+    mx.random.seed(t)
+    q = mx.random.normal((b, hq, n, 16))
+    k = mx.random.normal((b, hkv, t, 16))
+    v = mx.random.normal((b, hkv, t, 16))
+    want = _mlx_attention(q, k, v, 0.25, mask)
+    got = host_exp.attention(q, k, v, 0.25, mask)
+    assert got.shape == want.shape
+    assert mx.allclose(got, want, atol=1e-5, rtol=1e-5).item(), mx.abs(got - want).max().item()
+
+
 def test_the_attention_takes_only_big_float32_multi_token_queries():
     def takes(q_shape, t, dtype=mx.float32, quantized=False):
         q = mx.zeros(q_shape, dtype)
