@@ -32,7 +32,9 @@ from typing import Any
 
 import mlx.core as mx
 
-from kvgrove.models import host_exp
+from kvgrove.models.host_exp import attention as host_attention
+from kvgrove.models.host_exp import swiglu as host_swiglu
+from kvgrove.models.host_exp import takes_attention, takes_swiglu
 
 # The mask the last SlotKVCache.make_mask made for a one-token query, and the row paddings it
 # encodes: the wrapper runs the kernel only for that very mask object.
@@ -223,7 +225,8 @@ def _uses_kernel(queries: Any, keys: Any, values: Any, cache: Any, mask: Any) ->
     )
 
 
-# The routes the installed wrappers take (`install` sets them; the wrappers are process-wide).
+# The routes the installed wrappers take: process-wide, as the wrappers are (they stand in
+# mlx-lm's modules), so the last `install` decides them for every model in the process.
 _routes = {"ragged": False, "host_exp": False}
 
 
@@ -234,8 +237,8 @@ def _wrap(original: Any) -> Any:
         if sinks is None:
             if _routes["ragged"] and _uses_kernel(queries, keys, values, cache, mask):
                 return ragged_decode(queries, keys, values, cache.left_padding, scale)
-            if _routes["host_exp"] and host_exp.takes_attention(queries, keys, values):
-                return host_exp.attention(queries, keys, values, scale, mask)
+            if _routes["host_exp"] and takes_attention(queries, keys, values):
+                return host_attention(queries, keys, values, scale, mask)
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
     scaled_dot_product_attention.kvgrove_original = original
@@ -244,8 +247,8 @@ def _wrap(original: Any) -> Any:
 
 def _wrap_swiglu(original: Any) -> Any:
     def swiglu(gate, x):
-        if _routes["host_exp"] and host_exp.takes_swiglu(gate, x):
-            return host_exp.swiglu(gate, x)
+        if _routes["host_exp"] and takes_swiglu(gate, x):
+            return host_swiglu(gate, x)
         return original(gate, x)
 
     swiglu.kvgrove_original = original
@@ -258,12 +261,13 @@ _WRAPPERS = {"scaled_dot_product_attention": _wrap, "swiglu": _wrap_swiglu}
 def install(model: Any, *, ragged: bool = True, host_exp: bool = True) -> bool:
     """Route the model's attention as the module docstring says: on CUDA ragged decodes to
     `ragged_decode` (`ragged`), on a CPU prefills' attention and SwiGLU to
-    kvgrove.models.host_exp (`host_exp`). True if a route is on and installed (or already
-    was): the model's modules call mlx-lm's `scaled_dot_product_attention` and `swiglu` by
-    name."""
+    kvgrove.models.host_exp (`host_exp`; not on macOS, whose MLX has a vectorized exp). True
+    if a route is on and installed (or already was): the model's modules call mlx-lm's
+    `scaled_dot_product_attention` and `swiglu` by name. Installed whether or not the model
+    batches: the ragged route only ever takes a `SlotKVCache`'s decode."""
     if available():
         _routes["ragged"], _routes["host_exp"] = ragged, False
-    elif mx.default_device().type == mx.DeviceType.cpu:
+    elif mx.default_device().type == mx.DeviceType.cpu and sys.platform != "darwin":
         _routes["ragged"], _routes["host_exp"] = False, host_exp
     else:
         return False

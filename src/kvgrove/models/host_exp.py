@@ -1,20 +1,21 @@
 """On a CPU, the exp-heavy steps of a prefill in numpy: attention's softmax, SwiGLU's sigmoid.
 
 MLX's Linux CPU build computes exp one element at a time: its SIMD types are one lane wide
-there (`mlx/backend/cpu/simd/base_simd.h`), so each exp is a scalar polynomial, ~9 ns on this
-machine's EPYC, where numpy's vectorized exp takes ~0.3 ns. It is most of what a short prompt
-costs over a long context: for 25 queries over a 1,725-token context, SmolLM2's softmax (9
-heads) took 3.5 ms a layer in MLX and 0.1 ms in numpy; its 25-token prefill over a cached
-1,700-token context took 264 ms, 130 ms with the softmax in numpy, and a cold 1,700-token
-prefill 12.6 s, 6.6 s. SwiGLU's sigmoid (1,536 per token and layer) cost another fifth of the
-rest.
+there (`mlx/backend/cpu/simd/base_simd.h`; macOS builds use Accelerate's), so each exp is a
+scalar polynomial, ~9 ns on this machine's EPYC, where numpy's vectorized exp takes ~0.3 ns.
+It was most of what a short prompt cost over a long context: for 25 queries over a 1,725-token
+context, SmolLM2's softmax (9 heads) took 3.5 ms a layer in MLX and 0.1 ms in numpy. With
+both steps here, its 20-token prefill over a cached 1,700-token context took 107 ms against
+213 with MLX's, and a cold 1,700-token prefill 3.1 s against 12.6 (`benchmarks/host_exp.py`).
 
-Each function here evaluates its inputs (a wait mid-forward, on the CPU's own stream), works in
-place in the evaluated buffer where it is the array's own (a fresh matmul output, which only
-this call reads), and hands the result back to MLX. Only for float32 multi-token inputs big
-enough to be worth the wait (`takes_*`): a decode stays lazy, so the step run ahead overlaps
-the delivery of the one before (`kvgrove.models.runner`). `kvgrove.models.attention.install`
-routes mlx-lm's functions here.
+Each function evaluates its inputs (a wait mid-forward, on the CPU's own stream) and hands its
+result back to MLX; attention's softmax works in place in the scores it computed itself, which
+no other array can reach. Only for float32 multi-token inputs big enough to be worth the wait
+(`takes_*`): a decode stays lazy, so the step run ahead overlaps the delivery of the one before
+(`kvgrove.models.runner`). Never inside `mx.compile`, `mx.vmap` (an evaluation there raises) or
+a gradient (the softmax would be invisible to it): kvgrove transforms no forward pass.
+`kvgrove.models.attention.install` routes mlx-lm's functions here. MoE layers (mlx-lm's
+SwitchGLU hands SwiGLU one row per expert choice) keep MLX's.
 """
 
 from __future__ import annotations
@@ -32,15 +33,6 @@ MIN_BLOCK_ROWS = 16
 _FLOAT32_MIN = float(np.finfo(np.float32).min)
 
 
-def _host(a: mx.array) -> tuple[np.ndarray, bool]:
-    """The evaluated array on the host, and whether that is its own buffer (writable, C order:
-    a fresh result, not a view of another array's), to be worked on in place."""
-    host = np.asarray(a)
-    if host.flags.writeable and host.flags.c_contiguous:
-        return host, True
-    return np.array(host), False  # the result goes back as a copy
-
-
 def takes_attention(queries: Any, keys: Any, values: Any) -> bool:
     b, hq, n, _ = queries.shape
     return (
@@ -49,7 +41,9 @@ def takes_attention(queries: Any, keys: Any, values: Any) -> bool:
         and isinstance(keys, mx.array)
         and isinstance(values, mx.array)
         and queries.dtype == keys.dtype == values.dtype == mx.float32
-        and keys.ndim == 4
+        and keys.ndim == values.ndim == 4
+        and keys.shape[:3] == values.shape[:3]
+        and keys.shape[-1] == queries.shape[-1]
         and hq % keys.shape[1] == 0
         and b * hq * n * keys.shape[2] >= MIN_ELEMENTS
     )
@@ -59,14 +53,14 @@ def attention(
     queries: mx.array, keys: mx.array, values: mx.array, scale: float, mask: Any
 ) -> mx.array:
     """MLX's CPU fallback for attention, with the softmax in numpy, in place in the evaluated
-    scores. Queries (B, Hq, N, D), keys and values (B, Hkv, T, D); mask None, "causal" (as MLX
-    takes it: query i stands at position T - N + i) or an array that broadcasts to
-    (B, Hq, N, T), boolean or added.
+    scores. Queries (B, Hq, N, D), keys (B, Hkv, T, D), values (B, Hkv, T, Dv); mask None,
+    "causal" (as MLX takes it: query i stands at position T - N + i) or an array that
+    broadcasts to (B, Hq, N, T), boolean or added.
 
     The queries go in blocks of rows whose scores stay in the cache (`SCORES_PER_BLOCK`), and
     under a causal mask a block's scores stop at its last query's position: a cold 1,700-token
-    prefill of SmolLM2 took 148 ms a layer with the scores whole, 47 in blocks of 64 rows (MLX:
-    334). The query heads that share a key head are stacked along the rows, so a block's
+    prefill of SmolLM2 took 148 ms a layer with the scores whole, 47 in blocks (of 68 rows;
+    MLX: 334). The query heads that share a key head are stacked along the rows, so a block's
     scores are one matmul per key head."""
     b, hq, n, d = queries.shape
     hkv, t = keys.shape[1], keys.shape[2]
@@ -74,14 +68,15 @@ def attention(
     q = (queries * mx.array(scale, queries.dtype)).reshape(b, hkv, g, n, d)
     causal = isinstance(mask, str)
     masks = None
-    if mask is not None and not causal:
-        masks = mx.broadcast_to(mask, (b, hq, n, t)).reshape(b, hkv, g, n, t)
+    if mask is not None and not causal:  # 4-D, so that a block takes its rows of it
+        masks = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
     rows = max(MIN_BLOCK_ROWS, SCORES_PER_BLOCK // (b * hq * t))
     out = [
-        _block(q, keys, values, masks, causal, start, min(n, start + rows), t)
+        _block(q, keys, values, masks, causal, start, min(n, start + rows))
         for start in range(0, n, rows)
     ]
-    return (out[0] if len(out) == 1 else mx.concatenate(out, axis=3)).reshape(b, hq, n, d)
+    out = out[0] if len(out) == 1 else mx.concatenate(out, axis=3)
+    return out.reshape(b, hq, n, values.shape[-1])
 
 
 def _block(
@@ -92,22 +87,25 @@ def _block(
     causal: bool,
     start: int,
     stop: int,
-    t: int,
 ) -> mx.array:
-    """Attention of query rows [start, stop) of `q` (B, Hkv, G, N, D): (B, Hkv, G, rows, D)."""
+    """Attention of query rows [start, stop) of `q` (B, Hkv, G, N, D): (B, Hkv, G, rows, Dv)."""
     b, hkv, g, n, d = q.shape
-    rows = stop - start
+    t, rows = keys.shape[2], stop - start
     end = t - n + stop if causal else t  # the keys the block's last query sees
     block = q[:, :, :, start:stop, :].reshape(b, hkv, g * rows, d)
     scores = block @ keys[:, :, :end, :].swapaxes(-1, -2)
     if masks is not None:
-        m = masks[:, :, :, start:stop, :].reshape(b, hkv, g * rows, t)
+        m = masks if masks.shape[2] == 1 else masks[:, :, start:stop, :]
+        m = mx.broadcast_to(m, (b, hkv * g, rows, t)).reshape(b, hkv, g * rows, t)
         if m.dtype == mx.bool_:
             scores = mx.where(m, scores, mx.array(_FLOAT32_MIN, scores.dtype))
         else:
             scores = scores + m.astype(scores.dtype)
     mx.eval(scores)
-    host, own = _host(scores)
+    host = np.asarray(scores)
+    own = host.flags.writeable and host.flags.c_contiguous  # a fresh result: always, today
+    if not own:
+        host = np.array(host)
     if causal:  # row r stands at position end - rows + r: nothing after it
         above = np.triu(np.ones((rows, rows), dtype=bool), k=1)
         host.reshape(b, hkv, g, rows, end)[..., end - rows :][..., above] = _FLOAT32_MIN
@@ -116,7 +114,7 @@ def _block(
         np.exp(host, out=host)
         np.divide(host, host.sum(axis=-1, keepdims=True), out=host)
     probs = scores if own else mx.array(host)
-    return (probs @ values[:, :, :end, :]).reshape(b, hkv, g, rows, d)
+    return (probs @ values[:, :, :end, :]).reshape(b, hkv, g, rows, values.shape[-1])
 
 
 def takes_swiglu(gate: Any, x: Any) -> bool:
@@ -132,14 +130,15 @@ def takes_swiglu(gate: Any, x: Any) -> bool:
 
 
 def swiglu(gate: mx.array, x: mx.array) -> mx.array:
-    """mlx-lm's `swiglu`, silu(gate) * x = gate / (1 + exp(-gate)) * x, in numpy, in place in
-    the evaluated gate."""
+    """mlx-lm's `swiglu`, silu(gate) * x = gate / (1 + exp(-gate)) * x, in numpy. The inputs
+    are only read (`gate` may be a view others read, or `x` itself): the result is a new
+    array."""
     mx.eval(gate, x)
-    g, own = _host(gate)
+    g = np.asarray(gate)
     with np.errstate(all="ignore"):  # exp(-gate) overflows to inf for a very negative gate: 0
         out = np.negative(g)
         np.exp(out, out=out)
         out += 1.0
-        np.divide(g, out, out=g)
-        g *= np.asarray(x)
-    return gate if own else mx.array(g)
+        np.divide(g, out, out=out)
+        out *= np.asarray(x)
+    return mx.array(out)
